@@ -1,0 +1,151 @@
+"""``knl-train``: the command line, a thin layer over the package's modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+from knl_train import __version__
+from knl_train.errors import UserError
+
+
+def _rank() -> int:
+    for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if var in os.environ:
+            try:
+                return int(os.environ[var])
+            except ValueError:
+                pass
+    return 0
+
+
+# ---- subcommands ---------------------------------------------------------------------------------
+def cmd_version(args) -> int:
+    from knl_train import stack
+    info = stack.versions()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = [
+        ("knl-train", info["knl_train"] or __version__),
+        ("Python", info["python"]),
+        ("TensorFlow", info["tensorflow"]),
+        ("Keras", info["keras"]),
+        ("Horovod", f"{info['horovod']} (controllers: {', '.join(info['horovod_controllers']) or 'none'}; "
+                    f"tensor operations: {', '.join(info['horovod_tensor_operations']) or 'none'})"),
+        ("ITEX", info["itex"] or "not installed"),
+        ("MPI", info["mpi"]),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from knl_train.train import config as train_config
+    cfg = train_config.load(args.config, args.set)
+    from knl_train.train import trainer
+    trainer.run(cfg)
+    return 0
+
+
+def cmd_data_make_demo(args) -> int:
+    from knl_train.data.demo import DemoSpec, make_demo
+    spec = DemoSpec(classes=args.classes, train_per_class=args.train_per_class,
+                    val_per_class=args.val_per_class, size=args.size, seed=args.seed)
+    if make_demo(args.out, spec, progress=not args.quiet):
+        print(f"wrote {spec.classes} classes x ({spec.train_per_class} train + {spec.val_per_class} val) "
+              f"JPEG images of {spec.size} px to {args.out}")
+    else:
+        print(f"{args.out} already holds this dataset; nothing to do")
+    return 0
+
+
+def cmd_launch(args) -> int:
+    from knl_train.tuning import launch
+    plan = launch.LaunchPlan(np=args.np, command=tuple(args.command), controller=args.controller,
+                             hostfile=args.hostfile, oversubscribe=args.oversubscribe,
+                             threads_per_rank=args.threads_per_rank)
+    os.environ.setdefault("KNL_TRAIN_PROGRESS", "bar" if sys.stdout.isatty() else "lines")
+    line = launch.argv(plan)
+    print(f"knl-train launch: {launch.render(line)}", file=sys.stderr, flush=True)
+    if args.dry_run:
+        print(launch.render(line))
+        return 0
+    os.execv(line[0], line)
+    return 0  # not reached
+
+
+# ---- parser ---------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="knl-train", description=(
+        "Large-batch data-parallel CNN training (LARS, Horovod) on CPU clusters."))
+    p.add_argument("--version", action="version", version=f"knl-train {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    v = sub.add_parser("version", help="versions of TF, Keras, Horovod (with its controllers), ITEX, MPI")
+    v.add_argument("--json", action="store_true", help="print JSON")
+    v.set_defaults(fn=cmd_version)
+
+    t = sub.add_parser("train", help="train one rank (run under mpirun / knl-train launch)")
+    t.add_argument("--config", "-c", help="YAML training config")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set optimizer.momentum=0.9 (repeatable)")
+    t.set_defaults(fn=cmd_train)
+
+    d = sub.add_parser("data", help="datasets")
+    dsub = d.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    m = dsub.add_parser("make-demo", help="write a learnable mini-ImageNet of JPEG files")
+    m.add_argument("--out", required=True, help="output directory (ImageNet layout)")
+    m.add_argument("--classes", type=int, default=10)
+    m.add_argument("--train-per-class", type=int, default=260)
+    m.add_argument("--val-per-class", type=int, default=50)
+    m.add_argument("--size", type=int, default=32, help="image side in pixels")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--quiet", action="store_true", help="no progress bar")
+    m.set_defaults(fn=cmd_data_make_demo)
+
+    la = sub.add_parser("launch", help="run a command on N ranks with mpirun (or horovodrun --gloo)",
+                        usage="knl-train launch -np N [options] -- COMMAND ...")
+    la.add_argument("-np", "--np", type=int, required=True, help="number of ranks")
+    la.add_argument("--controller", choices=("mpi", "gloo"), default="mpi",
+                    help="Horovod controller: mpi (mpirun) or gloo (horovodrun --gloo)")
+    la.add_argument("--hostfile", help="Open MPI hostfile ('host slots=K' lines)")
+    la.add_argument("--threads-per-rank", type=int, default=0,
+                    help="cores bound to each rank (default: this host's cores / ranks)")
+    la.add_argument("--oversubscribe", action="store_true",
+                    help="allow more ranks x threads than cores (testing only; nothing is bound)")
+    la.add_argument("--dry-run", action="store_true", help="print the launcher line, do not run it")
+    la.set_defaults(fn=cmd_launch, command=[])
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # TF 2.15's C++ start-up chatter (CUDA factory "errors" on CPU-only hosts, the oneDNN
+    # notice) buries the real output; Python-level errors still surface as exceptions.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    command: List[str] = []
+    if argv and argv[0] == "launch" and "--" in argv:
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.fn is cmd_launch:
+        args.command = command
+    try:
+        return args.fn(args)
+    except UserError as e:
+        if _rank() == 0:
+            print(f"knl-train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

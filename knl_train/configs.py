@@ -1,0 +1,123 @@
+"""Load frozen dataclass configs from plain dicts (YAML) with field-by-field validation.
+
+Errors name the dotted field (``optimizer.momentum``) and the allowed keys or values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Dict, Mapping
+
+import yaml
+
+from knl_train.errors import UserError
+
+
+def from_dict(cls, data: Mapping[str, Any], where: str = ""):
+    """Build dataclass ``cls`` from ``data``, recursing into nested dataclasses."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise UserError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise UserError(f"unknown config field {_join(where, unknown[0])!r}; "
+                        f"allowed in {where or 'the top level'}: {', '.join(sorted(fields))}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, _join(where, name))
+    missing = [n for n, f in fields.items() if n not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UserError(f"config field {_join(where, missing[0])!r} is required")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{where or 'config'}: {e}") from None
+
+
+def to_dict(obj) -> Dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def apply_overrides(data: Dict[str, Any], overrides) -> Dict[str, Any]:
+    """Apply ``key.sub=value`` strings; values are parsed as YAML scalars (1, 0.5, true, [a, b])."""
+    data = dict(data)
+    for item in overrides or ():
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set optimizer.momentum=0.9")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise UserError(f"--set {item!r}: cannot parse the value: {e}") from None
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            child = dict(child) if isinstance(child, Mapping) else {}
+            node[part] = child
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def load_yaml(path) -> Dict[str, Any]:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path}: the top level must be a mapping of fields")
+    return data
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _coerce(tp, value, where):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is typing.Literal:
+        if value not in args:
+            raise UserError(f"{where}: {value!r} is not allowed; choose one of "
+                            f"{', '.join(map(str, args))}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        item_tp = args[0] if args else typing.Any
+        return tuple(_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value

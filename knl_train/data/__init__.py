@@ -1,0 +1,1 @@
+"""Input pipelines (ImageNet folder layout) and the generated demo dataset."""

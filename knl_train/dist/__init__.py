@@ -1,0 +1,1 @@
+"""Distributed glue: Horovod initialisation, collectives, rank-aware helpers."""

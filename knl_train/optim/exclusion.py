@@ -1,0 +1,50 @@
+"""Which variables LARS/LAMB leave alone: by rank and by name.
+
+The default excludes every variable of rank <= 1 (BN gamma/beta, biases). Rank, not name:
+keras.applications names BN variables like ``conv1_bn/gamma``, so the customary
+``batch_normalization`` pattern silently matches nothing there (lars.md §0.8).
+
+A rule is a list of entries, each either the token ``"@rank<=1"`` or a regular expression
+searched in the variable's name. ``None`` means the default ``["@rank<=1"]``; a list replaces
+the default, so ``["@rank<=1", "head"]`` adds to it and ``[]`` excludes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+RANK_LE_1 = "@rank<=1"
+DEFAULT = (RANK_LE_1,)
+
+
+@dataclass(frozen=True)
+class ExclusionRule:
+    patterns: Tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, patterns: Optional[Sequence[str]]) -> "ExclusionRule":
+        if patterns is None:
+            return cls(DEFAULT)
+        if isinstance(patterns, str):
+            patterns = [patterns]
+        for p in patterns:
+            if p.startswith("@") and p != RANK_LE_1:
+                raise ValueError(f"unknown exclusion token {p!r}; the only token is {RANK_LE_1!r}")
+            if not p.startswith("@"):
+                try:
+                    re.compile(p)
+                except re.error as e:
+                    raise ValueError(f"exclusion pattern {p!r} is not a valid regex: {e}") from None
+        return cls(tuple(patterns))
+
+    def matches(self, var) -> bool:
+        name = var.name
+        for p in self.patterns:
+            if p == RANK_LE_1:
+                if var.shape.rank is not None and var.shape.rank <= 1:
+                    return True
+            elif re.search(p, name):
+                return True
+        return False

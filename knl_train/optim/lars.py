@@ -1,0 +1,171 @@
+"""LARS: layer-wise adaptive rate scaling (You, Gitman, Ginsburg 2017) as a legacy Keras optimizer.
+
+Horovod 0.28 wraps only ``tf.keras.optimizers.legacy`` optimizers under Keras >= 2.11, and it
+rebuilds them with ``cls.from_config(opt.get_config())``; so every constructor argument,
+the exclusion lists included, is in ``get_config``.
+
+Variants (lars.md §1-§2; ``w`` weights, ``g`` gradient, ``β`` weight decay, ``η`` trust
+coefficient, ``m`` momentum, ``lr`` the scheduled global rate, norms over the whole variable):
+
+``you``           t = η‖w‖ / (‖g‖ + β‖w‖ + ε);  v ← m·v + lr·t·(g + βw);  w ← w − v
+                  (Algorithm 1 of the paper; Intel Caffe; MLPerf TF2 reference)
+``tf_contrib``    t = η‖w‖ / (‖g‖ + β‖w‖ + ε);  v ← m·v + g;  w ← w − lr·t·v
+                  (tf.contrib.opt.LARSOptimizer: β only shrinks the ratio)
+``model_garden``  g' = g + βw;  t = η‖w‖ / (‖g'‖ + ε);  v ← m·v + lr·t·g';  w ← w − v
+                  (TF Model Garden / SimCLR, "classic" momentum)
+
+t = 1 when ‖w‖ = 0 or the denominator is 0, and for variables excluded from adaptation.
+
+Slot ``momentum``: the ``you`` and ``model_garden`` variants keep −v (TF's Keras-momentum
+convention, so the fused ResourceApplyKerasMomentum kernel does the update); ``tf_contrib``
+keeps +v as TF's ApplyMomentum did.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Sequence
+
+import tensorflow as tf
+from tensorflow.python.training import gen_training_ops
+
+from knl_train.optim.exclusion import RANK_LE_1, ExclusionRule
+
+VARIANTS = ("you", "tf_contrib", "model_garden")
+
+
+@tf.keras.utils.register_keras_serializable(package="knl_train")
+class LARS(tf.keras.optimizers.legacy.Optimizer):
+    """LARS with momentum, weight decay, per-variable exclusions and three published variants."""
+
+    _HAS_AGGREGATE_GRAD = True
+
+    def __init__(
+        self,
+        learning_rate=0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        trust_coefficient: float = 0.001,
+        epsilon: float = 0.0,
+        nesterov: bool = False,
+        variant: str = "you",
+        exclude_from_weight_decay: Optional[Sequence[str]] = None,
+        exclude_from_layer_adaptation: Optional[Sequence[str]] = None,
+        name: str = "LARS",
+        **kwargs,
+    ):
+        for arg, value in (("momentum", momentum), ("weight_decay", weight_decay),
+                           ("trust_coefficient", trust_coefficient), ("epsilon", epsilon)):
+            if isinstance(value, (int, float)) and value < 0:
+                raise ValueError(f"LARS: {arg} must be >= 0, got {value}")
+        if variant not in VARIANTS:
+            raise ValueError(f"LARS: unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        super().__init__(name, **kwargs)
+        self._set_hyper("learning_rate", kwargs.get("lr", learning_rate))
+        self._set_hyper("decay", self._initial_decay)
+        self._set_hyper("momentum", momentum)
+        self.weight_decay = float(weight_decay)
+        self.trust_coefficient = float(trust_coefficient)
+        self.epsilon = float(epsilon)
+        self.nesterov = bool(nesterov)
+        self.variant = variant
+        self._wd_rule = ExclusionRule.from_config(exclude_from_weight_decay)
+        self._adapt_rule = ExclusionRule.from_config(exclude_from_layer_adaptation)
+
+    # ---- exclusions -------------------------------------------------------------------------
+    @property
+    def exclude_from_weight_decay(self):
+        return self._wd_rule.patterns
+
+    @property
+    def exclude_from_layer_adaptation(self):
+        return self._adapt_rule.patterns
+
+    def uses_weight_decay(self, var) -> bool:
+        return self.weight_decay > 0 and not self._wd_rule.matches(var)
+
+    def uses_adaptation(self, var) -> bool:
+        return not self._adapt_rule.matches(var)
+
+    # ---- Keras optimizer plumbing -------------------------------------------------------------
+    def _create_slots(self, var_list):
+        for var in var_list:
+            self.add_slot(var, "momentum")
+
+    def _prepare_local(self, var_device, var_dtype, apply_state):
+        super()._prepare_local(var_device, var_dtype, apply_state)
+        apply_state[(var_device, var_dtype)]["momentum"] = tf.identity(
+            self._get_hyper("momentum", var_dtype))
+
+    def _trust_ratio(self, w_norm, d_norm, var):
+        """η‖w‖ / d, or 1 where either norm is zero or the variable is not adapted."""
+        if not self.uses_adaptation(var):
+            return tf.constant(1.0, dtype=w_norm.dtype)
+        ratio = self.trust_coefficient * w_norm / (d_norm + self.epsilon)
+        # Nested where: no division result is used where a norm is 0 (XLA-safe, no NaN).
+        return tf.where(w_norm > 0, tf.where(d_norm > 0, ratio, tf.ones_like(ratio)),
+                        tf.ones_like(ratio))
+
+    def _resource_apply_dense(self, grad, var, apply_state=None):
+        var_device, var_dtype = var.device, var.dtype.base_dtype
+        coef = (apply_state or {}).get((var_device, var_dtype)) or self._fallback_apply_state(
+            var_device, var_dtype)
+        lr, m = coef["lr_t"], coef["momentum"]
+        v = self.get_slot(var, "momentum")
+        wd = self.weight_decay if self.uses_weight_decay(var) else 0.0
+
+        # Norms in float32 at least, whatever the variable's dtype.
+        norm_dtype = tf.float64 if var_dtype == tf.float64 else tf.float32
+        w_norm = tf.norm(tf.cast(var, norm_dtype))
+
+        if self.variant == "model_garden":
+            g = grad + tf.cast(wd, var_dtype) * var if wd else grad
+            t = self._trust_ratio(w_norm, tf.norm(tf.cast(g, norm_dtype)), var)
+            return gen_training_ops.ResourceApplyKerasMomentum(
+                var=var.handle, accum=v.handle, lr=lr * tf.cast(t, var_dtype), grad=g,
+                momentum=m, use_locking=self._use_locking, use_nesterov=self.nesterov)
+
+        g_norm = tf.norm(tf.cast(grad, norm_dtype))
+        t = self._trust_ratio(w_norm, g_norm + wd * w_norm, var)
+        scaled_lr = lr * tf.cast(t, var_dtype)
+        if self.variant == "tf_contrib":
+            return gen_training_ops.ResourceApplyMomentum(
+                var=var.handle, accum=v.handle, lr=scaled_lr, grad=grad, momentum=m,
+                use_locking=self._use_locking, use_nesterov=self.nesterov)
+        g = grad + tf.cast(wd, var_dtype) * var if wd else grad
+        return gen_training_ops.ResourceApplyKerasMomentum(
+            var=var.handle, accum=v.handle, lr=scaled_lr, grad=g, momentum=m,
+            use_locking=self._use_locking, use_nesterov=self.nesterov)
+
+    def _resource_apply_sparse(self, grad, var, indices, apply_state=None):
+        raise NotImplementedError(
+            f"LARS needs the whole gradient of {var.name} to compute its norm, but got "
+            "IndexedSlices (e.g. from an Embedding). Densify it first: "
+            "hvd.DistributedOptimizer(..., sparse_as_dense=True) or tf.convert_to_tensor(grad).")
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "learning_rate": self._serialize_hyperparameter("learning_rate"),
+            "decay": self._initial_decay,
+            "momentum": self._serialize_hyperparameter("momentum"),
+            "weight_decay": self.weight_decay,
+            "trust_coefficient": self.trust_coefficient,
+            "epsilon": self.epsilon,
+            "nesterov": self.nesterov,
+            "variant": self.variant,
+            "exclude_from_weight_decay": list(self.exclude_from_weight_decay),
+            "exclude_from_layer_adaptation": list(self.exclude_from_layer_adaptation),
+        })
+        return config
+
+
+def excluded_variables(optimizer: LARS, variables: Iterable[tf.Variable]) -> dict:
+    """Names of the variables that get no weight decay / no adaptation, for logs and tests."""
+    variables = list(variables)
+    return {
+        "weight_decay": [v.name for v in variables if not optimizer.uses_weight_decay(v)],
+        "layer_adaptation": [v.name for v in variables if not optimizer.uses_adaptation(v)],
+    }
+
+
+__all__ = ["LARS", "VARIANTS", "RANK_LE_1", "excluded_variables"]

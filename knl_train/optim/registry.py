@@ -1,0 +1,39 @@
+"""Optimizer registry: config names to legacy Keras optimizers (Horovod wraps only those)."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import tensorflow as tf
+
+from knl_train.optim.lars import LARS
+
+OPTIMIZERS: Dict[str, Callable[..., tf.keras.optimizers.legacy.Optimizer]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        OPTIMIZERS[name] = fn
+        return fn
+    return deco
+
+
+@register("lars")
+def _lars(learning_rate, cfg):
+    return LARS(learning_rate=learning_rate, momentum=cfg.momentum,
+                weight_decay=cfg.weight_decay, trust_coefficient=cfg.trust_coefficient,
+                epsilon=cfg.epsilon, nesterov=cfg.nesterov, variant=cfg.variant,
+                exclude_from_weight_decay=cfg.exclude_from_weight_decay,
+                exclude_from_layer_adaptation=cfg.exclude_from_layer_adaptation)
+
+
+@register("sgd")
+def _sgd(learning_rate, cfg):
+    # Plain momentum SGD carries no weight decay of its own; use it as the baseline.
+    return tf.keras.optimizers.legacy.SGD(learning_rate=learning_rate, momentum=cfg.momentum,
+                                          nesterov=cfg.nesterov)
+
+
+def build_optimizer(cfg, learning_rate):
+    """Build the optimizer named by ``cfg.name`` (an OptimizerConfig)."""
+    return OPTIMIZERS[cfg.name](learning_rate, cfg)

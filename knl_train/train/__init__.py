@@ -1,0 +1,1 @@
+"""The data-parallel trainer: config, training loop, callbacks and checkpoints."""

@@ -1,0 +1,1 @@
+"""CPU tuning: launch lines (and, later, topology, presets and the autotuner)."""

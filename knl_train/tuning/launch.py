@@ -1,0 +1,137 @@
+"""Launcher lines: ``mpirun`` (Open MPI, MPICH/Intel MPI Hydra) or ``horovodrun --gloo``.
+
+We build ``mpirun`` lines ourselves instead of using horovodrun's, which force TCP
+(``-mca pml ob1 -mca btl ^openib``) and ``-bind-to none`` (stack_and_cpu_tuning.md §1.5).
+Open MPI refuses to run as root without ``--allow-run-as-root``; we pass that switch only
+when we are root, and never through the environment, so it cannot leak into other runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+from knl_train.errors import UserError
+
+CONTROLLERS = ("mpi", "gloo")
+# Forwarded to remote ranks with -x (local ranks inherit the environment anyway).
+FORWARD_PREFIXES = ("TF_", "HOROVOD_", "OMP_", "KMP_", "KNL_TRAIN_", "ITEX_", "ONEDNN_", "DNNL_")
+FORWARD_NAMES = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV")
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    np: int
+    command: Tuple[str, ...]
+    controller: str = "mpi"
+    hostfile: Optional[str] = None
+    oversubscribe: bool = False
+    # Cores bound to each rank; 0 = this host's cores divided by the ranks on it.
+    threads_per_rank: int = 0
+
+    def __post_init__(self):
+        if self.np < 1:
+            raise UserError(f"-np must be >= 1, got {self.np}")
+        if self.controller not in CONTROLLERS:
+            raise UserError(f"unknown controller {self.controller!r}; choose one of {', '.join(CONTROLLERS)}")
+        if not self.command:
+            raise UserError("nothing to launch: put the command after '--', "
+                            "e.g. knl-train launch -np 2 -- knl-train train --config C")
+        if self.hostfile and not os.path.isfile(self.hostfile):
+            raise UserError(f"hostfile {self.hostfile} does not exist")
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+@functools.lru_cache(maxsize=None)
+def mpi_flavour(mpirun: str) -> str:
+    """'openmpi', 'hydra' (MPICH, Intel MPI) or 'unknown', from ``mpirun --version``."""
+    try:
+        out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    text = (out.stdout + out.stderr).lower()
+    if "open mpi" in text or "open-rte" in text:
+        return "openmpi"
+    if "hydra" in text or "intel" in text or "mpich" in text:
+        return "hydra"
+    return "unknown"
+
+
+def forwarded_env(environ=None) -> List[str]:
+    environ = os.environ if environ is None else environ
+    return sorted(k for k in environ
+                  if k in FORWARD_NAMES or k.startswith(FORWARD_PREFIXES))
+
+
+def _threads(plan: LaunchPlan) -> int:
+    if plan.threads_per_rank:
+        return plan.threads_per_rank
+    if plan.hostfile:
+        return 1
+    return max(1, available_cores() // plan.np)
+
+
+def check_fits(plan: LaunchPlan) -> None:
+    """Single-host runs: ranks x threads must fit the cores we may use, unless oversubscribing."""
+    if plan.hostfile or plan.oversubscribe:
+        return
+    need, have = plan.np * _threads(plan), available_cores()
+    if need > have:
+        raise UserError(
+            f"{plan.np} ranks x {_threads(plan)} threads need {need} cores, but this process may use "
+            f"{have}. Use fewer ranks, or pass --oversubscribe to share cores (for testing only: "
+            "it is much slower and nothing is bound).")
+
+
+def argv(plan: LaunchPlan, *, is_root: Optional[bool] = None, environ=None) -> List[str]:
+    """The full launcher command line for ``plan``."""
+    check_fits(plan)
+    is_root = (os.geteuid() == 0) if is_root is None else is_root
+    if plan.controller == "gloo":
+        # The horovodrun of the Python running us (an unactivated venv is not on PATH).
+        beside = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+        hvdrun = beside if os.access(beside, os.X_OK) else shutil.which("horovodrun")
+        if not hvdrun:
+            raise UserError("horovodrun is not on PATH; run 'make env' or activate .venv")
+        line = [hvdrun, "--gloo", "-np", str(plan.np)]
+        line += ["--hostfile", plan.hostfile] if plan.hostfile else ["-H", f"localhost:{plan.np}"]
+        return line + list(plan.command)
+
+    mpirun = shutil.which("mpirun")
+    if not mpirun:
+        raise UserError("mpirun is not on PATH: load your site's MPI module (module load openmpi) "
+                        "or run 'make env', which installs Open MPI on Debian/Ubuntu")
+    flavour = mpi_flavour(mpirun)
+    line = [mpirun, "-np", str(plan.np)]
+    if flavour == "openmpi":
+        if is_root:
+            line.append("--allow-run-as-root")
+        if plan.hostfile:
+            line += ["--hostfile", plan.hostfile]
+        if plan.oversubscribe:
+            line += ["--oversubscribe", "--bind-to", "none"]
+        else:
+            line += ["--map-by", f"slot:PE={_threads(plan)}", "--bind-to", "core"]
+        for name in forwarded_env(environ):
+            line += ["-x", name]
+    else:
+        # Hydra: binding comes from I_MPI_PIN_* / -bind-to, environment from -genvlist.
+        if plan.hostfile:
+            line += ["-f", plan.hostfile]
+        names = forwarded_env(environ)
+        if names:
+            line += ["-genvlist", ",".join(names)]
+    return line + list(plan.command)
+
+
+def render(line: Sequence[str]) -> str:
+    return " ".join(shlex.quote(a) for a in line)

@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# Idempotent bootstrap of the knl-train environment into .venv/ (make env).
+#
+# Order matters: MPI first (Horovod links against it), then TensorFlow, then Horovod built
+# from source against that exact TF (its ABI check refuses any other), then this package.
+# The Horovod wheel is cached per (Horovod, TF, Python, MPI) outside the checkout, so a
+# fresh clone on the same machine installs it in seconds instead of rebuilding.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=${KNL_TRAIN_VENV:-$ROOT/.venv}
+CACHE=${KNL_TRAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/knl-train}
+STAMP=$VENV/.knl-env-stamp
+HOROVOD_VERSION=0.28.1
+# Extras installed into the development environment (see setup.cfg).
+EXTRAS=${KNL_TRAIN_EXTRAS:-test,plot}
+
+say() { printf '[make env] %s\n' "$*"; }
+die() { printf '[make env] error: %s\n' "$*" >&2; exit 1; }
+
+is_root() { [ "$(id -u)" = 0 ]; }
+have() { command -v "$1" >/dev/null 2>&1; }
+
+fingerprint() {
+    # Anything that changes what gets installed invalidates the stamp.
+    { cat "$ROOT/setup.cfg" "$ROOT/scripts/bootstrap.sh"; echo "$EXTRAS";
+      command -v mpicc || true; command -v mpirun || true; } | sha256sum | cut -d' ' -f1
+}
+
+# ---- fast path: nothing to do ------------------------------------------------------------
+if [ -f "$STAMP" ] && [ -x "$VENV/bin/python" ] && have mpirun && have mpicc \
+   && [ "$(cat "$STAMP")" = "$(fingerprint)" ]; then
+    say "environment is up to date ($VENV)"
+    exit 0
+fi
+
+# ---- system packages: MPI and a compiler ---------------------------------------------------
+APT_PKGS=()
+if ! have mpicc || ! have mpirun; then
+    APT_PKGS+=(openmpi-bin libopenmpi-dev numactl hwloc)
+fi
+have g++ || APT_PKGS+=(g++)
+have make || APT_PKGS+=(make)
+have git || APT_PKGS+=(git)
+if [ "${#APT_PKGS[@]}" -gt 0 ]; then
+    if is_root && have apt-get; then
+        say "installing with apt: ${APT_PKGS[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${APT_PKGS[@]}" >/dev/null
+    elif ! have mpicc || ! have mpirun; then
+        die "no MPI found (mpicc and mpirun must be on PATH).
+  On a cluster:        module load openmpi   (or your site's MPI module), then re-run 'make env'.
+  On Debian/Ubuntu:    sudo apt-get install openmpi-bin libopenmpi-dev numactl hwloc
+  Then re-run 'make env'."
+    else
+        die "missing build tools: ${APT_PKGS[*]}. Install them (e.g. sudo apt-get install ${APT_PKGS[*]}) and re-run 'make env'."
+    fi
+fi
+
+# ---- Python 3.9-3.11 -----------------------------------------------------------------------
+pick_python() {
+    local c
+    for c in ${PYTHON:-} python3.11 python3.10 python3.9 python3; do
+        [ -n "$c" ] && have "$c" || continue
+        if "$c" -c 'import sys; sys.exit(0 if (3, 9) <= sys.version_info[:2] <= (3, 11) else 1)'; then
+            echo "$c"; return 0
+        fi
+    done
+    return 1
+}
+if [ ! -x "$VENV/bin/python" ]; then
+    PY=$(pick_python) || die "need Python 3.9, 3.10 or 3.11 (found: $(python3 --version 2>&1 || echo none)).
+  TensorFlow 2.15 publishes no wheels for other versions. Install python3.11
+  (e.g. 'apt-get install python3.11 python3.11-venv python3.11-dev' or pyenv) and re-run,
+  or point PYTHON=/path/to/python3.11 at one."
+    if ! "$PY" -c 'import venv, ensurepip' 2>/dev/null; then
+        if is_root && have apt-get; then
+            apt-get install -y -qq --no-install-recommends python3-venv python3-dev >/dev/null
+        else
+            die "$PY cannot create virtual environments: install python3-venv and python3-dev."
+        fi
+    fi
+    say "creating $VENV with $("$PY" --version)"
+    "$PY" -m venv "$VENV"
+fi
+VPY=$VENV/bin/python
+"$VPY" -c 'import sys; sys.exit(0 if (3, 9) <= sys.version_info[:2] <= (3, 11) else 1)' \
+    || die "$VENV uses $("$VPY" --version); TF 2.15 needs 3.9-3.11. Remove $VENV and re-run."
+HDR=$("$VPY" -c 'import sysconfig, os; print(os.path.join(sysconfig.get_paths()["include"], "Python.h"))')
+if [ ! -f "$HDR" ]; then
+    if is_root && have apt-get; then
+        apt-get install -y -qq --no-install-recommends python3-dev >/dev/null
+    else
+        die "Python headers missing ($HDR): install python3-dev (Horovod compiles against them)."
+    fi
+fi
+
+PIP=("$VPY" -m pip --disable-pip-version-check -q)
+
+# ---- the pinned stack, read from setup.cfg so the pins live in one place -------------------
+mapfile -t REQS < <("$VPY" - "$ROOT/setup.cfg" <<'PYEOF'
+import configparser, sys
+cfg = configparser.ConfigParser()
+cfg.read(sys.argv[1])
+for line in cfg["options"]["install_requires"].splitlines():
+    line = line.strip()
+    if line and not line.startswith("#") and not line.startswith("horovod"):
+        print(line)
+PYEOF
+)
+say "installing the pinned stack (tensorflow, mpi4py, ...)"
+"${PIP[@]}" install "setuptools>=65" wheel "cmake>=3.13,<4" "${REQS[@]}"
+
+# ---- Horovod, built against this TF and MPI, cached as a wheel ------------------------------
+TF_VERSION=$("$VPY" -c 'import importlib.metadata as m; print(m.version("tensorflow"))')
+PY_TAG=$("$VPY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+MPI_ID=$( { mpicc -showme:version 2>/dev/null || mpicc --version 2>/dev/null | head -1; command -v mpicc; } | sha256sum | cut -c1-12)
+KEY=horovod-$HOROVOD_VERSION-tf$TF_VERSION-$PY_TAG-mpi$MPI_ID
+WHEELDIR=$CACHE/wheels/$KEY
+
+hvd_ok() {
+    "$VPY" - <<'PYEOF' 2>/dev/null
+import importlib.metadata as m, sys
+if m.version("horovod") != "0.28.1":
+    sys.exit(1)
+import horovod.tensorflow as hvd
+sys.exit(0 if (hvd.mpi_built() and hvd.gloo_built()) else 1)
+PYEOF
+}
+
+if ! hvd_ok; then
+    if ! ls "$WHEELDIR"/horovod-*.whl >/dev/null 2>&1; then
+        say "building Horovod $HOROVOD_VERSION against TF $TF_VERSION with MPI and Gloo (about 5 minutes on 2 cores)"
+        mkdir -p "$CACHE/wheels"
+        TMPW=$(mktemp -d "$CACHE/wheels/.build-XXXXXX")
+        trap 'rm -rf "$TMPW"' EXIT
+        HOROVOD_WITH_TENSORFLOW=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
+        HOROVOD_WITHOUT_PYTORCH=1 HOROVOD_WITHOUT_MXNET=1 \
+        CMAKE_POLICY_VERSION_MINIMUM=3.5 \
+        MAKEFLAGS="-j$(nproc)" \
+        PATH="$VENV/bin:$PATH" \
+            "${PIP[@]}" wheel --no-deps --no-build-isolation --no-cache-dir \
+            -w "$TMPW" "horovod==$HOROVOD_VERSION" > "$TMPW/build.log" 2>&1 \
+            || { tail -40 "$TMPW/build.log" >&2; die "Horovod build failed (log above)."; }
+        rm -rf "$WHEELDIR"
+        mkdir -p "$WHEELDIR"
+        mv "$TMPW"/horovod-*.whl "$WHEELDIR"/
+    else
+        say "reusing cached Horovod wheel ($WHEELDIR)"
+    fi
+    "${PIP[@]}" install --force-reinstall --no-deps "$WHEELDIR"/horovod-*.whl
+    "${PIP[@]}" install cloudpickle psutil pyyaml packaging cffi
+fi
+
+# ---- this package ----------------------------------------------------------------------------
+say "installing knl-train (editable) with extras [$EXTRAS]"
+"${PIP[@]}" install --no-build-isolation -e "$ROOT[$EXTRAS]"
+
+# ---- verify: Horovod must have TF, MPI and Gloo, or every later failure is a mystery ---------
+"$VPY" - <<'PYEOF' || die "Horovod is not usable (see above). Remove $CACHE/wheels and .venv, then re-run 'make env'."
+import horovod.tensorflow as hvd
+missing = [n for n, ok in (("MPI", hvd.mpi_built()), ("Gloo", hvd.gloo_built())) if not ok]
+if missing:
+    raise SystemExit(f"Horovod was built without {', '.join(missing)}")
+print("[make env] Horovod OK: TensorFlow, MPI and Gloo controllers built")
+PYEOF
+
+fingerprint > "$STAMP"
+say "done: $VENV"

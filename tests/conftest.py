@@ -1,0 +1,52 @@
+"""Shared fixtures: one per real component (mpirun + Horovod, the demo dataset)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+KNL_TRAIN = str(BIN / "knl-train")
+HELPERS = ROOT / "tests" / "helpers"
+
+
+def run_cli(*args, timeout=300, env=None, check=False):
+    """Run the installed ``knl-train`` console script; returns the CompletedProcess."""
+    proc = subprocess.run([KNL_TRAIN, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"knl-train {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def launch():
+    """Run a command on N real ranks through ``knl-train launch`` (mpirun or horovodrun --gloo)."""
+    def _launch(*command, np=2, controller="mpi", timeout=300):
+        extra = ["--oversubscribe"] if np > len(os.sched_getaffinity(0)) else []
+        return run_cli("launch", "-np", np, "--controller", controller, *extra, "--", *command,
+                       timeout=timeout)
+    return _launch
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A 4-class, 16 px mini-ImageNet of real JPEG files: 480 train, 40 val (made once)."""
+    from knl_train.data.demo import DemoSpec, make_demo
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    make_demo(out, DemoSpec(classes=4, train_per_class=120, val_per_class=10, size=16, seed=3),
+              progress=False)
+    return out
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
