@@ -36,13 +36,23 @@ def cmd_version(args) -> int:
         ("Keras", info["keras"]),
         ("Horovod", f"{info['horovod']} (controllers: {', '.join(info['horovod_controllers']) or 'none'}; "
                     f"tensor operations: {', '.join(info['horovod_tensor_operations']) or 'none'})"),
-        ("ITEX", info["itex"] or "not installed"),
+        ("ITEX", _itex_line(info)),
         ("MPI", info["mpi"]),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     return 0
+
+
+def _itex_line(info) -> str:
+    from knl_train.tuning import itex
+    if not info["itex"]:
+        return "not installed"
+    if itex.site_version():
+        return f"{info['itex']} (in site-packages: always on)"
+    state = "on" if info["itex_active"] else "off"
+    return f"{info['itex']} ({state}; {itex.ENV_VAR}=1 turns it on; installed in {itex.side_dir()})"
 
 
 def cmd_train(args) -> int:
@@ -138,6 +148,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.fn is cmd_launch:
         args.command = command
     try:
+        from knl_train.tuning import itex
+        if itex.requested():
+            itex.enable()
         return args.fn(args)
     except UserError as e:
         if _rank() == 0:

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 from knl_train.errors import UserError
+from knl_train.tuning import itex
 
 
 def _dist_version(name: str):
@@ -53,7 +54,8 @@ def versions() -> dict:
         "horovod": _dist_version("horovod"),
         "horovod_controllers": [],
         "horovod_tensor_operations": [],
-        "itex": _dist_version("intel-extension-for-tensorflow"),
+        "itex": itex.site_version() or itex.side_version(),
+        "itex_active": itex.active(),
         "mpi": mpi_library_version(),
         "knl_train": _dist_version("knl-train"),
     }

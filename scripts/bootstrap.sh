@@ -96,6 +96,8 @@ if [ ! -f "$HDR" ]; then
     fi
 fi
 
+# TF 2.15 prints CUDA-factory "errors" and notices on every import on a CPU-only host.
+export TF_CPP_MIN_LOG_LEVEL=3
 PIP=("$VPY" -m pip --disable-pip-version-check -q)
 
 # ---- the pinned stack, read from setup.cfg so the pins live in one place -------------------
@@ -151,6 +153,41 @@ if ! hvd_ok; then
     fi
     "${PIP[@]}" install --force-reinstall --no-deps "$WHEELDIR"/horovod-*.whl
     "${PIP[@]}" install cloudpickle psutil pyyaml packaging cffi
+fi
+
+# ---- ITEX, beside the venv so that runs opt in (KNL_TRAIN_ITEX=1; knl_train/tuning/itex.py) ----
+# Pins come from setup.cfg's [itex] extra: the ITEX package goes to the side directory with its
+# CPU library (same version + ".0", the CPU build suffix); its other pins go into the venv.
+ITEX_DIR=$VENV/opt/itex/site-packages
+mapfile -t ITEX_REQS < <("$VPY" - "$ROOT/setup.cfg" <<'PYEOF'
+import configparser, sys
+cfg = configparser.ConfigParser()
+cfg.read(sys.argv[1])
+for line in cfg["options.extras_require"]["itex"].splitlines():
+    line = line.strip()
+    if line and not line.startswith("#"):
+        print(line)
+PYEOF
+)
+ITEX_VERSION=""
+ITEX_DEPS=()
+for req in "${ITEX_REQS[@]}"; do
+    case "$req" in
+        intel-extension-for-tensorflow*) ITEX_VERSION=${req##*==} ;;
+        *) ITEX_DEPS+=("$req") ;;
+    esac
+done
+if [ -n "$ITEX_VERSION" ] && [ "${KNL_TRAIN_SKIP_ITEX:-0}" != 1 ]; then
+    if ! ls -d "$ITEX_DIR/intel_extension_for_tensorflow-$ITEX_VERSION.dist-info" >/dev/null 2>&1; then
+        say "installing ITEX $ITEX_VERSION (CPU) into $ITEX_DIR (off unless KNL_TRAIN_ITEX=1)"
+        "${PIP[@]}" install "${ITEX_DEPS[@]}"
+        rm -rf "$ITEX_DIR.tmp"
+        "${PIP[@]}" install --no-deps --target "$ITEX_DIR.tmp" \
+            "intel-extension-for-tensorflow==$ITEX_VERSION" \
+            "intel-extension-for-tensorflow-lib==$ITEX_VERSION.0"
+        rm -rf "$ITEX_DIR"
+        mv "$ITEX_DIR.tmp" "$ITEX_DIR"
+    fi
 fi
 
 # ---- this package ----------------------------------------------------------------------------
