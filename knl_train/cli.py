@@ -139,6 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     # TF 2.15's C++ start-up chatter (CUDA factory "errors" on CPU-only hosts, the oneDNN
     # notice) buries the real output; Python-level errors still surface as exceptions.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("ITEX_CPP_MIN_LOG_LEVEL", "1")
     command: List[str] = []
     if argv and argv[0] == "launch" and "--" in argv:
         cut = argv.index("--")

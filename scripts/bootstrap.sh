@@ -28,8 +28,16 @@ fingerprint() {
 }
 
 # ---- fast path: nothing to do ------------------------------------------------------------
-if [ -f "$STAMP" ] && [ -x "$VENV/bin/python" ] && have mpirun && have mpicc \
-   && [ "$(cat "$STAMP")" = "$(fingerprint)" ]; then
+up_to_date() {
+    [ -f "$STAMP" ] && [ -x "$VENV/bin/python" ] && have mpirun && have mpicc \
+        && [ "$(cat "$STAMP")" = "$(fingerprint)" ]
+}
+if [ "${1:-}" = "--check" ]; then
+    # Report only: exit 0 when up to date, 1 when 'make env' has work to do.
+    if up_to_date; then say "environment is up to date ($VENV)"; exit 0; fi
+    say "environment needs 'make env' ($VENV)"; exit 1
+fi
+if up_to_date; then
     say "environment is up to date ($VENV)"
     exit 0
 fi

@@ -128,7 +128,7 @@ def make_demo(out, spec: DemoSpec, progress: bool = True) -> bool:
     out = Path(out)
     if is_complete(out, spec):
         return False
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not (out / MARKER).exists():
             raise UserError(f"{out} exists and is not a knl-train demo dataset; "
                             "choose another --out or remove it")

@@ -5,8 +5,8 @@ keras.applications names BN variables like ``conv1_bn/gamma``, so the customary
 ``batch_normalization`` pattern silently matches nothing there (lars.md §0.8).
 
 A rule is a list of entries, each either the token ``"@rank<=1"`` or a regular expression
-searched in the variable's name. ``None`` means the default ``["@rank<=1"]``; a list replaces
-the default, so ``["@rank<=1", "head"]`` adds to it and ``[]`` excludes nothing.
+searched in the variable's name without TF's ``:0`` suffix. ``None`` means the default
+``["@rank<=1"]``; a list replaces the default, so ``["@rank<=1", "head"]`` adds to it and ``[]`` excludes nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ class ExclusionRule:
         return cls(tuple(patterns))
 
     def matches(self, var) -> bool:
-        name = var.name
+        # Without TF's ":0" output suffix, so that "bias$" means what it says.
+        name = re.sub(r":\d+$", "", var.name)
         for p in self.patterns:
             if p == RANK_LE_1:
                 if var.shape.rank is not None and var.shape.rank <= 1:

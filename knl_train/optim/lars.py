@@ -118,7 +118,7 @@ class LARS(tf.keras.optimizers.legacy.Optimizer):
         w_norm = tf.norm(tf.cast(var, norm_dtype))
 
         if self.variant == "model_garden":
-            g = grad + tf.cast(wd, var_dtype) * var if wd else grad
+            g = grad + tf.constant(wd, dtype=var_dtype) * var if wd else grad
             t = self._trust_ratio(w_norm, tf.norm(tf.cast(g, norm_dtype)), var)
             return gen_training_ops.ResourceApplyKerasMomentum(
                 var=var.handle, accum=v.handle, lr=lr * tf.cast(t, var_dtype), grad=g,
@@ -131,7 +131,7 @@ class LARS(tf.keras.optimizers.legacy.Optimizer):
             return gen_training_ops.ResourceApplyMomentum(
                 var=var.handle, accum=v.handle, lr=scaled_lr, grad=grad, momentum=m,
                 use_locking=self._use_locking, use_nesterov=self.nesterov)
-        g = grad + tf.cast(wd, var_dtype) * var if wd else grad
+        g = grad + tf.constant(wd, dtype=var_dtype) * var if wd else grad
         return gen_training_ops.ResourceApplyKerasMomentum(
             var=var.handle, accum=v.handle, lr=scaled_lr, grad=g, momentum=m,
             use_locking=self._use_locking, use_nesterov=self.nesterov)

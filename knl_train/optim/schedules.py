@@ -47,8 +47,11 @@ class WarmupPolyDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
                 decay_step, decay_len = step, float(self.total_steps)
             else:
                 decay_step = step - self.warmup_steps
-                decay_len = float(max(self.total_steps - self.warmup_steps, 1))
-            frac = 1.0 - tf.minimum(tf.maximum(decay_step, 0.0), decay_len) / decay_len
+                decay_len = float(self.total_steps - self.warmup_steps)
+            if decay_len > 0:
+                frac = 1.0 - tf.minimum(tf.maximum(decay_step, 0.0), decay_len) / decay_len
+            else:  # warmup_steps == total_steps: no decay phase, end_lr from total_steps on
+                frac = tf.zeros_like(step)
             decay_lr = self.end_lr + (self.peak_lr - self.end_lr) * tf.pow(frac, self.power)
             return tf.where(step < self.warmup_steps, warmup_lr, decay_lr)
 

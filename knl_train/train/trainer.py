@@ -15,10 +15,18 @@ from knl_train.io import write_json_atomic, write_text_atomic
 from knl_train.train.config import TrainConfig
 
 
-def _configure_threads(cfg: TrainConfig):
+def default_intra_threads(local_size: int) -> int:
+    """The cores this rank is bound to; if unbound (it may use every core), its share of them."""
+    allowed = len(os.sched_getaffinity(0))
+    if allowed >= (os.cpu_count() or allowed) and local_size > 1:
+        return max(1, allowed // local_size)
+    return allowed
+
+
+def _configure_threads(cfg: TrainConfig, local_size: int):
     import tensorflow as tf
     # Must happen before TF creates its thread pools (the first op).
-    intra = cfg.intra_op_threads or len(os.sched_getaffinity(0))
+    intra = cfg.intra_op_threads or default_intra_threads(local_size)
     tf.config.threading.set_intra_op_parallelism_threads(intra)
     tf.config.threading.set_inter_op_parallelism_threads(cfg.inter_op_threads)
     return intra
@@ -29,7 +37,7 @@ def run(cfg: TrainConfig) -> dict:
     t_start = time.perf_counter()
     from knl_train.dist import horovod as dist
     world = dist.init()
-    intra = _configure_threads(cfg)
+    intra = _configure_threads(cfg, world.local_size)
 
     import tensorflow as tf
     from knl_train import models, stack
@@ -76,7 +84,9 @@ def run(cfg: TrainConfig) -> dict:
     # Identical starting weights on every rank; slots are created later as zeros everywhere.
     dist.broadcast_from_root(model.variables)
 
+    from knl_train.tuning import itex
     log(f"knl-train: {world.size} ranks ({world.controller}), {intra} compute threads/rank, "
+        f"ITEX {'on' if itex.active() else 'off'}, "
         f"model {cfg.model} ({model.count_params():,} params), {len(classes)} classes, "
         f"{len(train_split)} train / {len(val_split)} val images, global batch {global_batch} "
         f"({per_rank}/rank), {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "

@@ -38,6 +38,8 @@ class LaunchPlan:
     def __post_init__(self):
         if self.np < 1:
             raise UserError(f"-np must be >= 1, got {self.np}")
+        if self.threads_per_rank < 0:
+            raise UserError(f"--threads-per-rank must be >= 1 (or 0: cores / ranks), got {self.threads_per_rank}")
         if self.controller not in CONTROLLERS:
             raise UserError(f"unknown controller {self.controller!r}; choose one of {', '.join(CONTROLLERS)}")
         if not self.command:

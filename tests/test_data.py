@@ -1,0 +1,314 @@
+"""The demo dataset writer (knl_train/data/demo.py) and the sharded JPEG folder reader (folder.py)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from knl_train.data import folder
+from knl_train.data.demo import MAX_CLASSES, DemoSpec, describe, make_demo, wnid
+from knl_train.errors import UserError
+
+SPEC = DemoSpec(classes=3, train_per_class=4, val_per_class=2, size=24, seed=1)
+
+
+def _tree(root):
+    """{relative path: bytes} of every file under ``root``."""
+    root = Path(root)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---- make_demo --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "ds"
+    assert make_demo(out, SPEC, progress=False) is True
+    return out
+
+
+def test_make_demo_writes_the_imagenet_layout(demo):
+    wnids = [wnid(c) for c in range(SPEC.classes)]
+    assert wnids == ["n90000000", "n90000001", "n90000002"]
+    assert sorted(p.name for p in demo.iterdir()) == ["classes.tsv", "dataset.json", "train", "val"]
+    assert sorted(p.name for p in (demo / "train").iterdir()) == wnids
+    assert sorted(p.name for p in (demo / "val").iterdir()) == wnids
+    for w in wnids:
+        assert sorted(p.name for p in (demo / "train" / w).iterdir()) == [f"{w}_{k}.JPEG" for k in range(4)]
+        assert sorted(p.name for p in (demo / "val" / w).iterdir()) == [f"{w}_val_{k}.JPEG" for k in range(2)]
+    assert len(list(demo.glob("train/*/*.JPEG"))) == 12
+    assert len(list(demo.glob("val/*/*.JPEG"))) == 6
+    assert (demo / "classes.tsv").read_text() == (
+        f"n90000000\t{describe(0)}\nn90000001\t{describe(1)}\nn90000002\t{describe(2)}\n")
+    assert describe(0) == "solid red circle" and describe(6) == "solid blue square"
+    assert json.loads((demo / "dataset.json").read_text()) == asdict(SPEC)
+    # Written through a temporary sibling that is renamed into place; nothing of it is left.
+    assert [p.name for p in demo.parent.iterdir()] == ["ds"]
+
+
+def test_make_demo_images_are_real_jpegs_of_the_right_size(demo):
+    files = sorted(demo.glob("*/*/*.JPEG"))
+    assert len(files) == 18
+    means = []
+    for f in files:
+        with Image.open(f) as img:
+            assert img.format == "JPEG"
+            assert img.size == (24, 24) and img.mode == "RGB"
+            pixels = np.asarray(img)
+        assert pixels.shape == (24, 24, 3)
+        assert pixels.std() > 5  # an actual picture, not a flat colour
+        means.append(pixels.mean())
+    assert len(set(means)) == len(files)  # every image is a different picture
+
+
+def test_make_demo_is_deterministic_across_directories(demo, tmp_path):
+    assert make_demo(tmp_path / "again", SPEC, progress=False) is True
+    first, second = _tree(demo), _tree(tmp_path / "again")
+    assert len(first) == 20  # 18 images + classes.tsv + dataset.json
+    assert first == second
+    # ...and the seed matters: another seed gives other images.
+    other = DemoSpec(**{**asdict(SPEC), "seed": 2})
+    make_demo(tmp_path / "other", other, progress=False)
+    third = _tree(tmp_path / "other")
+    assert third.keys() == first.keys()
+    assert sum(third[k] != first[k] for k in first if k.endswith(".JPEG")) == 18
+
+
+def test_second_call_is_a_no_op(tmp_path):
+    out = tmp_path / "ds"
+    assert make_demo(out, SPEC, progress=False) is True
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    before = _tree(out)
+    assert make_demo(out, SPEC, progress=False) is False
+    assert _tree(out) == before
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
+    assert [p.name for p in tmp_path.iterdir()] == ["ds"]
+
+
+def test_a_demo_with_another_spec_is_replaced(tmp_path):
+    out = tmp_path / "ds"
+    make_demo(out, SPEC, progress=False)
+    smaller = DemoSpec(classes=2, train_per_class=1, val_per_class=1, size=16, seed=1)
+    assert make_demo(out, smaller, progress=False) is True
+    assert json.loads((out / "dataset.json").read_text()) == asdict(smaller)
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["n90000000", "n90000001"]
+    assert len(list(out.glob("*/*/*.JPEG"))) == 4
+    with Image.open(out / "train" / "n90000000" / "n90000000_0.JPEG") as img:
+        assert img.size == (16, 16)
+
+
+def test_refuses_to_overwrite_a_directory_that_is_not_a_demo(tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(UserError) as e:
+        make_demo(out, SPEC, progress=False)
+    assert str(out) in str(e.value) and "not a knl-train demo dataset" in str(e.value)
+    assert _tree(out) == {"notes.txt": b"keep me"}
+    assert [p.name for p in tmp_path.iterdir()] == ["precious"]
+
+
+def test_refuses_to_overwrite_a_file(tmp_path):
+    out = tmp_path / "file.txt"
+    out.write_text("keep me")
+    with pytest.raises(UserError, match="not a knl-train demo dataset"):
+        make_demo(out, SPEC, progress=False)
+    assert out.read_text() == "keep me"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.txt"]
+
+
+def test_an_empty_existing_directory_is_used(tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    spec = DemoSpec(classes=2, train_per_class=1, val_per_class=1, size=16)
+    assert make_demo(out, spec, progress=False) is True
+    assert len(list(out.glob("*/*/*.JPEG"))) == 4
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"classes": 1}, "--classes must be between 2 and 40"),
+    ({"classes": MAX_CLASSES + 1}, f"got {MAX_CLASSES + 1}"),
+    ({"train_per_class": 0}, "--train-per-class must be >= 1, got 0"),
+    ({"val_per_class": -1}, "--val-per-class must be >= 1, got -1"),
+    ({"size": 15}, "--size must be between 16 and 512 pixels, got 15"),
+    ({"size": 513}, "got 513"),
+])
+def test_invalid_specs_are_user_errors(tmp_path, changes, needle):
+    spec = DemoSpec(**{**asdict(SPEC), **changes})
+    with pytest.raises(UserError) as e:
+        make_demo(tmp_path / "ds", spec, progress=False)
+    assert needle in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- folder: listing and scanning -----------------------------------------------------------------
+def _touch(root, *rels):
+    for rel in rels:
+        p = Path(root) / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"x")
+
+
+def test_list_classes_is_sorted_and_ignores_files(tmp_path):
+    for w in ("n03", "n01", "n10", "n02"):
+        (tmp_path / "train" / w).mkdir(parents=True)
+    _touch(tmp_path, "train/README.txt")
+    assert folder.list_classes(tmp_path) == ["n01", "n02", "n03", "n10"]
+
+
+def test_scan_lists_images_per_class_in_order(tmp_path):
+    _touch(tmp_path, "train/b/2.JPEG", "train/b/1.jpg", "train/a/z.png", "train/a/notes.txt",
+           "train/a/y.JPG")
+    classes = folder.list_classes(tmp_path)
+    assert classes == ["a", "b"]
+    split = folder.scan(tmp_path, "train", classes)
+    t = tmp_path / "train"
+    assert split.files == (str(t / "a/y.JPG"), str(t / "a/z.png"), str(t / "b/1.jpg"), str(t / "b/2.JPEG"))
+    assert split.labels == (0, 0, 1, 1)
+    assert split.classes == ("a", "b") and len(split) == 4
+
+
+def test_scan_of_the_demo_matches_its_layout(demo):
+    classes = folder.list_classes(demo)
+    train, val = folder.scan(demo, "train", classes), folder.scan(demo, "val", classes)
+    assert (len(train), len(val)) == (12, 6)
+    assert train.labels == (0,) * 4 + (1,) * 4 + (2,) * 4
+    assert val.labels == (0, 0, 1, 1, 2, 2)
+    assert all(Path(f).parent.name == classes[y] for f, y in zip(val.files, val.labels))
+
+
+def test_missing_dataset_path(tmp_path):
+    with pytest.raises(UserError, match=f"dataset path {tmp_path / 'nope'} does not exist.*make-demo"):
+        folder.list_classes(tmp_path / "nope")
+
+
+def test_no_train_directory(tmp_path):
+    (tmp_path / "val" / "n01").mkdir(parents=True)
+    with pytest.raises(UserError, match=f"{tmp_path} has no train/ directory"):
+        folder.list_classes(tmp_path)
+
+
+def test_no_class_directories(tmp_path):
+    _touch(tmp_path, "train/img.JPEG")
+    with pytest.raises(UserError, match="holds no class directories"):
+        folder.list_classes(tmp_path)
+
+
+def test_empty_class_directory_is_named(tmp_path):
+    _touch(tmp_path, "train/n01/a.JPEG", "train/n02/readme.txt")
+    classes = folder.list_classes(tmp_path)
+    with pytest.raises(UserError) as e:
+        folder.scan(tmp_path, "train", classes)
+    assert str(tmp_path / "train" / "n02") in str(e.value) and "holds no images" in str(e.value)
+
+
+def test_val_missing_a_class_or_missing_entirely(tmp_path):
+    _touch(tmp_path, "train/n01/a.JPEG", "train/n02/b.JPEG")
+    classes = folder.list_classes(tmp_path)
+    with pytest.raises(UserError, match=f"{tmp_path} has no val/ directory"):
+        folder.scan(tmp_path, "val", classes)
+    _touch(tmp_path, "val/n01/a.JPEG")
+    with pytest.raises(UserError) as e:
+        folder.scan(tmp_path, "val", classes)
+    assert str(tmp_path / "val" / "n02") in str(e.value) and "missing" in str(e.value)
+
+
+# ---- folder: the sharded tf.data pipelines --------------------------------------------------------
+PIPE_SPEC = DemoSpec(classes=3, train_per_class=7, val_per_class=3, size=16, seed=5)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    """21 train and 9 val images of 16 px, with reference images decoded straight from the files."""
+    import tensorflow as tf
+    root = tmp_path_factory.mktemp("pipe") / "ds"
+    make_demo(root, PIPE_SPEC, progress=False)
+    classes = folder.list_classes(root)
+    train, val = folder.scan(root, "train", classes), folder.scan(root, "val", classes)
+
+    def reference(split):
+        imgs = [tf.cast(tf.io.decode_jpeg(tf.io.read_file(f), channels=3), tf.float32) for f in split.files]
+        return ((np.stack(imgs) - np.array(folder.MEAN_RGB)) / np.array(folder.STDDEV_RGB)).astype(np.float32)
+
+    return {"train": train, "val": val, "ref": {"train": reference(train), "val": reference(val)}}
+
+
+def _identify(batches, refs, split, flips=False):
+    """Which file each yielded image is (an index into split.files); checks its label too."""
+    out = []
+    for images, labels in batches:
+        for img, label in zip(images.numpy(), labels.numpy()):
+            err = np.abs(refs - img).max(axis=(1, 2, 3))
+            if flips:  # training images may be mirrored left-right
+                err = np.minimum(err, np.abs(refs - img[:, ::-1]).max(axis=(1, 2, 3)))
+            i = int(err.argmin())
+            assert err[i] < 1e-4, f"image matches no file (closest error {err[i]})"
+            assert np.sort(err)[1] > 0.1, "two files look the same"
+            assert int(label) == split.labels[i]
+            out.append(i)
+    return out
+
+
+def _train(pipe, rank, seed=7, world=2, per_rank_batch=3):
+    return folder.train_dataset(pipe["train"], rank=rank, world=world, per_rank_batch=per_rank_batch,
+                                image_size=16, seed=seed)
+
+
+def test_train_shards_are_disjoint_cover_the_epoch_and_reshuffle(pipe):
+    split, refs = pipe["train"], pipe["ref"]["train"]
+    datasets = [_train(pipe, 0), _train(pipe, 1)]
+    steps, global_batch = len(split) // 6, 6
+    assert steps == 3
+    epochs = []
+    for _ in range(2):  # each iteration of a dataset is one epoch
+        shards = []
+        for ds in datasets:
+            batches = list(ds)
+            assert len(batches) == steps
+            assert all(tuple(b[0].shape) == (3, 16, 16, 3) for b in batches)
+            shards.append(_identify(batches, refs, split, flips=True))
+        a, b = shards
+        assert len(a) == len(b) == steps * 3
+        assert len(set(a)) == len(a) and len(set(b)) == len(b)
+        assert not set(a) & set(b), "ranks saw the same file in one epoch"
+        assert len(set(a) | set(b)) == steps * global_batch  # 18 of the 21 files
+        epochs.append(shards)
+    assert epochs[0][0] != epochs[1][0] and epochs[0][1] != epochs[1][1], "epoch 2 repeats epoch 1"
+    # A pipeline built afresh with the same seed (as every other rank builds it) has the same
+    # epoch order...
+    assert _identify(list(_train(pipe, 0)), refs, split, flips=True) == epochs[0][0]
+    # ...which comes from the seed.
+    assert _identify(list(_train(pipe, 0, seed=8)), refs, split, flips=True) != epochs[0][0]
+
+
+def test_train_images_are_normalized_and_labelled(pipe):
+    images, labels = next(iter(_train(pipe, 0)))
+    assert images.dtype.name == "float32" and labels.dtype.name == "int32"
+    assert -2.5 < float(images.numpy().min()) < 0 < float(images.numpy().max()) < 2.7
+    assert set(labels.numpy().tolist()) <= {0, 1, 2}
+
+
+def test_fewer_images_than_one_global_batch(pipe):
+    with pytest.raises(UserError) as e:
+        _train(pipe, 0, per_rank_batch=11)
+    assert "21 images" in str(e.value) and "global batch of 22" in str(e.value)
+    # Exactly one global batch is enough.
+    assert len(list(_train(pipe, 1, world=3, per_rank_batch=7))) == 1
+
+
+@pytest.mark.parametrize("world, batch", [(2, 2), (3, 4)])
+def test_eval_shards_cover_every_val_file_exactly_once(pipe, world, batch):
+    split, refs = pipe["val"], pipe["ref"]["val"]
+    seen = []
+    for rank in range(world):
+        ds = folder.eval_dataset(split, rank=rank, world=world, batch=batch, image_size=16)
+        seen += _identify(list(ds), refs, split)
+    assert sorted(seen) == list(range(len(split))) == list(range(9))
+    # Evaluation is not shuffled: rank r takes every world-th file in order.
+    first = _identify(list(folder.eval_dataset(split, rank=0, world=world, batch=batch, image_size=16)),
+                      refs, split)
+    assert first == list(range(0, 9, world))

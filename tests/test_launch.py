@@ -1,0 +1,260 @@
+"""Launcher lines (knl_train/tuning/launch.py) and a real 2-rank mpirun with core binding."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import sys
+
+import pytest
+
+from conftest import run_cli
+from knl_train import cli
+from knl_train.errors import UserError
+from knl_train.tuning import launch
+from knl_train.tuning.launch import LaunchPlan
+
+CMD = ("python", "train.py")
+MPIRUN = shutil.which("mpirun")
+
+needs_openmpi = pytest.mark.skipif(
+    MPIRUN is None or launch.mpi_flavour(MPIRUN) != "openmpi",
+    reason=f"these lines are Open MPI's; mpirun here is {MPIRUN} "
+           f"({launch.mpi_flavour(MPIRUN) if MPIRUN else 'absent'})")
+
+
+def _x_names(line):
+    return [line[i + 1] for i, a in enumerate(line) if a == "-x"]
+
+
+def _after(line, flag):
+    return line[line.index(flag) + 1]
+
+
+@pytest.fixture
+def cores(monkeypatch):
+    """Pretend this host lets us use ``n`` cores."""
+    def _set(n):
+        monkeypatch.setattr(launch, "available_cores", lambda: n)
+    return _set
+
+
+# ---- Open MPI: running as root -------------------------------------------------------------------
+@needs_openmpi
+def test_root_gets_allow_run_as_root_on_the_command_line():
+    line = launch.argv(LaunchPlan(np=1, command=CMD), is_root=True, environ={})
+    assert line[0] == MPIRUN
+    assert line[1:3] == ["-np", "1"]
+    assert "--allow-run-as-root" in line
+    assert line[-2:] == list(CMD)
+
+
+@needs_openmpi
+def test_non_root_does_not_get_allow_run_as_root():
+    line = launch.argv(LaunchPlan(np=1, command=CMD), is_root=False, environ={})
+    assert "--allow-run-as-root" not in line
+    assert line[:3] == [MPIRUN, "-np", "1"] and line[-2:] == list(CMD)
+
+
+@needs_openmpi
+def test_default_is_root_follows_the_effective_uid():
+    line = launch.argv(LaunchPlan(np=1, command=CMD), environ={})
+    assert ("--allow-run-as-root" in line) == (os.geteuid() == 0)
+
+
+@needs_openmpi
+@pytest.mark.parametrize("is_root", [True, False])
+def test_allow_run_as_root_never_goes_through_the_environment(is_root):
+    environ = {"PATH": "/usr/bin", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    line = launch.argv(LaunchPlan(np=1, command=CMD), is_root=is_root, environ=environ)
+    assert not [a for a in line if "OMPI_ALLOW_RUN_AS_ROOT" in a]
+    assert _x_names(line) == ["PATH"]
+
+
+@needs_openmpi
+def test_dry_run_in_process_prints_the_line_and_leaves_no_root_switch_in_environ(monkeypatch, capsys):
+    for name in ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("KNL_TRAIN_PROGRESS", "lines")  # main/cmd_launch only setdefault these
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "3")
+    monkeypatch.setenv("ITEX_CPP_MIN_LOG_LEVEL", "1")
+    monkeypatch.delenv("KNL_TRAIN_ITEX", raising=False)  # ITEX cannot be enabled after TF's import
+    before = dict(os.environ)
+    assert cli.main(["launch", "--dry-run", "-np", "1", "--", "echo", "hi"]) == 0
+    out, err = capsys.readouterr()
+    assert dict(os.environ) == before
+    assert not [k for k in os.environ if k.startswith("OMPI_ALLOW")]
+    assert "OMPI_ALLOW_RUN_AS_ROOT" not in out + err
+    printed = out.strip().split()
+    assert printed[0] == MPIRUN and printed[-2:] == ["echo", "hi"]
+    assert ("--allow-run-as-root" in printed) == (os.geteuid() == 0)
+    assert err.startswith("knl-train launch: ")
+
+
+# ---- Open MPI: binding and oversubscription -----------------------------------------------------
+@needs_openmpi
+def test_binds_each_rank_to_its_share_of_the_cores(cores):
+    cores(8)
+    line = launch.argv(LaunchPlan(np=2, command=CMD), is_root=False, environ={})
+    assert _after(line, "--map-by") == "slot:PE=4"
+    assert _after(line, "--bind-to") == "core"
+    assert "--oversubscribe" not in line
+
+
+@needs_openmpi
+def test_explicit_threads_per_rank(cores):
+    cores(8)
+    line = launch.argv(LaunchPlan(np=3, command=CMD, threads_per_rank=2), is_root=False, environ={})
+    assert _after(line, "--map-by") == "slot:PE=2" and _after(line, "--bind-to") == "core"
+
+
+@needs_openmpi
+def test_real_core_count_one_rank_gets_all_cores():
+    n = len(os.sched_getaffinity(0))
+    line = launch.argv(LaunchPlan(np=1, command=CMD), is_root=False, environ={})
+    assert _after(line, "--map-by") == f"slot:PE={n}"
+
+
+@pytest.mark.parametrize("np_, threads", [(3, 0), (2, 2), (1, 3)])
+def test_more_ranks_x_threads_than_cores_is_a_user_error(cores, np_, threads):
+    cores(2)
+    plan = LaunchPlan(np=np_, command=CMD, threads_per_rank=threads)
+    with pytest.raises(UserError) as e:
+        launch.argv(plan, is_root=False, environ={})
+    msg = str(e.value)
+    assert "--oversubscribe" in msg
+    assert f"need {np_ * (threads or 1)} cores" in msg and "may use 2" in msg
+
+
+def test_real_core_count_overflow_is_a_user_error():
+    n = len(os.sched_getaffinity(0))
+    with pytest.raises(UserError, match="--oversubscribe"):
+        launch.argv(LaunchPlan(np=n + 1, command=CMD), is_root=False, environ={})
+
+
+@needs_openmpi
+def test_oversubscribe_shares_cores_and_binds_nothing(cores):
+    cores(2)
+    line = launch.argv(LaunchPlan(np=5, command=CMD, oversubscribe=True), is_root=False, environ={})
+    assert "--oversubscribe" in line
+    assert _after(line, "--bind-to") == "none"
+    assert "--map-by" not in line and "core" not in line
+    assert line[1:3] == ["-np", "5"]
+
+
+# ---- environment forwarding ----------------------------------------------------------------------
+FORWARDED = {
+    "TF_CPP_MIN_LOG_LEVEL": "3", "TF_ENABLE_ONEDNN_OPTS": "1", "HOROVOD_FUSION_THRESHOLD": "0",
+    "OMP_NUM_THREADS": "2", "KMP_AFFINITY": "granularity=fine", "KMP_BLOCKTIME": "1",
+    "KNL_TRAIN_PROGRESS": "lines", "ITEX_VERBOSE": "0", "ONEDNN_VERBOSE": "0", "DNNL_VERBOSE": "0",
+    "PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/lib", "PYTHONPATH": "/src", "VIRTUAL_ENV": "/venv",
+}
+NOT_FORWARDED = {
+    "HOME": "/root", "USER": "me", "SECRET_TOKEN": "x", "MY_TF_VAR": "1", "XPATH": "1",
+    "PATHS": "1", "OMPI_ALLOW_RUN_AS_ROOT": "1", "LANG": "C", "tf_lower": "1",
+}
+
+
+@needs_openmpi
+def test_forwards_only_the_runtime_variables_with_x():
+    line = launch.argv(LaunchPlan(np=1, command=CMD), is_root=False, environ={**FORWARDED, **NOT_FORWARDED})
+    names = _x_names(line)
+    assert names == sorted(FORWARDED)
+    for name in NOT_FORWARDED:
+        assert name not in line
+    # Only names go on the line, never values.
+    assert "granularity=fine" not in line and "/opt/lib" not in line
+
+
+def test_forwarded_env_defaults_to_os_environ(monkeypatch):
+    monkeypatch.setenv("KMP_TEST_FORWARD", "1")
+    monkeypatch.setenv("UNRELATED_TEST_VAR", "1")
+    names = launch.forwarded_env()
+    assert "KMP_TEST_FORWARD" in names and "UNRELATED_TEST_VAR" not in names
+    assert names == sorted(names)
+
+
+# ---- gloo and hostfiles --------------------------------------------------------------------------
+def test_gloo_uses_horovodrun_with_localhost_slots():
+    line = launch.argv(LaunchPlan(np=2, command=CMD, controller="gloo"), is_root=True, environ={})
+    assert os.path.basename(line[0]) == "horovodrun" and os.access(line[0], os.X_OK)
+    assert line[1:] == ["--gloo", "-np", "2", "-H", "localhost:2", *CMD]
+    assert "--allow-run-as-root" not in line
+
+
+def test_gloo_with_hostfile(tmp_path):
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node1 slots=4\nnode2 slots=4\n")
+    line = launch.argv(LaunchPlan(np=8, command=CMD, controller="gloo", hostfile=str(hosts)),
+                       is_root=False, environ={})
+    assert line[1:] == ["--gloo", "-np", "8", "--hostfile", str(hosts), *CMD]
+
+
+def test_missing_hostfile_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match=f"hostfile {tmp_path / 'hosts'} does not exist"):
+        LaunchPlan(np=2, command=CMD, hostfile=str(tmp_path / "hosts"))
+
+
+@needs_openmpi
+def test_mpirun_with_hostfile_skips_the_local_core_check(tmp_path, cores):
+    cores(2)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node1 slots=32\nnode2 slots=32\n")
+    line = launch.argv(LaunchPlan(np=64, command=CMD, hostfile=str(hosts)), is_root=False, environ={})
+    assert _after(line, "--hostfile") == str(hosts)
+    assert _after(line, "--map-by") == "slot:PE=1"
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"np": 0}, "-np must be >= 1"),
+    ({"np": 2, "controller": "nccl"}, "unknown controller 'nccl'"),
+    ({"np": 2, "command": ()}, "nothing to launch"),
+    ({"np": 2, "threads_per_rank": -1}, "--threads-per-rank must be >= 1 .*got -1"),
+])
+def test_bad_plans_are_user_errors(kwargs, needle):
+    with pytest.raises(UserError, match=needle):
+        LaunchPlan(**{"command": CMD, **kwargs})
+
+
+# ---- through the console script ------------------------------------------------------------------
+@needs_openmpi
+def test_cli_dry_run_prints_the_line_and_does_not_run_it(tmp_path):
+    marker = tmp_path / "ran"
+    proc = run_cli("launch", "--dry-run", "-np", "2", "--", "touch", marker, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not marker.exists()
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1
+    words = lines[0].split()
+    assert words[:3] == [MPIRUN, "-np", "2"] and words[-2:] == ["touch", str(marker)]
+    assert "OMPI_ALLOW_RUN_AS_ROOT" not in proc.stdout + proc.stderr
+
+
+@needs_openmpi
+def test_cli_dry_run_echo_hi():
+    proc = run_cli("launch", "--dry-run", "-np", "2", "--", "echo", "hi", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1].endswith(" echo hi")
+    assert "hi" not in proc.stdout.splitlines()  # echo never ran
+
+
+@needs_openmpi
+def test_two_real_ranks_are_bound_to_distinct_cores():
+    n = len(os.sched_getaffinity(0))
+    if n < 2:
+        pytest.skip(f"needs 2 cores to bind 2 ranks, this process may use {n}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMPI_")}
+    code = "import os; print(os.environ['OMPI_COMM_WORLD_RANK'], sorted(os.sched_getaffinity(0)))"
+    proc = run_cli("launch", "-np", "2", "--", sys.executable, "-c", code, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ranks = {}
+    for line in proc.stdout.splitlines():
+        rank, _, cpus = line.partition(" ")
+        ranks[int(rank)] = ast.literal_eval(cpus)
+    assert sorted(ranks) == [0, 1], proc.stdout
+    assert [len(ranks[r]) for r in (0, 1)] == [n // 2, n // 2]
+    assert not set(ranks[0]) & set(ranks[1])
+    assert set(ranks[0]) | set(ranks[1]) <= os.sched_getaffinity(0)
+    if n == 2:
+        assert sorted(ranks[0] + ranks[1]) == sorted(os.sched_getaffinity(0))
