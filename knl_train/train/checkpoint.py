@@ -46,7 +46,7 @@ class CheckpointManager:
                 f"could not write checkpoint {final}: {getattr(e, 'message', e)}. "
                 f"The previous checkpoint ({previous or 'none'}) is intact; "
                 "free space or fix the permissions of the run directory.") from None
-        self._rotate()
+        self._rotate(epoch)
         return final
 
     def latest(self) -> Optional[Path]:
@@ -59,7 +59,16 @@ class CheckpointManager:
     def restore(self, path) -> None:
         self._ckpt.read(str(Path(path) / "ckpt")).assert_existing_objects_matched()
 
-    def _rotate(self):
-        done = sorted(p for p in self.directory.glob("epoch-*") if p.is_dir())
-        for old in done[:-self.keep]:
+    def _rotate(self, current: int):
+        """Keep the last ``keep`` checkpoints up to ``current``.
+
+        Checkpoints of later epochs belong to an earlier run in this directory that the current
+        one has superseded (it started over); they would otherwise outlive it.
+        """
+        def epoch_of(p):
+            return int(p.name.split("-", 1)[1])
+        done = sorted((p for p in self.directory.glob("epoch-*") if p.is_dir()), key=epoch_of)
+        stale = [p for p in done if epoch_of(p) > current]
+        kept = [p for p in done if epoch_of(p) <= current]
+        for old in stale + kept[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
