@@ -16,6 +16,10 @@ coefficient, ``m`` momentum, ``lr`` the scheduled global rate, norms over the wh
 
 t = 1 when ‖w‖ = 0 or the denominator is 0, and for variables excluded from adaptation.
 
+``momentum`` is a float or a schedule of the step (e.g. Goyal/Intel Caffe momentum correction
+during warmup). Each variable's trust ratio of the last step is kept in its scalar slot
+``trust_ratio`` (0 before the first step) and read with ``trust_ratios()``.
+
 Slot ``momentum``: the ``you`` and ``model_garden`` variants keep −v (TF's Keras-momentum
 convention, so the fused ResourceApplyKerasMomentum kernel does the update); ``tf_contrib``
 keeps +v as TF's ApplyMomentum did.
@@ -53,6 +57,7 @@ class LARS(tf.keras.optimizers.legacy.Optimizer):
         name: str = "LARS",
         **kwargs,
     ):
+        self._momentum_schedule = momentum if callable(momentum) else None
         for arg, value in (("momentum", momentum), ("weight_decay", weight_decay),
                            ("trust_coefficient", trust_coefficient), ("epsilon", epsilon)):
             if isinstance(value, (int, float)) and value < 0:
@@ -62,7 +67,7 @@ class LARS(tf.keras.optimizers.legacy.Optimizer):
         super().__init__(name, **kwargs)
         self._set_hyper("learning_rate", kwargs.get("lr", learning_rate))
         self._set_hyper("decay", self._initial_decay)
-        self._set_hyper("momentum", momentum)
+        self._set_hyper("momentum", 0.0 if self._momentum_schedule else momentum)
         self.weight_decay = float(weight_decay)
         self.trust_coefficient = float(trust_coefficient)
         self.epsilon = float(epsilon)
@@ -90,11 +95,29 @@ class LARS(tf.keras.optimizers.legacy.Optimizer):
     def _create_slots(self, var_list):
         for var in var_list:
             self.add_slot(var, "momentum")
+            self.add_slot(var, "trust_ratio", initializer="zeros", shape=[])
+            if not any(var is v for v in self._lars_vars):
+                self._lars_vars.append(var)
+
+    @property
+    def _lars_vars(self):
+        # Plain Python list, not tracked by Keras/checkpoints: the variables are the model's.
+        if "_lars_var_list" not in self.__dict__:
+            self.__dict__["_lars_var_list"] = []
+        return self.__dict__["_lars_var_list"]
 
     def _prepare_local(self, var_device, var_dtype, apply_state):
         super()._prepare_local(var_device, var_dtype, apply_state)
-        apply_state[(var_device, var_dtype)]["momentum"] = tf.identity(
-            self._get_hyper("momentum", var_dtype))
+        if self._momentum_schedule is not None:
+            m = tf.cast(self._momentum_schedule(self.iterations), var_dtype)
+        else:
+            m = tf.identity(self._get_hyper("momentum", var_dtype))
+        apply_state[(var_device, var_dtype)]["momentum"] = m
+
+    def trust_ratios(self, include_excluded: bool = False) -> dict:
+        """{variable name: trust ratio of the last step}; only adapted variables by default."""
+        return {v.name: float(self.get_slot(v, "trust_ratio").numpy()) for v in self._lars_vars
+                if include_excluded or self.uses_adaptation(v)}
 
     def _trust_ratio(self, w_norm, d_norm, var):
         """η‖w‖ / d, or 1 where either norm is zero or the variable is not adapted."""
@@ -120,21 +143,28 @@ class LARS(tf.keras.optimizers.legacy.Optimizer):
         if self.variant == "model_garden":
             g = grad + tf.constant(wd, dtype=var_dtype) * var if wd else grad
             t = self._trust_ratio(w_norm, tf.norm(tf.cast(g, norm_dtype)), var)
-            return gen_training_ops.ResourceApplyKerasMomentum(
+            update = gen_training_ops.ResourceApplyKerasMomentum(
                 var=var.handle, accum=v.handle, lr=lr * tf.cast(t, var_dtype), grad=g,
                 momentum=m, use_locking=self._use_locking, use_nesterov=self.nesterov)
+            return self._record(var, t, update)
 
         g_norm = tf.norm(tf.cast(grad, norm_dtype))
         t = self._trust_ratio(w_norm, g_norm + wd * w_norm, var)
         scaled_lr = lr * tf.cast(t, var_dtype)
         if self.variant == "tf_contrib":
-            return gen_training_ops.ResourceApplyMomentum(
+            update = gen_training_ops.ResourceApplyMomentum(
                 var=var.handle, accum=v.handle, lr=scaled_lr, grad=grad, momentum=m,
                 use_locking=self._use_locking, use_nesterov=self.nesterov)
+            return self._record(var, t, update)
         g = grad + tf.constant(wd, dtype=var_dtype) * var if wd else grad
-        return gen_training_ops.ResourceApplyKerasMomentum(
+        update = gen_training_ops.ResourceApplyKerasMomentum(
             var=var.handle, accum=v.handle, lr=scaled_lr, grad=g, momentum=m,
             use_locking=self._use_locking, use_nesterov=self.nesterov)
+        return self._record(var, t, update)
+
+    def _record(self, var, t, update):
+        slot = self.get_slot(var, "trust_ratio")
+        return tf.group(update, slot.assign(tf.cast(t, slot.dtype), read_value=False))
 
     def _resource_apply_sparse(self, grad, var, indices, apply_state=None):
         raise NotImplementedError(
@@ -147,7 +177,9 @@ class LARS(tf.keras.optimizers.legacy.Optimizer):
         config.update({
             "learning_rate": self._serialize_hyperparameter("learning_rate"),
             "decay": self._initial_decay,
-            "momentum": self._serialize_hyperparameter("momentum"),
+            "momentum": (tf.keras.optimizers.schedules.serialize(self._momentum_schedule)
+                         if self._momentum_schedule is not None
+                         else self._serialize_hyperparameter("momentum")),
             "weight_decay": self.weight_decay,
             "trust_coefficient": self.trust_coefficient,
             "epsilon": self.epsilon,
@@ -157,6 +189,15 @@ class LARS(tf.keras.optimizers.legacy.Optimizer):
             "exclude_from_layer_adaptation": list(self.exclude_from_layer_adaptation),
         })
         return config
+
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        if isinstance(config.get("momentum"), dict):
+            config["momentum"] = tf.keras.optimizers.schedules.deserialize(
+                config["momentum"], custom_objects=custom_objects)
+        return super().from_config(config, custom_objects=custom_objects)
 
 
 def excluded_variables(optimizer: LARS, variables: Iterable[tf.Variable]) -> dict:
