@@ -1,0 +1,54 @@
+"""Per-layer trust ratios as training metrics: no public LARS exposes them."""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from knl_train.io import append_jsonl
+
+
+class TrustRatioMonitor(tf.keras.callbacks.Callback):
+    """Every ``every`` batches: min, median and max of the adapted variables' trust ratios.
+
+    Records go to ``history``, to a JSON-lines file if ``jsonl_path`` is given, and to
+    TensorBoard (three scalars and a histogram) if ``log_dir`` is given. Works with any
+    optimizer that has ``trust_ratios()`` (LARS, LAMB), Horovod-wrapped or not.
+    """
+
+    def __init__(self, every: int = 100, log_dir: Optional[str] = None,
+                 jsonl_path: Optional[str] = None):
+        super().__init__()
+        if every < 1:
+            raise ValueError(f"every must be >= 1, got {every}")
+        self.every = every
+        self.jsonl_path = jsonl_path
+        self.history: List[dict] = []
+        self._writer = tf.summary.create_file_writer(str(log_dir)) if log_dir else None
+        self._batches = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._batches += 1
+        if self._batches % self.every:
+            return
+        ratios = getattr(self.model.optimizer, "trust_ratios", lambda: {})()
+        if not ratios:
+            return
+        names = list(ratios)
+        values = np.array([ratios[n] for n in names])
+        step = int(self.model.optimizer.iterations.numpy())
+        rec = {"kind": "trust_ratio", "step": step, "batch": self._batches, "count": len(values),
+               "min": float(values.min()), "median": float(np.median(values)),
+               "max": float(values.max()), "argmin": names[int(values.argmin())],
+               "argmax": names[int(values.argmax())]}
+        self.history.append(rec)
+        if self.jsonl_path:
+            append_jsonl(self.jsonl_path, rec)
+        if self._writer is not None:
+            with self._writer.as_default(step=step):
+                for stat in ("min", "median", "max"):
+                    tf.summary.scalar(f"trust_ratio/{stat}", rec[stat])
+                tf.summary.histogram("trust_ratio", values)
+            self._writer.flush()
