@@ -54,6 +54,11 @@ def test_trainer_two_ranks_writes_run_directory(launch, tmp_path, tiny_dataset):
     assert summary["top1"] == epochs[-1]["val_top1"]
     steps = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "step"]
     assert [r["step"] for r in steps] == [30, 60, 90]
+    # LARS trust ratios of the adapted (rank > 1) variables, every log_every steps.
+    ratios = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "trust_ratio"]
+    assert [r["step"] for r in ratios] == [30, 60, 90]
+    assert all(r["count"] == 5 and 0 < r["min"] <= r["median"] <= r["max"] for r in ratios)
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     latest = json.loads((run / "checkpoints" / "latest.json").read_text())
     assert latest == {"name": "epoch-0003", "epoch": 3, "step": 90}
     assert (run / "checkpoints" / "epoch-0003" / "ckpt.index").exists()

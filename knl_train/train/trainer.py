@@ -102,7 +102,8 @@ def run(cfg: TrainConfig) -> dict:
                                    image_size=cfg.data.image_size, threads=cfg.data.threads)
 
     def current_lr() -> float:
-        return float(schedule(optimizer.iterations))
+        # The optimizer's own view: includes any per-update wrapping of the schedule.
+        return float(optimizer._decayed_lr(tf.float32))
 
     import horovod.tensorflow.keras as hvd
     monitor = TrainingMonitor(world=world, global_batch=global_batch,
@@ -113,6 +114,10 @@ def run(cfg: TrainConfig) -> dict:
                               print_fn=lambda m: print(m, flush=True))
     callbacks = [hvd.callbacks.MetricAverageCallback(), monitor]
     if world.is_root:
+        if hasattr(optimizer, "trust_ratios"):
+            from knl_train.optim.monitor import TrustRatioMonitor
+            callbacks.append(TrustRatioMonitor(every=cfg.log_every, log_dir=str(run_dir / "tensorboard"),
+                                               jsonl_path=str(run_dir / "metrics.jsonl")))
         ckpt = CheckpointManager(run_dir / "checkpoints", model, optimizer, keep=cfg.keep_checkpoints)
         callbacks.append(CheckpointCallback(ckpt, steps_per_epoch))
 
