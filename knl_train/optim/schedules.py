@@ -1,17 +1,77 @@
-"""Learning-rate schedules from the large-batch papers, as serializable Keras schedules.
+"""Learning-rate and momentum schedules from the large-batch papers, as serializable Keras schedules.
 
-``step`` is the optimizer's iteration count (0 for the first update).
+Step convention (every class here): ``step`` is the optimizer's iteration count, 0 for the first
+update, as Keras passes ``optimizer.iterations`` to a schedule before incrementing it; it is also
+Caffe's ``iter_``. An epoch ``e`` (0-based) is the steps ``[e·spe, (e+1)·spe)`` with
+``spe = steps_per_epoch``. Durations given in epochs become ``round(epochs · spe)`` steps, the
+trainer's convention.
+
+Every schedule accepts a scalar or a tensor of steps (Python int, int/float tensor, or
+``tf.Variable`` such as ``optimizer.iterations``), returns float32 of the same shape, and has no
+Python branch on a tensor value, so it traces once inside ``tf.function``. All are registered
+as ``knl_train>ClassName`` and round-trip through ``get_config``/``from_config`` and
+``tf.keras.optimizers.schedules.serialize``/``deserialize`` (what Horovod's
+``DistributedOptimizer`` relies on when it rebuilds the optimizer from its config).
+
+Schedules:
+
+* ``WarmupPolyDecay``   linear warmup, polynomial decay counted after the warmup (Google TPU,
+  MLPerf, NUS) or over the global step (Intel Caffe / NVCaffe, lars.md §1, §5).
+* ``WarmupStepDecay``   Goyal et al. 2017 (arXiv:1706.02677): linear warmup, then ×factor at
+  boundary epochs (30, 60, 80).
+* ``WarmupCosineDecay`` linear warmup, then half a cosine down to ``end_lr``.
+* ``WarmupMomentumCorrection`` a *momentum* schedule: Goyal/Intel Caffe momentum correction
+  ``m·lr(t)/lr(t−1)`` during warmup, for optimizers that keep the LR inside the momentum buffer.
+
+``build_lr_schedule`` and ``build_momentum`` build them from epoch-based config values.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+from typing import Optional, Sequence, Union
+
 import tensorflow as tf
 
 DECAY_MODES = ("after_warmup", "global")
+SCHEDULE_KINDS = ("poly", "step", "cosine")
+
+LearningRateSchedule = tf.keras.optimizers.schedules.LearningRateSchedule
 
 
+# ---- argument checks (ValueError naming the argument) ----------------------------------------------
+def _number(cls: str, arg: str, value, *, minimum: Optional[float] = 0.0, strict: bool = False,
+            maximum: Optional[float] = None, strict_max: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{cls}: {arg} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{cls}: {arg} must be finite, got {value}")
+    if minimum is not None and (value <= minimum if strict else value < minimum):
+        raise ValueError(f"{cls}: {arg} must be {'>' if strict else '>='} {minimum}, got {value}")
+    if maximum is not None and (value >= maximum if strict_max else value > maximum):
+        raise ValueError(f"{cls}: {arg} must be {'<' if strict_max else '<='} {maximum}, got {value}")
+    return value
+
+
+def _integer(cls: str, arg: str, value, *, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{cls}: {arg} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{cls}: {arg} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _linear_warmup(step_f, warmup_steps: int, start_lr: float, peak_lr: float):
+    """Caffe's ramp ``(t·peak + (W − t)·start)/W``: ``start_lr`` at step 0, ``peak_lr`` at step W."""
+    warm = float(max(warmup_steps, 1))
+    return start_lr + (peak_lr - start_lr) * step_f / warm
+
+
+# ---- warmup + polynomial decay ---------------------------------------------------------------------
 @tf.keras.utils.register_keras_serializable(package="knl_train")
-class WarmupPolyDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
+class WarmupPolyDecay(LearningRateSchedule):
     """Linear warmup from ``warmup_start_lr`` to ``peak_lr``, then polynomial decay to ``end_lr``.
 
     ``decay_over="after_warmup"`` decays over the ``total_steps - warmup_steps`` steps after the
@@ -41,8 +101,7 @@ class WarmupPolyDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
     def __call__(self, step):
         with tf.name_scope(self.name):
             step = tf.cast(step, tf.float32)
-            warm = float(max(self.warmup_steps, 1))
-            warmup_lr = self.warmup_start_lr + (self.peak_lr - self.warmup_start_lr) * step / warm
+            warmup_lr = _linear_warmup(step, self.warmup_steps, self.warmup_start_lr, self.peak_lr)
             if self.decay_over == "global":
                 decay_step, decay_len = step, float(self.total_steps)
             else:
@@ -62,3 +121,235 @@ class WarmupPolyDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
             "end_lr": self.end_lr, "power": self.power, "decay_over": self.decay_over,
             "name": self.name,
         }
+
+
+# ---- Goyal step decay --------------------------------------------------------------------------------
+@tf.keras.utils.register_keras_serializable(package="knl_train")
+class WarmupStepDecay(LearningRateSchedule):
+    """Goyal et al. 2017: optional linear warmup, then ``peak_lr · factor^k`` after k boundaries.
+
+    For step ``t < W`` (``W = round(warmup_epochs · steps_per_epoch)``) the LR ramps linearly
+    from ``warmup_start_lr`` (Goyal: the small-batch LR η) to ``peak_lr`` (Goyal: kη), reaching
+    it at step W. From step W on it is ``peak_lr · factor^k`` with k the number of boundaries
+    ``b`` with ``t >= round(b · steps_per_epoch)``: the first step of epoch 30 already has
+    ``peak·0.1`` (Caffe ``multistep``: ``iter >= stepvalue``; note Keras
+    ``PiecewiseConstantDecay`` switches one step later, at ``t > boundary``).
+
+    Boundaries are absolute epochs counted from the start of training, warmup included, and must
+    not fall inside the warmup.
+    """
+
+    def __init__(self, peak_lr: float, steps_per_epoch: int,
+                 boundary_epochs: Sequence[float] = (30, 60, 80), factor: float = 0.1,
+                 warmup_epochs: float = 0.0, warmup_start_lr: float = 0.0,
+                 name: str = "WarmupStepDecay"):
+        cls = type(self).__name__
+        self.peak_lr = _number(cls, "peak_lr", peak_lr, strict=True)
+        self.steps_per_epoch = _integer(cls, "steps_per_epoch", steps_per_epoch, minimum=1)
+        if isinstance(boundary_epochs, (str, bytes)) or not isinstance(boundary_epochs, Sequence):
+            raise ValueError(f"{cls}: boundary_epochs must be a list of epochs, got {boundary_epochs!r}")
+        bounds = [_number(cls, f"boundary_epochs[{i}]", b, strict=True)
+                  for i, b in enumerate(boundary_epochs)]
+        if any(b2 <= b1 for b1, b2 in zip(bounds, bounds[1:])):
+            raise ValueError(f"{cls}: boundary_epochs must be strictly increasing, got {bounds}")
+        self.boundary_epochs = bounds
+        self.factor = _number(cls, "factor", factor, strict=True, maximum=1.0)
+        self.warmup_epochs = _number(cls, "warmup_epochs", warmup_epochs)
+        if bounds and self.warmup_epochs > bounds[0]:
+            raise ValueError(f"{cls}: warmup_epochs ({self.warmup_epochs}) must be <= the first "
+                             f"boundary epoch ({bounds[0]})")
+        self.warmup_start_lr = _number(cls, "warmup_start_lr", warmup_start_lr)
+        self.name = name
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup_epochs * self.steps_per_epoch))
+
+    @property
+    def boundary_steps(self):
+        return [int(round(b * self.steps_per_epoch)) for b in self.boundary_epochs]
+
+    def __call__(self, step):
+        with tf.name_scope(self.name):
+            step = tf.cast(step, tf.float32)
+            warmup_lr = _linear_warmup(step, self.warmup_steps, self.warmup_start_lr, self.peak_lr)
+            values = tf.constant([self.peak_lr * self.factor ** k
+                                  for k in range(len(self.boundary_epochs) + 1)], tf.float32)
+            bounds = tf.constant(self.boundary_steps, tf.float32, shape=[len(self.boundary_epochs)])
+            passed = tf.reduce_sum(tf.cast(step[..., None] >= bounds, tf.int32), axis=-1)
+            return tf.where(step < self.warmup_steps, warmup_lr, tf.gather(values, passed))
+
+    def get_config(self):
+        return {
+            "peak_lr": self.peak_lr, "steps_per_epoch": self.steps_per_epoch,
+            "boundary_epochs": list(self.boundary_epochs), "factor": self.factor,
+            "warmup_epochs": self.warmup_epochs, "warmup_start_lr": self.warmup_start_lr,
+            "name": self.name,
+        }
+
+
+# ---- cosine ------------------------------------------------------------------------------------------
+@tf.keras.utils.register_keras_serializable(package="knl_train")
+class WarmupCosineDecay(LearningRateSchedule):
+    """Linear warmup to ``peak_lr`` over ``warmup_steps``, then half a cosine to ``end_lr``.
+
+    ``lr(t) = end + (peak − end)·(1 + cos(π·p))/2`` with ``p = (t − W)/(total_steps − W)`` clipped
+    to [0, 1]: ``peak_lr`` at step W, the mean of peak and end half-way, ``end_lr`` from
+    ``total_steps`` on. (SimCLR's 10-epoch warmup + cosine, lars.md §2.3.)
+    """
+
+    def __init__(self, peak_lr: float, total_steps: int, warmup_steps: int = 0,
+                 warmup_start_lr: float = 0.0, end_lr: float = 0.0,
+                 name: str = "WarmupCosineDecay"):
+        cls = type(self).__name__
+        self.peak_lr = _number(cls, "peak_lr", peak_lr, strict=True)
+        self.total_steps = _integer(cls, "total_steps", total_steps, minimum=1)
+        self.warmup_steps = _integer(cls, "warmup_steps", warmup_steps)
+        if self.warmup_steps > self.total_steps:
+            raise ValueError(f"{cls}: warmup_steps must be in [0, total_steps={self.total_steps}], "
+                             f"got {self.warmup_steps}")
+        self.warmup_start_lr = _number(cls, "warmup_start_lr", warmup_start_lr)
+        self.end_lr = _number(cls, "end_lr", end_lr)
+        self.name = name
+
+    def __call__(self, step):
+        with tf.name_scope(self.name):
+            step = tf.cast(step, tf.float32)
+            warmup_lr = _linear_warmup(step, self.warmup_steps, self.warmup_start_lr, self.peak_lr)
+            decay_len = float(self.total_steps - self.warmup_steps)
+            if decay_len > 0:
+                p = tf.clip_by_value((step - self.warmup_steps) / decay_len, 0.0, 1.0)
+            else:  # no decay phase: end_lr from total_steps on
+                p = tf.ones_like(step)
+            cosine_lr = self.end_lr + (self.peak_lr - self.end_lr) * 0.5 * (1.0 + tf.cos(math.pi * p))
+            return tf.where(step < self.warmup_steps, warmup_lr, cosine_lr)
+
+    def get_config(self):
+        return {
+            "peak_lr": self.peak_lr, "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps, "warmup_start_lr": self.warmup_start_lr,
+            "end_lr": self.end_lr, "name": self.name,
+        }
+
+
+# ---- momentum correction -------------------------------------------------------------------------------
+@tf.keras.utils.register_keras_serializable(package="knl_train")
+class WarmupMomentumCorrection(LearningRateSchedule):
+    """Momentum schedule: ``m·lr(t)/lr(t−1)`` while the LR warms up, ``m`` otherwise.
+
+    Goyal et al. 2017 §2.2 and Intel Caffe (``SGDSolver::ComputeUpdateValue``, lars.md §1). With
+    the LR inside the momentum buffer, ``v_t = m_t·v_{t−1} + lr(t)·d_t`` (LARS ``you`` and
+    ``model_garden`` variants, Caffe SGD), this correction makes ``v_t = lr(t)·u_t`` with
+    ``u_t = m·u_{t−1} + d_t``: the trajectory of an LR-*outside* momentum SGD, so a ramping LR
+    rescales the history accumulated at smaller LRs. Do not use it with the ``tf_contrib``
+    variant, whose LR is already outside the buffer.
+
+    Exact convention (``t`` = ``optimizer.iterations``, 0 for the first update; the optimizer
+    evaluates the LR schedule and this schedule at the same ``t``):
+
+    * ``0 < t < warmup_steps`` and ``lr(t−1) > 0``: ``m · lr(t) / lr(t−1)``;
+    * ``t = 0`` (no history yet; Caffe clamps ``t−1`` to 0, ratio 1): ``m``;
+    * ``lr(t−1) = 0`` (e.g. a warmup from 0 at t = 1; the history is then ``lr(0)·d = 0``, so
+      any value gives the same update; Caffe would divide by zero): ``m``;
+    * ``t >= warmup_steps``: exactly ``m``. The first step after the warmup is not corrected,
+      even when the LR jumps there (Intel Caffe's 33 → 26.73 drop over the global step).
+
+    The ratio is not clipped: for a ramp from 0 it is ``t/(t−1)``, so ``m_2 = 2m > 1`` is
+    expected and correct for the LR-inside form.
+
+    ``warmup_steps=None`` takes ``lr_schedule.warmup_steps`` (all warmup schedules here have it).
+    Intel Caffe computes ``lr(t−1)`` with the warmup formula; inside the warmup this is the
+    same as evaluating ``lr_schedule`` at ``t−1``, which is what this class does, so it works
+    with any LR schedule.
+    """
+
+    def __init__(self, lr_schedule, momentum: float = 0.9, warmup_steps: Optional[int] = None,
+                 name: str = "WarmupMomentumCorrection"):
+        cls = type(self).__name__
+        if isinstance(lr_schedule, dict):
+            lr_schedule = tf.keras.optimizers.schedules.deserialize(lr_schedule)
+        if not isinstance(lr_schedule, LearningRateSchedule):
+            raise ValueError(f"{cls}: lr_schedule must be a tf.keras.optimizers.schedules."
+                             f"LearningRateSchedule (the optimizer's LR schedule), got {lr_schedule!r}")
+        self.lr_schedule = lr_schedule
+        self.momentum = _number(cls, "momentum", momentum, maximum=1.0, strict_max=True)
+        if warmup_steps is None:
+            warmup_steps = getattr(lr_schedule, "warmup_steps", None)
+            if warmup_steps is None:
+                raise ValueError(f"{cls}: warmup_steps is required: {type(lr_schedule).__name__} "
+                                 f"has no warmup_steps attribute")
+        self.warmup_steps = _integer(cls, "warmup_steps", warmup_steps)
+        self.name = name
+
+    def __call__(self, step):
+        with tf.name_scope(self.name):
+            step = tf.convert_to_tensor(step)
+            prev = tf.maximum(step - tf.ones_like(step), tf.zeros_like(step))
+            lr_t = tf.cast(self.lr_schedule(step), tf.float32)
+            lr_prev = tf.cast(self.lr_schedule(prev), tf.float32)
+            positive = lr_prev > 0.0
+            # Divide by 1 where lr(t−1) = 0 so that neither branch of the where holds inf/NaN.
+            ratio = tf.where(positive, lr_t / tf.where(positive, lr_prev, tf.ones_like(lr_prev)),
+                             tf.ones_like(lr_t))
+            step_f = tf.cast(step, tf.float32)
+            in_warmup = tf.logical_and(step_f >= 1.0, step_f < float(self.warmup_steps))
+            m = tf.constant(self.momentum, tf.float32)
+            return tf.where(in_warmup, m * ratio, m * tf.ones_like(ratio))
+
+    def get_config(self):
+        return {
+            "lr_schedule": tf.keras.optimizers.schedules.serialize(self.lr_schedule),
+            "momentum": self.momentum, "warmup_steps": self.warmup_steps, "name": self.name,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        if isinstance(config.get("lr_schedule"), dict):
+            config["lr_schedule"] = tf.keras.optimizers.schedules.deserialize(
+                config["lr_schedule"], custom_objects=custom_objects)
+        return cls(**config)
+
+
+# ---- builders from epoch-based config values ------------------------------------------------------------
+def build_lr_schedule(kind: str, *, steps_per_epoch: int, epochs: float, peak_lr: float,
+                      warmup_epochs: float = 0.0, warmup_start_lr: float = 0.0,
+                      end_lr: float = 0.0, power: float = 2.0, decay_over: str = "after_warmup",
+                      boundary_epochs: Sequence[float] = (30, 60, 80),
+                      decay_factor: float = 0.1) -> LearningRateSchedule:
+    """The LR schedule ``kind`` ("poly", "step", "cosine") for a run of ``epochs`` epochs.
+
+    ``total_steps = round(epochs · steps_per_epoch)`` and
+    ``warmup_steps = min(total_steps, round(warmup_epochs · steps_per_epoch))`` (the trainer's
+    convention). ``poly`` uses ``end_lr``, ``power``, ``decay_over``; ``cosine`` uses ``end_lr``;
+    ``step`` uses ``boundary_epochs`` and ``decay_factor`` and ignores the others.
+    """
+    if kind not in SCHEDULE_KINDS:
+        raise ValueError(f"unknown schedule kind {kind!r}; choose one of {', '.join(SCHEDULE_KINDS)}")
+    spe = _integer("build_lr_schedule", "steps_per_epoch", steps_per_epoch, minimum=1)
+    epochs = _number("build_lr_schedule", "epochs", epochs, strict=True)
+    warmup_epochs = _number("build_lr_schedule", "warmup_epochs", warmup_epochs)
+    total = max(1, int(round(epochs * spe)))
+    warmup = min(total, int(round(warmup_epochs * spe)))
+    if kind == "poly":
+        return WarmupPolyDecay(peak_lr=peak_lr, total_steps=total, warmup_steps=warmup,
+                               warmup_start_lr=warmup_start_lr, end_lr=end_lr, power=power,
+                               decay_over=decay_over)
+    if kind == "cosine":
+        return WarmupCosineDecay(peak_lr=peak_lr, total_steps=total, warmup_steps=warmup,
+                                 warmup_start_lr=warmup_start_lr, end_lr=end_lr)
+    return WarmupStepDecay(peak_lr=peak_lr, steps_per_epoch=spe, boundary_epochs=boundary_epochs,
+                           factor=decay_factor, warmup_epochs=warmup_epochs,
+                           warmup_start_lr=warmup_start_lr)
+
+
+def build_momentum(momentum: float, lr_schedule: LearningRateSchedule,
+                   correction: bool) -> Union[float, WarmupMomentumCorrection]:
+    """``momentum`` as is, or wrapped in ``WarmupMomentumCorrection`` over the schedule's warmup."""
+    if not correction:
+        return momentum
+    return WarmupMomentumCorrection(lr_schedule, momentum=momentum)
+
+
+__all__ = ["DECAY_MODES", "SCHEDULE_KINDS", "WarmupPolyDecay", "WarmupStepDecay",
+           "WarmupCosineDecay", "WarmupMomentumCorrection", "build_lr_schedule", "build_momentum"]
