@@ -203,3 +203,46 @@ def test_hash_is_stable_and_tracks_every_field():
                ("epochs=6", "optimizer.momentum=0.91", "schedule.end_lr=0.1", "data.threads=2",
                 "optimizer.exclude_from_weight_decay=[bn]")}
     assert len(changed) == 5 and a.hash() not in changed
+
+
+# ---- recipes, schedule kinds, scaling, momentum correction -----------------------------------
+def test_recipe_fills_in_what_yaml_and_set_leave_open(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("recipe: alexnet_bn_32k_intel_32nodes\nepochs: 3\n")
+    cfg = train_config.load(str(cfg_file), ["schedule.end_lr=0.5"])
+    assert cfg.recipe == "alexnet_bn_32k_intel_32nodes"
+    assert cfg.schedule.peak_lr == 33.0 and cfg.schedule.warmup_epochs == 10.0
+    assert cfg.schedule.decay_over == "global" and cfg.schedule.warmup_start_lr == 1.0
+    assert cfg.optimizer.weight_decay == 0.0005 and cfg.optimizer.momentum_correction is True
+    assert cfg.global_batch == 32768
+    assert cfg.epochs == 3                      # YAML beats the recipe's 100
+    assert cfg.schedule.end_lr == 0.5           # --set beats both
+
+
+def test_a_batch_setting_replaces_the_recipe_batch():
+    cfg = train_config.load(None, ["recipe=alexnet_bn_32k_intel_32nodes", "per_rank_batch=16"])
+    assert cfg.global_batch is None and cfg.per_rank_batch == 16
+
+
+def test_unknown_recipe_lists_the_names():
+    with pytest.raises(UserError, match="alexnet_bn_32k_intel_32nodes"):
+        train_config.load(None, ["recipe=alexnet_bn_1m"])
+
+
+def test_schedule_kinds_and_scaling_fields():
+    cfg = train_config.load(None, ["schedule.kind=step", "schedule.reference_batch=256",
+                                   "schedule.scaling=linear", "schedule.boundary_epochs=[30, 60]"])
+    assert cfg.schedule.kind == "step" and cfg.schedule.boundary_epochs == (30.0, 60.0)
+    with pytest.raises(UserError, match="schedule.kind"):
+        train_config.load(None, ["schedule.kind=exp"])
+    with pytest.raises(UserError, match="schedule.scaling"):
+        train_config.load(None, ["schedule.scaling=cubic"])
+    with pytest.raises(UserError, match="reference_batch"):
+        train_config.load(None, ["schedule.reference_batch=0"])
+
+
+@pytest.mark.parametrize("overrides", [["optimizer.momentum_correction=true", "optimizer.variant=tf_contrib"],
+                                       ["optimizer.momentum_correction=true", "optimizer.name=sgd"]])
+def test_momentum_correction_needs_lr_inside_momentum(overrides):
+    with pytest.raises(UserError, match="momentum_correction"):
+        train_config.load(None, overrides)

@@ -19,21 +19,24 @@ def register(name: str):
 
 
 @register("lars")
-def _lars(learning_rate, cfg):
-    return LARS(learning_rate=learning_rate, momentum=cfg.momentum,
+def _lars(learning_rate, momentum, cfg):
+    return LARS(learning_rate=learning_rate, momentum=momentum,
                 weight_decay=cfg.weight_decay, trust_coefficient=cfg.trust_coefficient,
-                epsilon=cfg.epsilon, nesterov=cfg.nesterov, variant=cfg.variant,
-                exclude_from_weight_decay=cfg.exclude_from_weight_decay,
+                epsilon=0.0 if cfg.epsilon is None else cfg.epsilon, nesterov=cfg.nesterov,
+                variant=cfg.variant, exclude_from_weight_decay=cfg.exclude_from_weight_decay,
                 exclude_from_layer_adaptation=cfg.exclude_from_layer_adaptation)
 
 
 @register("sgd")
-def _sgd(learning_rate, cfg):
+def _sgd(learning_rate, momentum, cfg):
     # Plain momentum SGD carries no weight decay of its own; use it as the baseline.
-    return tf.keras.optimizers.legacy.SGD(learning_rate=learning_rate, momentum=cfg.momentum,
+    return tf.keras.optimizers.legacy.SGD(learning_rate=learning_rate, momentum=momentum,
                                           nesterov=cfg.nesterov)
 
 
-def build_optimizer(cfg, learning_rate):
-    """Build the optimizer named by ``cfg.name`` (an OptimizerConfig)."""
-    return OPTIMIZERS[cfg.name](learning_rate, cfg)
+def build_optimizer(cfg, learning_rate, momentum=None):
+    """Build the optimizer named by ``cfg.name`` (an OptimizerConfig).
+
+    ``momentum`` overrides ``cfg.momentum``, e.g. with a momentum-correction schedule.
+    """
+    return OPTIMIZERS[cfg.name](learning_rate, cfg.momentum if momentum is None else momentum, cfg)

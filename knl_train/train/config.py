@@ -24,29 +24,54 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    name: Literal["lars", "sgd"] = "lars"
+    name: Literal["lars", "lamb", "sgd"] = "lars"
     momentum: float = 0.9
+    # Goyal / Intel Caffe: momentum x lr_t / lr_(t-1) while the LR warms up. Only for variants
+    # that keep the LR inside the momentum buffer (LARS you, model_garden).
+    momentum_correction: bool = False
     weight_decay: float = 5e-4
     trust_coefficient: float = 0.001
-    epsilon: float = 0.0
+    # None: the optimizer's own default (LARS 0.0, LAMB 1e-6).
+    epsilon: Optional[float] = None
     nesterov: bool = False
     variant: Literal["you", "tf_contrib", "model_garden"] = "you"
+    beta_1: float = 0.9
+    beta_2: float = 0.999
     exclude_from_weight_decay: Optional[Tuple[str, ...]] = None
     exclude_from_layer_adaptation: Optional[Tuple[str, ...]] = None
+
+    def __post_init__(self):
+        if self.momentum_correction and (self.name != "lars" or self.variant == "tf_contrib"):
+            raise ValueError(
+                "momentum_correction needs the LR inside the momentum buffer: use optimizer.name=lars "
+                f"with variant you or model_garden (got name={self.name}, variant={self.variant})")
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Linear warmup then polynomial decay (``knl_train.optim.WarmupPolyDecay``)."""
+    """Linear warmup, then polynomial (poly), Goyal step (step) or cosine decay.
 
+    With ``reference_batch`` set, ``peak_lr`` and ``warmup_epochs`` are the values at that batch
+    and are rescaled to the run's global batch by ``scaling`` (linear: Goyal et al.; sqrt) and
+    ``warmup_scaling`` (legw: warmup epochs grow with the batch, You et al.).
+    """
+
+    kind: Literal["poly", "step", "cosine"] = "poly"
     peak_lr: float = 2.0
     warmup_epochs: float = 1.0
     warmup_start_lr: float = 0.0
     end_lr: float = 0.0
     power: float = 2.0
     decay_over: Literal["after_warmup", "global"] = "after_warmup"
+    boundary_epochs: Tuple[float, ...] = (30.0, 60.0, 80.0)
+    decay_factor: float = 0.1
+    reference_batch: Optional[int] = None
+    scaling: Literal["none", "linear", "sqrt"] = "none"
+    warmup_scaling: Literal["constant", "legw"] = "constant"
 
     def __post_init__(self):
+        if self.reference_batch is not None and self.reference_batch <= 0:
+            raise ValueError(f"reference_batch must be > 0, got {self.reference_batch}")
         if self.peak_lr <= 0:
             raise ValueError(f"peak_lr must be > 0, got {self.peak_lr}")
         if self.warmup_epochs < 0:
@@ -56,6 +81,8 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = "small_cnn"
+    # A published recipe (knl_train.optim.recipes): its values sit under the YAML and --set.
+    recipe: Optional[str] = None
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -100,10 +127,33 @@ class TrainConfig:
 
 
 def load(path: Optional[str], overrides=()) -> TrainConfig:
-    """Read a YAML file (or nothing) and apply ``key=value`` overrides, then validate."""
+    """Read a YAML file (or nothing), apply ``key=value`` overrides, merge a recipe, validate.
+
+    Precedence: recipe < YAML < --set.
+    """
     data = configs.load_yaml(path) if path else {}
     data = configs.apply_overrides(data, overrides)
+    if data.get("recipe"):
+        data = _with_recipe(data)
     return configs.from_dict(TrainConfig, data)
+
+
+def _with_recipe(data: dict) -> dict:
+    from knl_train.optim import recipes
+    base = recipes.get(str(data["recipe"])).to_config_dict()
+    if "global_batch" in data or "per_rank_batch" in data:
+        base.pop("global_batch", None)
+    return _deep_merge(base, data)
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _positive(obj, *names):

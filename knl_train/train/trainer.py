@@ -42,7 +42,9 @@ def run(cfg: TrainConfig) -> dict:
     import tensorflow as tf
     from knl_train import models, stack
     from knl_train.data import folder
-    from knl_train.optim import WarmupPolyDecay, build_optimizer
+    from knl_train.optim import build_optimizer
+    from knl_train.optim.scaling import scale_schedule
+    from knl_train.optim.schedules import build_lr_schedule, build_momentum
     from knl_train.train.callbacks import CheckpointCallback, TrainingMonitor
     from knl_train.train.checkpoint import CheckpointManager
 
@@ -61,7 +63,6 @@ def run(cfg: TrainConfig) -> dict:
         raise UserError(f"the training set has {len(train_split)} images, fewer than the global batch "
                         f"of {global_batch}; lower global_batch or add data")
     total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = min(total_steps, round(cfg.schedule.warmup_epochs * steps_per_epoch))
 
     run_dir = Path(cfg.run_dir)
     if world.is_root:
@@ -73,10 +74,18 @@ def run(cfg: TrainConfig) -> dict:
 
     tf.keras.utils.set_random_seed(cfg.seed)
     s = cfg.schedule
-    schedule = WarmupPolyDecay(peak_lr=s.peak_lr, total_steps=total_steps, warmup_steps=warmup_steps,
-                               warmup_start_lr=s.warmup_start_lr, end_lr=s.end_lr, power=s.power,
-                               decay_over=s.decay_over)
-    optimizer = dist.distributed_optimizer(build_optimizer(cfg.optimizer, schedule))
+    peak_lr, warmup_epochs = s.peak_lr, s.warmup_epochs
+    if s.reference_batch:
+        peak_lr, warmup_epochs = scale_schedule(peak_lr, warmup_epochs, s.reference_batch, global_batch,
+                                                rule=s.scaling, warmup_rule=s.warmup_scaling)
+    warmup_steps = min(total_steps, round(warmup_epochs * steps_per_epoch))
+    schedule = build_lr_schedule(s.kind, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
+                                 peak_lr=peak_lr, warmup_epochs=warmup_epochs,
+                                 warmup_start_lr=s.warmup_start_lr, end_lr=s.end_lr, power=s.power,
+                                 decay_over=s.decay_over, boundary_epochs=s.boundary_epochs,
+                                 decay_factor=s.decay_factor)
+    momentum = build_momentum(cfg.optimizer.momentum, schedule, cfg.optimizer.momentum_correction)
+    optimizer = dist.distributed_optimizer(build_optimizer(cfg.optimizer, schedule, momentum))
     model = models.build(cfg.model, num_classes=len(classes), image_size=cfg.data.image_size)
     model.compile(optimizer=optimizer,
                   loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -90,7 +99,8 @@ def run(cfg: TrainConfig) -> dict:
         f"model {cfg.model} ({model.count_params():,} params), {len(classes)} classes, "
         f"{len(train_split)} train / {len(val_split)} val images, global batch {global_batch} "
         f"({per_rank}/rank), {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
-        f"{cfg.optimizer.name} ({cfg.optimizer.variant}) peak lr {s.peak_lr}, warmup {warmup_steps} steps")
+        f"{cfg.optimizer.name} ({cfg.optimizer.variant}), {s.kind} schedule, peak lr {peak_lr:g}, "
+        f"warmup {warmup_steps} steps" + (f", recipe {cfg.recipe}" if cfg.recipe else ""))
     sys.stdout.flush()
 
     train_ds = folder.train_dataset(train_split, rank=world.rank, world=world.size,
