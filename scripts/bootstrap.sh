@@ -11,6 +11,9 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV=${KNL_TRAIN_VENV:-$ROOT/.venv}
 CACHE=${KNL_TRAIN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/knl-train}
 STAMP=$VENV/.knl-env-stamp
+# Path of the fused LARS op once built (empty/absent: not built; LARS runs its pure-TF path).
+KERNEL_STAMP=$VENV/.knl-kernel-stamp
+KERNEL_SRC=$ROOT/knl_train/optim/kernels
 HOROVOD_VERSION=0.28.1
 # Extras installed into the development environment (see setup.cfg).
 EXTRAS=${KNL_TRAIN_EXTRAS:-test,plot}
@@ -23,14 +26,17 @@ have() { command -v "$1" >/dev/null 2>&1; }
 
 fingerprint() {
     # Anything that changes what gets installed invalidates the stamp.
-    { cat "$ROOT/setup.cfg" "$ROOT/scripts/bootstrap.sh"; echo "$EXTRAS";
+    { cat "$ROOT/setup.cfg" "$ROOT/scripts/bootstrap.sh" "$KERNEL_SRC/lars_fused.cc" \
+          "$KERNEL_SRC/build.py"; echo "$EXTRAS";
       command -v mpicc || true; command -v mpirun || true; } | sha256sum | cut -d' ' -f1
 }
 
 # ---- fast path: nothing to do ------------------------------------------------------------
 up_to_date() {
+    # A fused LARS op that was built and has since been deleted counts as work to do.
     [ -f "$STAMP" ] && [ -x "$VENV/bin/python" ] && have mpirun && have mpicc \
-        && [ "$(cat "$STAMP")" = "$(fingerprint)" ]
+        && [ "$(cat "$STAMP")" = "$(fingerprint)" ] \
+        && { [ ! -s "$KERNEL_STAMP" ] || [ -f "$(cat "$KERNEL_STAMP")" ]; }
 }
 if [ "${1:-}" = "--check" ]; then
     # Report only: exit 0 when up to date, 1 when 'make env' has work to do.
@@ -210,6 +216,14 @@ if missing:
     raise SystemExit(f"Horovod was built without {', '.join(missing)}")
 print("[make env] Horovod OK: TensorFlow, MPI and Gloo controllers built")
 PYEOF
+
+# ---- the fused LARS op (knl_train/optim/kernels), compiled against this TF -----------------
+# Optional: without it LARS runs its pure-TF path (same formulas, slower optimizer step).
+# build.py returns at once when the library for this TF exists and is current.
+rm -f "$KERNEL_STAMP"
+if ! "$VPY" -m knl_train.optim.kernels.build --stamp "$KERNEL_STAMP"; then
+    printf '[make env] warning: the fused LARS kernel did not build (see above); LARS will use its slower pure-TF path\n' >&2
+fi
 
 fingerprint > "$STAMP"
 say "done: $VENV"

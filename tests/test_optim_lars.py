@@ -1,5 +1,9 @@
 """LARS (knl_train/optim/lars.py) against an independent float64 numpy reference, plus its
-exclusion rules (knl_train/optim/exclusion.py), config round trip and Horovod wrapping."""
+exclusion rules (knl_train/optim/exclusion.py), config round trip and Horovod wrapping.
+
+The numerical tests run on both implementations (fixture ``lars_path``): the fused C++ op
+(knl_train/optim/kernels) and the pure-TF path. The loader and the op's own properties
+(bfloat16, determinism) are tested in test_optim_kernels.py."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from knl_train.optim import LARS, WarmupPolyDecay
+from knl_train.optim import LARS, WarmupPolyDecay, kernels
 from knl_train.optim.exclusion import RANK_LE_1, ExclusionRule
 from knl_train.optim.lars import VARIANTS, excluded_variables
 
@@ -109,7 +113,21 @@ def expected(init, grads, flags, variant, nesterov, dtype=np.float64, lrs=None, 
     return out
 
 
+@pytest.fixture(params=["fused", "tf"])
+def lars_path(request, monkeypatch):
+    """Run the test on the fused op, then on the pure-TF path. The fused run is forced
+    (KNL_TRAIN_LARS_KERNEL=fused, no silent fallback) and skipped, with the reason, when the
+    op is not built in this environment."""
+    monkeypatch.setenv(kernels.ENV_VAR, request.param)
+    if request.param == "fused":
+        info = kernels.status()
+        if not info["fused"]:
+            pytest.skip(f"fused LARS op unavailable: {info['reason']}; run 'make env'")
+    return request.param
+
+
 # ---- numerics against the reference -------------------------------------------------------------
+@pytest.mark.usefixtures("lars_path")
 @pytest.mark.parametrize("exclusions", list(EXCLUSIONS))
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -131,6 +149,7 @@ def test_matches_reference_float64(variant, nesterov, exclusions):
     assert int(opt.iterations.numpy()) == STEPS
 
 
+@pytest.mark.usefixtures("lars_path")
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_matches_reference_float32(variant, nesterov):
@@ -185,6 +204,7 @@ def test_the_cases_are_distinguishable():
     assert distinct > 100
 
 
+@pytest.mark.usefixtures("lars_path")
 def test_epsilon_enters_the_ratio():
     init, grads = make_data(seed=3)
     flags = EXCLUSIONS["none"][1]
@@ -198,6 +218,7 @@ def test_epsilon_enters_the_ratio():
             np.testing.assert_allclose(got[n], want[n][0], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.usefixtures("lars_path")
 def test_learning_rate_schedule_is_applied_per_step():
     sched = WarmupPolyDecay(peak_lr=1.2, total_steps=6, warmup_steps=2, warmup_start_lr=0.1,
                             end_lr=0.05, power=2.0)
@@ -215,6 +236,7 @@ def test_learning_rate_schedule_is_applied_per_step():
                                        err_msg=f"{variant}/{n}")
 
 
+@pytest.mark.usefixtures("lars_path")
 @pytest.mark.parametrize("jit", [False, True])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_inside_tf_function(variant, jit):
@@ -244,6 +266,7 @@ def test_inside_tf_function(variant, jit):
 
 
 # ---- degenerate norms ---------------------------------------------------------------------------
+@pytest.mark.usefixtures("lars_path")
 @pytest.mark.parametrize("nesterov", [False, True])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_zero_weights_give_plain_momentum(variant, nesterov):
@@ -267,6 +290,7 @@ def test_zero_weights_give_plain_momentum(variant, nesterov):
     np.testing.assert_allclose(var.numpy(), want2, rtol=1e-12)
 
 
+@pytest.mark.usefixtures("lars_path")
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_zero_denominator_gives_unit_ratio(variant):
     """g = 0, no weight decay, ε = 0: the denominator is 0, so t = 1 (no NaN/inf), and the
@@ -412,6 +436,7 @@ def hvd():
     return hvd
 
 
+@pytest.mark.usefixtures("lars_path")
 @pytest.mark.parametrize("exclusions", ["default", "regex", "additive"])
 def test_exclusions_survive_horovod_wrapping(hvd, exclusions):
     kwargs, flags = EXCLUSIONS[exclusions]
@@ -436,6 +461,7 @@ def test_exclusions_survive_horovod_wrapping(hvd, exclusions):
 
 
 # ---- sparse gradients -------------------------------------------------------------------------------
+@pytest.mark.usefixtures("lars_path")
 def test_sparse_gradient_raises_with_clear_message():
     table = tf.Variable(np.random.default_rng(9).normal(size=(10, 4)), name="embedding/embeddings")
     with tf.GradientTape() as tape:

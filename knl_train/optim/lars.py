@@ -21,17 +21,25 @@ during warmup). Each variable's trust ratio of the last step is kept in its scal
 ``trust_ratio`` (0 before the first step) and read with ``trust_ratios()``.
 
 Slot ``momentum``: the ``you`` and ``model_garden`` variants keep −v (TF's Keras-momentum
-convention, so the fused ResourceApplyKerasMomentum kernel does the update); ``tf_contrib``
+convention, so TF's ResourceApplyKerasMomentum kernel does the update); ``tf_contrib``
 keeps +v as TF's ApplyMomentum did.
+
+Two implementations of the same formulas: the fused C++ op built by ``make env``
+(``knl_train/optim/kernels``: two passes over each variable, deterministic norms) and the
+pure-TF code below. ``KNL_TRAIN_LARS_KERNEL=auto|fused|tf`` chooses; ``auto`` takes the op
+when it is built, except for float16 variables and inside XLA-compiled functions.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Optional, Sequence
 
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 from tensorflow.python.training import gen_training_ops
 
+from knl_train.optim import kernels
 from knl_train.optim.exclusion import RANK_LE_1, ExclusionRule
 
 VARIANTS = ("you", "tf_contrib", "model_garden")
@@ -108,21 +116,44 @@ class LARS(tf.keras.optimizers.legacy.Optimizer):
 
     def _prepare_local(self, var_device, var_dtype, apply_state):
         super()._prepare_local(var_device, var_dtype, apply_state)
+        coef = apply_state[(var_device, var_dtype)]
+        coef["momentum"] = self._momentum(var_dtype)
+        op = self._fused_op(var_dtype)
+        if op is not None:
+            coef["fused"] = (op, self._fused_scalars(var_dtype, coef))
+
+    def _momentum(self, dtype):
         if self._momentum_schedule is not None:
-            m = tf.cast(self._momentum_schedule(self.iterations), var_dtype)
-        else:
-            m = tf.identity(self._get_hyper("momentum", var_dtype))
-        apply_state[(var_device, var_dtype)]["momentum"] = m
+            return tf.cast(self._momentum_schedule(self.iterations), dtype)
+        return tf.identity(self._get_hyper("momentum", dtype))
+
+    @staticmethod
+    def _fused_op(var_dtype):
+        """The fused op's module, or None for the pure-TF path (not built or not wanted,
+        unsupported dtype, or tracing for XLA, which cannot compile a custom op)."""
+        if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+            return None
+        return kernels.lars_op(var_dtype)
+
+    def _fused_scalars(self, var_dtype, coef):
+        """The op's float64 scalar inputs, built once per step and dtype. A bfloat16 variable's
+        update is computed in float32, so its learning rate and momentum are not rounded to
+        bfloat16 first."""
+        lr, m = coef["lr_t"], coef["momentum"]
+        if var_dtype == tf.bfloat16:
+            lr, m = self._decayed_lr(tf.float32), self._momentum(tf.float32)
+        f64 = lambda x: tf.constant(x, tf.float64)  # noqa: E731
+        return {"lr": tf.cast(lr, tf.float64), "momentum": tf.cast(m, tf.float64),
+                "weight_decay": f64(self.weight_decay), "no_weight_decay": f64(0.0),
+                "trust_coefficient": f64(self.trust_coefficient), "epsilon": f64(self.epsilon)}
 
     def trust_ratios(self, include_excluded: bool = False) -> dict:
         """{variable name: trust ratio of the last step}; only adapted variables by default."""
         return {v.name: float(self.get_slot(v, "trust_ratio").numpy()) for v in self._lars_vars
                 if include_excluded or self.uses_adaptation(v)}
 
-    def _trust_ratio(self, w_norm, d_norm, var):
-        """η‖w‖ / d, or 1 where either norm is zero or the variable is not adapted."""
-        if not self.uses_adaptation(var):
-            return tf.constant(1.0, dtype=w_norm.dtype)
+    def _trust_ratio(self, w_norm, d_norm):
+        """η‖w‖ / (d + ε), or 1 where ‖w‖ or d is zero."""
         ratio = self.trust_coefficient * w_norm / (d_norm + self.epsilon)
         # Nested where: no division result is used where a norm is 0 (XLA-safe, no NaN).
         return tf.where(w_norm > 0, tf.where(d_norm > 0, ratio, tf.ones_like(ratio)),
@@ -132,24 +163,31 @@ class LARS(tf.keras.optimizers.legacy.Optimizer):
         var_device, var_dtype = var.device, var.dtype.base_dtype
         coef = (apply_state or {}).get((var_device, var_dtype)) or self._fallback_apply_state(
             var_device, var_dtype)
-        lr, m = coef["lr_t"], coef["momentum"]
         v = self.get_slot(var, "momentum")
-        wd = self.weight_decay if self.uses_weight_decay(var) else 0.0
+        if "fused" in coef:  # the formulas below in one C++ kernel (knl_train/optim/kernels)
+            return self._record(var, self._apply_fused(grad, var, v, *coef["fused"]))
 
+        lr, m = coef["lr_t"], coef["momentum"]
+        wd = self.weight_decay if self.uses_weight_decay(var) else 0.0
+        adapt = self.uses_adaptation(var)
         # Norms in float32 at least, whatever the variable's dtype.
         norm_dtype = tf.float64 if var_dtype == tf.float64 else tf.float32
-        w_norm = tf.norm(tf.cast(var, norm_dtype))
+        norm = functools.partial(_l2_norm, dtype=norm_dtype)
+        one = tf.constant(1.0, norm_dtype)
 
         if self.variant == "model_garden":
             g = grad + tf.constant(wd, dtype=var_dtype) * var if wd else grad
-            t = self._trust_ratio(w_norm, tf.norm(tf.cast(g, norm_dtype)), var)
+            t = self._trust_ratio(norm(var), norm(g)) if adapt else one
             update = gen_training_ops.ResourceApplyKerasMomentum(
                 var=var.handle, accum=v.handle, lr=lr * tf.cast(t, var_dtype), grad=g,
                 momentum=m, use_locking=self._use_locking, use_nesterov=self.nesterov)
             return self._record(var, t, update)
 
-        g_norm = tf.norm(tf.cast(grad, norm_dtype))
-        t = self._trust_ratio(w_norm, g_norm + wd * w_norm, var)
+        if adapt:
+            w_norm = norm(var)
+            t = self._trust_ratio(w_norm, norm(grad) + wd * w_norm)
+        else:
+            t = one
         scaled_lr = lr * tf.cast(t, var_dtype)
         if self.variant == "tf_contrib":
             update = gen_training_ops.ResourceApplyMomentum(
@@ -162,9 +200,21 @@ class LARS(tf.keras.optimizers.legacy.Optimizer):
             use_locking=self._use_locking, use_nesterov=self.nesterov)
         return self._record(var, t, update)
 
-    def _record(self, var, t, update):
+    def _apply_fused(self, grad, var, v, op, scalars):
+        """One KnlLarsApply: updates var and its momentum slot, returns t."""
+        wd = "weight_decay" if self.uses_weight_decay(var) else "no_weight_decay"
+        return op.knl_lars_apply(
+            var=var.handle, accum=v.handle, lr=scalars["lr"], momentum=scalars["momentum"],
+            grad=grad, weight_decay=scalars[wd], trust_coefficient=scalars["trust_coefficient"],
+            epsilon=scalars["epsilon"], lars_variant=self.variant, nesterov=self.nesterov,
+            adapt=self.uses_adaptation(var))
+
+    def _record(self, var, t, update=None):
+        """Keep t in the trust_ratio slot, after (or, with the fused op, from) ``update``."""
         slot = self.get_slot(var, "trust_ratio")
-        return tf.group(update, slot.assign(tf.cast(t, slot.dtype), read_value=False))
+        record = slot.assign(tf.cast(t, slot.dtype), read_value=False)
+        # The fused op's t is its output, so the assignment already depends on the update.
+        return record if update is None else tf.group(update, record)
 
     def _resource_apply_sparse(self, grad, var, indices, apply_state=None):
         raise NotImplementedError(
@@ -198,6 +248,12 @@ class LARS(tf.keras.optimizers.legacy.Optimizer):
             config["momentum"] = tf.keras.optimizers.schedules.deserialize(
                 config["momentum"], custom_objects=custom_objects)
         return super().from_config(config, custom_objects=custom_objects)
+
+
+def _l2_norm(x, dtype):
+    """‖x‖ in ``dtype``. L2Loss (Σx²/2) is one fused pass over x, where tf.norm writes a
+    squared temporary and reads it back: a third of the memory traffic."""
+    return tf.sqrt(2 * tf.nn.l2_loss(tf.cast(x, dtype)))
 
 
 def excluded_variables(optimizer: LARS, variables: Iterable[tf.Variable]) -> dict:
