@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from optim_cases import BIAS_SHAPE, KERNEL_SHAPE, STEPS, make_data, make_vars, run_optimizer, run_traced
 from knl_train.optim import LARS, WarmupPolyDecay, kernels
 from knl_train.optim.exclusion import RANK_LE_1, ExclusionRule
 from knl_train.optim.lars import VARIANTS, excluded_variables
@@ -24,8 +25,6 @@ from knl_train.optim.lars import VARIANTS, excluded_variables
 # exactly representable in float32 here.
 HP = dict(learning_rate=0.75, momentum=0.875, weight_decay=0.05, trust_coefficient=0.02,
           epsilon=0.3)
-STEPS = 4
-KERNEL_SHAPE, BIAS_SHAPE = (5, 3), (3,)
 
 # name -> (LARS kwargs, {var: (uses_weight_decay, uses_adaptation)}) written out by hand, not
 # derived from ExclusionRule, so the reference is independent of exclusion.py.
@@ -77,27 +76,6 @@ def reference(w0, grads, *, lrs, momentum, weight_decay, trust_coefficient, epsi
 
 
 # ---- fixtures -----------------------------------------------------------------------------------
-def make_data(seed=0, steps=STEPS):
-    rng = np.random.default_rng(seed)
-    init = {"kernel": rng.normal(size=KERNEL_SHAPE) * 0.8,
-            "bias": rng.normal(size=BIAS_SHAPE) * 0.3 + 0.1}
-    grads = [{"kernel": rng.normal(size=KERNEL_SHAPE) * (0.5 + k),
-              "bias": rng.normal(size=BIAS_SHAPE) * (1.5 - 0.3 * k)} for k in range(steps)]
-    return init, grads
-
-
-def make_vars(init, dtype):
-    return {"kernel": tf.Variable(tf.constant(init["kernel"], dtype), name="dense/kernel"),
-            "bias": tf.Variable(tf.constant(init["bias"], dtype), name="dense/bias")}
-
-
-def run_optimizer(opt, variables, grads, dtype):
-    """Apply the fixed gradient sequence eagerly; returns the final weights."""
-    names = list(variables)
-    for g in grads:
-        opt.apply_gradients(zip([tf.constant(g[n], dtype) for n in names],
-                                [variables[n] for n in names]))
-    return {n: variables[n].numpy() for n in names}
 
 
 def expected(init, grads, flags, variant, nesterov, dtype=np.float64, lrs=None, **hp):
@@ -245,19 +223,8 @@ def test_inside_tf_function(variant, jit):
     variables = make_vars(init, tf.float64)
     opt = LARS(**HP, variant=variant, nesterov=True, **kwargs)
     names = list(variables)
-    traced = []
-
-    @tf.function(jit_compile=jit)
-    def step(gs):
-        traced.append(1)  # runs only while tracing
-        opt.apply_gradients(zip(gs, [variables[n] for n in names]))
-
-    signature = None
-    for k, g in enumerate(grads):
-        step([tf.constant(g[n], tf.float64) for n in names])
-        if k == 0:
-            signature = len(traced)  # the first call traces (twice: it creates the slots)
-    assert len(traced) == signature  # later steps reuse the graph
+    first, last = run_traced(opt, variables, grads, tf.float64, jit)
+    assert last == first  # later steps reuse the graph
     want = expected(init, grads, flags, variant, True)
     for n in names:
         np.testing.assert_allclose(variables[n].numpy(), want[n][0], rtol=1e-12, atol=1e-14,

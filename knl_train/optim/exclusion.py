@@ -49,3 +49,28 @@ class ExclusionRule:
             elif re.search(p, name):
                 return True
         return False
+
+
+class ExclusionMixin:
+    """Weight-decay and layer-adaptation exclusions for layer-wise optimizers (LARS, LAMB).
+
+    The optimizer sets ``self.weight_decay`` and calls ``_set_exclusions`` in its constructor.
+    """
+
+    def _set_exclusions(self, weight_decay_patterns, adaptation_patterns):
+        self._wd_rule = ExclusionRule.from_config(weight_decay_patterns)
+        self._adapt_rule = ExclusionRule.from_config(adaptation_patterns)
+
+    @property
+    def exclude_from_weight_decay(self):
+        return self._wd_rule.patterns
+
+    @property
+    def exclude_from_layer_adaptation(self):
+        return self._adapt_rule.patterns
+
+    def uses_weight_decay(self, var) -> bool:
+        return self.weight_decay > 0 and not self._wd_rule.matches(var)
+
+    def uses_adaptation(self, var) -> bool:
+        return not self._adapt_rule.matches(var)

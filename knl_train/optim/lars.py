@@ -40,13 +40,14 @@ from tensorflow.python.ops import control_flow_util
 from tensorflow.python.training import gen_training_ops
 
 from knl_train.optim import kernels
-from knl_train.optim.exclusion import RANK_LE_1, ExclusionRule
+from knl_train.optim.exclusion import RANK_LE_1, ExclusionMixin
+from knl_train.optim.schedules import deserialize_schedules
 
 VARIANTS = ("you", "tf_contrib", "model_garden")
 
 
 @tf.keras.utils.register_keras_serializable(package="knl_train")
-class LARS(tf.keras.optimizers.legacy.Optimizer):
+class LARS(ExclusionMixin, tf.keras.optimizers.legacy.Optimizer):
     """LARS with momentum, weight decay, per-variable exclusions and three published variants."""
 
     _HAS_AGGREGATE_GRAD = True
@@ -81,23 +82,7 @@ class LARS(tf.keras.optimizers.legacy.Optimizer):
         self.epsilon = float(epsilon)
         self.nesterov = bool(nesterov)
         self.variant = variant
-        self._wd_rule = ExclusionRule.from_config(exclude_from_weight_decay)
-        self._adapt_rule = ExclusionRule.from_config(exclude_from_layer_adaptation)
-
-    # ---- exclusions -------------------------------------------------------------------------
-    @property
-    def exclude_from_weight_decay(self):
-        return self._wd_rule.patterns
-
-    @property
-    def exclude_from_layer_adaptation(self):
-        return self._adapt_rule.patterns
-
-    def uses_weight_decay(self, var) -> bool:
-        return self.weight_decay > 0 and not self._wd_rule.matches(var)
-
-    def uses_adaptation(self, var) -> bool:
-        return not self._adapt_rule.matches(var)
+        self._set_exclusions(exclude_from_weight_decay, exclude_from_layer_adaptation)
 
     # ---- Keras optimizer plumbing -------------------------------------------------------------
     def _create_slots(self, var_list):
@@ -243,10 +228,8 @@ class LARS(tf.keras.optimizers.legacy.Optimizer):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        if isinstance(config.get("momentum"), dict):
-            config["momentum"] = tf.keras.optimizers.schedules.deserialize(
-                config["momentum"], custom_objects=custom_objects)
+        # The base class rebuilds a learning-rate schedule; a momentum schedule is ours to do.
+        config = deserialize_schedules(config, ("momentum",), custom_objects)
         return super().from_config(config, custom_objects=custom_objects)
 
 

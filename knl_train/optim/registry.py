@@ -6,6 +6,7 @@ from typing import Callable, Dict
 
 import tensorflow as tf
 
+from knl_train.optim.lamb import LAMB
 from knl_train.optim.lars import LARS
 
 OPTIMIZERS: Dict[str, Callable[..., tf.keras.optimizers.legacy.Optimizer]] = {}
@@ -25,6 +26,15 @@ def _lars(learning_rate, momentum, cfg):
                 epsilon=0.0 if cfg.epsilon is None else cfg.epsilon, nesterov=cfg.nesterov,
                 variant=cfg.variant, exclude_from_weight_decay=cfg.exclude_from_weight_decay,
                 exclude_from_layer_adaptation=cfg.exclude_from_layer_adaptation)
+
+
+@register("lamb")
+def _lamb(learning_rate, momentum, cfg):
+    # LAMB has no momentum of its own: beta_1 plays that part.
+    eps = {} if cfg.epsilon is None else {"epsilon": cfg.epsilon}
+    return LAMB(learning_rate=learning_rate, beta_1=cfg.beta_1, beta_2=cfg.beta_2,
+                weight_decay=cfg.weight_decay, exclude_from_weight_decay=cfg.exclude_from_weight_decay,
+                exclude_from_layer_adaptation=cfg.exclude_from_layer_adaptation, **eps)
 
 
 @register("sgd")

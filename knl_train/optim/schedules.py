@@ -304,11 +304,17 @@ class WarmupMomentumCorrection(LearningRateSchedule):
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        config = dict(config)
-        if isinstance(config.get("lr_schedule"), dict):
-            config["lr_schedule"] = tf.keras.optimizers.schedules.deserialize(
-                config["lr_schedule"], custom_objects=custom_objects)
-        return cls(**config)
+        return cls(**deserialize_schedules(config, ("lr_schedule",), custom_objects))
+
+
+def deserialize_schedules(config: dict, keys, custom_objects=None) -> dict:
+    """A copy of ``config`` with the serialized schedules under ``keys`` rebuilt."""
+    config = dict(config)
+    for key in keys:
+        if isinstance(config.get(key), dict):
+            config[key] = tf.keras.optimizers.schedules.deserialize(config[key],
+                                                                    custom_objects=custom_objects)
+    return config
 
 
 # ---- builders from epoch-based config values ------------------------------------------------------------
@@ -351,5 +357,5 @@ def build_momentum(momentum: float, lr_schedule: LearningRateSchedule,
     return WarmupMomentumCorrection(lr_schedule, momentum=momentum)
 
 
-__all__ = ["DECAY_MODES", "SCHEDULE_KINDS", "WarmupPolyDecay", "WarmupStepDecay",
+__all__ = ["DECAY_MODES", "SCHEDULE_KINDS", "deserialize_schedules", "WarmupPolyDecay", "WarmupStepDecay",
            "WarmupCosineDecay", "WarmupMomentumCorrection", "build_lr_schedule", "build_momentum"]

@@ -99,7 +99,7 @@ def run(cfg: TrainConfig) -> dict:
         f"model {cfg.model} ({model.count_params():,} params), {len(classes)} classes, "
         f"{len(train_split)} train / {len(val_split)} val images, global batch {global_batch} "
         f"({per_rank}/rank), {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
-        f"{cfg.optimizer.name} ({cfg.optimizer.variant}), {s.kind} schedule, peak lr {peak_lr:g}, "
+        f"{cfg.optimizer.name}{f' ({cfg.optimizer.variant})' if cfg.optimizer.name == 'lars' else ''}, {s.kind} schedule, peak lr {peak_lr:g}, "
         f"warmup {warmup_steps} steps" + (f", recipe {cfg.recipe}" if cfg.recipe else ""))
     sys.stdout.flush()
 
