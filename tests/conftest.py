@@ -18,10 +18,20 @@ KNL_TRAIN = str(BIN / "knl-train")
 HELPERS = ROOT / "tests" / "helpers"
 
 
+def clean_env():
+    """The environment for child processes, as Python sees it.
+
+    Tests that call hvd.init() in-process make Open MPI set OMPI_*/PMIX_* variables with C
+    setenv; os.environ never shows them, but a child started with env=None inherits them, and
+    an mpirun among them then exits 1 without a word. Passing os.environ explicitly avoids it.
+    """
+    return dict(os.environ)
+
+
 def run_cli(*args, timeout=300, env=None, check=False):
     """Run the installed ``knl-train`` console script; returns the CompletedProcess."""
     proc = subprocess.run([KNL_TRAIN, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+                          timeout=timeout, env=clean_env() if env is None else env, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f"knl-train {' '.join(map(str, args))} failed ({proc.returncode}):\n"
                              f"{proc.stdout}\n{proc.stderr}")

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import HELPERS
+from conftest import HELPERS, clean_env
 
 CONFIGS = ("you", "tf_contrib", "model_garden", "you_bpps2", "you_fp16")
 
@@ -18,7 +18,7 @@ def runs(launch, tmp_path_factory):
     """One 2-rank launch and one single-process reference run of every configuration."""
     single, dist = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("dist")
     ref = subprocess.run([sys.executable, str(HELPERS / "hvd_equivalence.py"), str(single)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, env=clean_env())
     assert ref.returncode == 0, ref.stdout + ref.stderr
     proc = launch(sys.executable, HELPERS / "hvd_equivalence.py", dist)
     assert proc.returncode == 0, proc.stdout + proc.stderr
