@@ -75,6 +75,16 @@ def cmd_data_make_demo(args) -> int:
     return 0
 
 
+def cmd_data_to_tfrecord(args) -> int:
+    from knl_train.data.tfrecord import to_tfrecord
+    meta = to_tfrecord(args.src, args.out, shards=args.shards, workers=args.workers,
+                       label_offset=args.label_offset, val_shards=args.val_shards,
+                       progress=not args.quiet)
+    for prefix, info in meta["splits"].items():
+        print(f"wrote {info['examples']} {prefix} examples in {info['shards']} shards to {args.out}")
+    return 0
+
+
 def cmd_launch(args) -> int:
     from knl_train.tuning import launch
     plan = launch.LaunchPlan(np=args.np, command=tuple(args.command), controller=args.controller,
@@ -118,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--quiet", action="store_true", help="no progress bar")
     m.set_defaults(fn=cmd_data_make_demo)
+    r = dsub.add_parser("to-tfrecord", help="convert a folder dataset to TFRecord shards (ImageNet schema)")
+    r.add_argument("--src", required=True, help="folder dataset (train/<wnid>/*.JPEG, val/<wnid>/*)")
+    r.add_argument("--out", required=True, help="output directory for the shards")
+    r.add_argument("--shards", type=int, required=True, help="number of train shards")
+    r.add_argument("--val-shards", type=int, default=None, help="number of val shards (default: --shards)")
+    r.add_argument("--workers", type=int, default=1, help="parallel writer processes")
+    r.add_argument("--label-offset", type=int, default=1,
+                   help="added to the 0-based class index (1: TF's build_imagenet_data convention)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(fn=cmd_data_to_tfrecord)
 
     la = sub.add_parser("launch", help="run a command on N ranks with mpirun (or horovodrun --gloo)",
                         usage="knl-train launch -np N [options] -- COMMAND ...")

@@ -3,6 +3,7 @@
 Class indices come from the sorted wnids of ``train/``, so every rank and every run agrees.
 Sharding: each epoch, all ranks shuffle the full file list with the same seed, then rank r
 takes every world-th example; the shards are disjoint and together cover the epoch.
+Corrupt, truncated or empty image files are skipped and counted (``pipeline.SkipCounter``).
 """
 
 from __future__ import annotations
@@ -10,15 +11,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import tensorflow as tf
 
+from knl_train.data import augment as aug
+from knl_train.data.augment import MEAN_RGB, STDDEV_RGB  # noqa: F401  (public, used by tests)
+from knl_train.data.pipeline import SkipCounter, check_global_batch, images, with_threads
 from knl_train.errors import UserError
 
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png"}
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 @dataclass(frozen=True)
@@ -62,49 +64,42 @@ def scan(root, split: str, classes: List[str]) -> FolderSplit:
     return FolderSplit(tuple(files), tuple(labels), tuple(classes))
 
 
-def _decode(path, image_size):
-    img = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    img = tf.image.resize(img, [image_size, image_size])
-    return img
-
-
-def _normalize(img):
-    return (img - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
-
-
 def train_dataset(split: FolderSplit, *, rank: int, world: int, per_rank_batch: int,
-                  image_size: int, seed: int, threads: int = 1) -> tf.data.Dataset:
-    """One epoch of this rank's shard per iteration; reshuffled each epoch, identically on all ranks."""
-    global_batch = per_rank_batch * world
-    steps = len(split) // global_batch
-    if steps == 0:
-        raise UserError(f"the training set has {len(split)} images, fewer than one global batch "
-                        f"of {global_batch}; lower global_batch or add data")
-    ds = tf.data.Dataset.from_tensor_slices((list(split.files), list(split.labels)))
-    ds = ds.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.shard(world, rank)
+                  image_size: int, seed: int, threads: int = 1, augment=None,
+                  skips: Optional[SkipCounter] = None) -> tf.data.Dataset:
+    """One epoch of this rank's shard per iteration; reshuffled each epoch, identically on all ranks.
 
-    def load(path, label):
-        img = _decode(path, image_size)
-        img = tf.image.random_flip_left_right(img)
-        return _normalize(img), label
-
-    ds = ds.map(load, num_parallel_calls=threads, deterministic=True)
+    Every rank yields exactly ``len(split) // global_batch`` batches. Bad images are skipped
+    and counted in ``skips``; the stream then runs on into the next (reshuffled) pass of the
+    shard, so a rank never runs short of batches (which would stall the allreduce).
+    ``augment``: an ``augment.Augment``, a mode name ("flip", "inception", "none") or None
+    (flip).
+    """
+    augment = aug.resolve(augment)
+    steps = check_global_batch(len(split), per_rank_batch * world)
+    files = tf.data.Dataset.from_tensor_slices((list(split.files), list(split.labels)))
+    ds = files.shuffle(len(split), seed=seed, reshuffle_each_iteration=True).shard(world, rank)
+    # Read-ahead past the epoch must not touch ``ds``'s shuffle state (shared by its iterators,
+    # so advancing it a varying number of times would desynchronise the ranks): the fallback
+    # stream for skipped images is a separate, fixed order.
+    fallback = files.shuffle(len(split), seed=seed + 1, reshuffle_each_iteration=False)
+    ds = ds.concatenate(fallback.shard(world, rank).repeat())
+    ds = images(ds, _load, lambda data, s: aug.train_image(data, s, image_size, augment),
+                image_size=image_size, seed=seed, rank=rank, threads=threads, skips=skips)
     ds = ds.batch(per_rank_batch, drop_remainder=True).take(steps)
-    return _with_threads(ds.prefetch(2), threads)
+    return with_threads(ds.prefetch(2), threads)
 
 
 def eval_dataset(split: FolderSplit, *, rank: int, world: int, batch: int, image_size: int,
-                 threads: int = 1) -> tf.data.Dataset:
-    """This rank's share of the evaluation set; every example is evaluated exactly once."""
+                 threads: int = 1, augment=None, skips: Optional[SkipCounter] = None) -> tf.data.Dataset:
+    """This rank's share of the evaluation set; every (readable) example is evaluated exactly once."""
+    augment = aug.resolve(augment)
     ds = tf.data.Dataset.from_tensor_slices((list(split.files), list(split.labels))).shard(world, rank)
-    ds = ds.map(lambda p, y: (_normalize(_decode(p, image_size)), y), num_parallel_calls=threads)
-    return _with_threads(ds.batch(batch).prefetch(2), threads)
+    ds = images(ds, _load, lambda data, s: aug.eval_image(data, image_size, augment),
+                image_size=image_size, seed=0, rank=rank, threads=threads, skips=skips)
+    return with_threads(ds.batch(batch).prefetch(2), threads)
 
 
-def _with_threads(ds, threads):
-    # A private pool keeps decoding off the cores the compute threads are bound to.
-    opts = tf.data.Options()
-    opts.threading.private_threadpool_size = threads
-    opts.threading.max_intra_op_parallelism = 1
-    return ds.with_options(opts)
+def _load(elem):
+    path, label = elem
+    return tf.io.read_file(path), tf.cast(label, tf.int32), tf.constant("")

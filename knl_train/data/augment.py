@@ -1,0 +1,163 @@
+"""Image decoding and augmentation shared by the folder and TFRecord readers.
+
+Two policies (``Augment.mode``), each a pair of train and eval transforms that see objects at the
+same scale:
+
+* ``"flip"`` (the default; what the 32 px demo trains with): train = resize the whole image to
+  ``size`` x ``size`` + random left-right flip; eval = resize the whole image.
+* ``"inception"``: train = Inception-style random-resized-crop (a crop covering a random
+  fraction ``crop_scale`` of the area with aspect ratio in ``crop_ratio``, resized to ``size``)
+  + flip; eval = resize the shorter side to ``size / crop_fraction`` (0.875: 256 for 224),
+  then a centred ``size`` x ``size`` crop.
+
+``crop_scale`` defaults to the Inception (0.08, 1.0) for images of 128 px and up, and to
+(0.35, 1.0) below: an 8 % crop of a 32 px image is 9 px and no longer shows the object.
+``"none"`` is the eval transform of ``"flip"`` used for training too (no randomness).
+
+All randomness is stateless, keyed by a per-example seed pair the pipelines derive from
+(seed, rank, position in the stream), so a pipeline is deterministic for a seed whatever its
+parallelism. Images leave as float32, normalised with the ImageNet mean and std.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import tensorflow as tf
+
+from knl_train.errors import UserError
+
+MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+MODES = ("flip", "inception", "none")
+SMALL_IMAGE = 128
+
+
+@dataclass(frozen=True)
+class Augment:
+    mode: str = "flip"
+    crop_scale: Optional[Tuple[float, float]] = None  # None: by image size (see module doc)
+    crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)
+    crop_fraction: float = 0.875
+    flip: bool = True
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise UserError(f"augmentation mode {self.mode!r} is not one of {', '.join(MODES)}")
+        if self.crop_scale is not None:
+            lo, hi = self.crop_scale
+            if not 0 < lo <= hi <= 1:
+                raise UserError(f"crop_scale must satisfy 0 < min <= max <= 1, got {tuple(self.crop_scale)}")
+        lo, hi = self.crop_ratio
+        if not 0 < lo <= hi:
+            raise UserError(f"crop_ratio must satisfy 0 < min <= max, got {tuple(self.crop_ratio)}")
+        if not 0 < self.crop_fraction <= 1:
+            raise UserError(f"crop_fraction must be in (0, 1], got {self.crop_fraction}")
+
+    def scale_for(self, image_size: int) -> Tuple[float, float]:
+        if self.crop_scale is not None:
+            return tuple(self.crop_scale)
+        return (0.08, 1.0) if image_size >= SMALL_IMAGE else (0.35, 1.0)
+
+
+def resolve(augment) -> Augment:
+    """``None`` -> the default; a mode name -> ``Augment(mode)``; an ``Augment`` as is."""
+    if augment is None:
+        return Augment()
+    if isinstance(augment, str):
+        return Augment(mode=augment)
+    return augment
+
+
+def normalize(img):
+    return (tf.cast(img, tf.float32) - tf.constant(MEAN_RGB)) / tf.constant(STDDEV_RGB)
+
+
+# ---- validity ---------------------------------------------------------------------------------------
+def looks_valid(data):
+    """Cheap byte-level check: non-empty, a JPEG (SOI ... EOI near the end) or PNG (signature ...
+    IEND chunk near the end). Catches zero-byte, truncated and non-image files before decoding."""
+    n = tf.strings.length(data)
+    tail = tf.strings.bytes_split(tf.strings.substr(data, tf.maximum(n - 32, 0), 32))
+    pairs = tf.strings.join([tail[:-1], tail[1:]])
+    has_eoi = tf.reduce_any(tf.equal(pairs, b"\xff\xd9"))
+    is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+    is_png = tf.equal(tf.strings.substr(data, 0, 8), b"\x89PNG\r\n\x1a\n")
+    padded = tf.strings.join([tf.constant(b"\0" * 12), data])  # substr needs pos <= length
+    tail12 = tf.strings.substr(padded, n, 12)
+    has_iend = tf.equal(tf.strings.substr(tail12, 4, 4), b"IEND")
+    return (n > 0) & ((is_jpeg & has_eoi) | (is_png & has_iend))
+
+
+def _is_jpeg(data):
+    return tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+
+
+def decode(data):
+    """uint8 [h, w, 3] from JPEG or PNG bytes."""
+    img = tf.io.decode_image(data, channels=3, expand_animations=False)
+    img.set_shape([None, None, 3])
+    return img
+
+
+# ---- transforms -------------------------------------------------------------------------------------
+def _crop_window(shape, scale, ratio, seed):
+    """(offset_y, offset_x, h, w) of an Inception random-resized-crop of an image of ``shape``."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape, bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
+        min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale, max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    return begin[0], begin[1], size[0], size[1]
+
+
+def train_image(data, seed, image_size: int, augment: Augment):
+    """Training transform of encoded image bytes; ``seed`` is an int32/int64 [2] tensor."""
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 2)
+    if augment.mode == "inception":
+        scale, ratio = augment.scale_for(image_size), augment.crop_ratio
+
+        def fused():  # JPEG: decode only the crop window
+            shape = tf.image.extract_jpeg_shape(data)
+            oy, ox, h, w = _crop_window(shape, scale, ratio, seeds[0])
+            img = tf.image.decode_and_crop_jpeg(data, tf.stack([oy, ox, h, w]), channels=3)
+            img.set_shape([None, None, 3])
+            return img
+
+        def generic():
+            img = decode(data)
+            oy, ox, h, w = _crop_window(tf.shape(img), scale, ratio, seeds[0])
+            return img[oy:oy + h, ox:ox + w]
+
+        img = tf.cond(_is_jpeg(data), fused, generic)
+        img = tf.image.resize(img, [image_size, image_size])
+    else:
+        img = tf.image.resize(decode(data), [image_size, image_size])
+    if augment.flip and augment.mode != "none":
+        img = tf.image.stateless_random_flip_left_right(img, seeds[1])
+    return normalize(img)
+
+
+def eval_image(data, image_size: int, augment: Augment):
+    """Evaluation transform (deterministic) of encoded image bytes."""
+    img = decode(data)
+    if augment.mode == "inception":
+        img = center_crop(img, image_size, augment.crop_fraction)
+    else:
+        img = tf.image.resize(img, [image_size, image_size])
+    return normalize(img)
+
+
+def center_crop(img, image_size: int, crop_fraction: float = 0.875):
+    """Resize the shorter side to round(image_size / crop_fraction), then crop the centre."""
+    shape = tf.shape(img)
+    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    short = tf.cast(tf.round(image_size / crop_fraction), tf.float32)
+    s = short / tf.minimum(h, w)
+    nh = tf.cast(tf.round(h * s), tf.int32)
+    nw = tf.cast(tf.round(w * s), tf.int32)
+    img = tf.image.resize(img, [nh, nw])
+    oy, ox = (nh - image_size) // 2, (nw - image_size) // 2
+    img = img[oy:oy + image_size, ox:ox + image_size]
+    img.set_shape([image_size, image_size, img.shape[-1]])
+    return img

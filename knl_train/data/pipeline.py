@@ -1,0 +1,143 @@
+"""The tf.data machinery shared by the folder and TFRecord readers.
+
+* Bad images are skipped and counted (``SkipCounter``), not fatal: a cheap byte check
+  (``augment.looks_valid``) catches empty, truncated and non-image files; anything that still
+  fails to read or decode is dropped by ``ignore_errors`` and counted from the gap it leaves in
+  the stream's running index.
+* Bad data that is the user's to fix (a TFRecord missing a feature, a label out of range) stops
+  the pipeline with a tagged error; ``user_errors()`` turns it into a ``UserError``.
+* Each rank's pipeline runs on a private thread pool of ``threads`` threads, so decoding never
+  spreads onto TF's inter/intra-op pools, which belong to the compute threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+
+import tensorflow as tf
+
+from knl_train.data import augment as aug
+from knl_train.errors import UserError
+
+TAG = "knl-train data error: "
+END = " <<end>>"
+
+
+class SkipCounter:
+    """How many images a pipeline skipped (unreadable, empty, truncated or corrupt).
+
+    Pass one to ``train_dataset``/``eval_dataset(skips=...)``; read ``count`` (or ``take()``,
+    which also resets it) at the end of an epoch. Counted per rank, as the pipeline meets them
+    (a bad image in the read-ahead of the epoch's last batch counts in that epoch).
+    """
+
+    def __init__(self):
+        self.variable = tf.Variable(0, dtype=tf.int64, trainable=False, name="knl_skipped_images")
+
+    @property
+    def count(self) -> int:
+        return int(self.variable.numpy())
+
+    def reset(self) -> None:
+        self.variable.assign(0)
+
+    def take(self) -> int:
+        n = self.count
+        self.reset()
+        return n
+
+
+def problem(message):
+    """A string tensor stating what is wrong with an element (empty when nothing is)."""
+    return tf.strings.join([TAG, message, END])
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Turn a pipeline's tagged errors (``problem``) into ``UserError``s; wrap iteration/fit."""
+    try:
+        yield
+    except tf.errors.OpError as e:
+        msg = as_user_message(e)
+        if msg is None:
+            raise
+        raise UserError(msg) from None
+
+
+def as_user_message(e):
+    m = re.search(re.escape(TAG) + r"(.*?)" + re.escape(END), str(getattr(e, "message", e)), re.S)
+    return m.group(1).strip() if m else None
+
+
+def images(ds, load, transform, *, image_size: int, seed: int, rank: int, threads: int,
+           skips: "SkipCounter | None"):
+    """Map a stream of raw elements to (image, label), skipping and counting bad images.
+
+    ``load(elem) -> (bytes, label int32, problem string)``; ``problem`` non-empty stops the run.
+    ``transform(bytes, seed[2]) -> float32 [image_size, image_size, 3]``.
+    """
+    base = tf.constant(seed * 1_000_003 + rank, tf.int64)
+    zeros = tf.zeros([image_size, image_size, 3], tf.float32)
+    # A finite stream ends with a sentinel, so a bad image at its very end is counted too.
+    dummy = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec)
+    ds = ds.map(lambda *e: (e if len(e) > 1 else e[0], False))
+    ds = ds.concatenate(tf.data.Dataset.from_tensors((dummy, True)))
+
+    def stage(idx, e):
+        elem, sentinel = e
+        data, label, why = tf.cond(
+            sentinel, lambda: (tf.constant(""), tf.constant(-1, tf.int32), tf.constant("")),
+            lambda: load(elem))
+        ok = tf.logical_and(tf.logical_not(sentinel), aug.looks_valid(data))
+        img = tf.cond(ok, lambda: transform(data, tf.stack([base, idx])), lambda: zeros)
+        img.set_shape([image_size, image_size, 3])
+        return idx, img, label, why, ok, sentinel
+
+    ds = ds.enumerate().map(stage, num_parallel_calls=threads, deterministic=True)
+    ds = ds.ignore_errors()
+    counter = skips.variable if skips is not None else None
+
+    def count(last, e):
+        idx, img, label, why, ok, sentinel = e
+        bad = tf.logical_not(tf.logical_or(ok, sentinel))
+        skipped = idx - last - 1 + tf.cast(bad, tf.int64)
+        if counter is not None:
+            with tf.control_dependencies([counter.assign_add(skipped)]):
+                idx = tf.identity(idx)
+        return idx, (img, label, why, ok)
+
+    ds = ds.scan(tf.constant(-1, tf.int64), count)
+
+    def check(img, label, why, ok):
+        assert_op = tf.debugging.Assert(tf.equal(tf.strings.length(why), 0), [why])
+        with tf.control_dependencies([assert_op]):
+            return tf.identity(img), tf.identity(label), ok
+
+    ds = ds.map(check)
+    return ds.filter(_keep).map(_drop_flag)
+
+
+def _keep(img, label, ok):
+    return ok
+
+
+def _drop_flag(img, label, ok):
+    return img, label
+
+
+def with_threads(ds, threads: int):
+    """Run ``ds`` on a private pool of ``threads`` threads (decoding stays off the compute pools)."""
+    opts = tf.data.Options()
+    opts.threading.private_threadpool_size = threads
+    opts.threading.max_intra_op_parallelism = 1
+    opts.autotune.cpu_budget = threads
+    return ds.with_options(opts)
+
+
+def check_global_batch(n: int, global_batch: int, what: str = "the training set"):
+    steps = n // global_batch
+    if steps == 0:
+        raise UserError(f"{what} has {n} images, fewer than one global batch "
+                        f"of {global_batch}; lower global_batch or add data")
+    return steps

@@ -1,0 +1,288 @@
+"""ImageNet TFRecords in the standard schema (TF's ``build_imagenet_data.py``): writer and reader.
+
+Each record is a ``tf.train.Example`` with ``image/encoded`` (the file's bytes, unchanged),
+``image/format``, ``image/filename``, ``image/class/label`` (``index + label_offset``: 1-based
+by default, as build_imagenet_data writes it, 0 is background), ``image/class/synset`` (the
+wnid), ``image/height``, ``image/width``, ``image/colorspace`` and ``image/channels``. Shards are
+named ``train-00000-of-01024`` and ``validation-00000-of-00128``; ``knl_tfrecord.json`` beside
+them records the classes, the label offset and the example counts (the reader uses it when it
+is there; plain ImageNet TFRecords need ``num_classes`` and optionally ``num_examples``).
+
+Reader sharding: when the split has at least ``world`` files and a multiple of ``world``, rank r
+reads every world-th file of the epoch's (seeded, identical on all ranks) file order; otherwise
+every rank reads all files and keeps every world-th record. Either way the ranks' shares are
+disjoint and together cover the split once per pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+from knl_train.errors import UserError
+
+METADATA = "knl_tfrecord.json"
+PREFIX = {"train": "train", "val": "validation", "validation": "validation"}
+REQUIRED = ("image/encoded", "image/class/label")
+
+
+# ---- writer ---------------------------------------------------------------------------------------
+def shard_names(prefix: str, shards: int):
+    return [f"{prefix}-{k:05d}-of-{shards:05d}" for k in range(shards)]
+
+
+def assign(n: int, shards: int, seed: int = 0):
+    """Deterministic shard assignment: a seeded permutation of 0..n-1 cut into ``shards``
+    contiguous, balanced (±1) pieces, so every shard mixes classes."""
+    import numpy as np
+    order = np.random.default_rng(seed).permutation(n)
+    return [piece.tolist() for piece in np.array_split(order, shards)]
+
+
+def to_tfrecord(src, out, *, shards: int, workers: int = 1, label_offset: int = 1,
+                val_shards: Optional[int] = None, progress: bool = True) -> dict:
+    """Convert the folder dataset ``src`` (train/ and, if present, val/) into TFRecord shards in
+    ``out``. Returns the metadata written to ``out/knl_tfrecord.json``."""
+    from knl_train.data import folder
+    if shards < 1:
+        raise UserError(f"--shards must be >= 1, got {shards}")
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
+    classes = folder.list_classes(src)
+    splits = {"train": (folder.scan(src, "train", classes), shards)}
+    if (Path(src) / "val").is_dir():
+        splits["validation"] = (folder.scan(src, "val", classes), val_shards or shards)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for prefix, (split, n_shards) in splits.items():
+        if n_shards > len(split):
+            raise UserError(f"{prefix} has {len(split)} images, fewer than --shards {n_shards}")
+        for name, idx in zip(shard_names(prefix, n_shards), assign(len(split), n_shards)):
+            items = [(split.files[i], split.labels[i] + label_offset, classes[split.labels[i]]) for i in idx]
+            jobs.append((str(out / name), items))
+    total = sum(len(items) for _, items in jobs)
+    from tqdm import tqdm
+    with tqdm(total=total, desc=f"to-tfrecord {out.name}", unit="img", disable=not progress,
+              mininterval=1.0) as bar:
+        if workers == 1:
+            for job in jobs:
+                bar.update(write_shard(job))
+        else:
+            import multiprocessing
+            # spawn: the parent may have TF loaded, and a forked TF runtime is not safe.
+            with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+                for n in pool.imap_unordered(write_shard, jobs):
+                    bar.update(n)
+    meta = {"classes": list(classes), "label_offset": label_offset,
+            "splits": {p: {"shards": n, "examples": len(s)} for p, (s, n) in splits.items()}}
+    from knl_train.io import write_json_atomic
+    write_json_atomic(out / METADATA, meta)
+    return meta
+
+
+def write_shard(job) -> int:
+    """Write one shard (temporary file, then rename); returns its number of examples."""
+    path, items = job
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import tensorflow as tf
+    from PIL import Image
+    tmp = f"{path}.tmp-{os.getpid()}"
+
+    def b(v):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+
+    def i(v):
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
+
+    try:
+        with tf.io.TFRecordWriter(tmp) as w:
+            for file, label, synset in items:
+                data = Path(file).read_bytes()
+                try:
+                    with Image.open(file) as im:
+                        (width, height), fmt = im.size, (im.format or "JPEG")
+                except Exception:  # unreadable: written as is; the reader skips and counts it
+                    width = height = 0
+                    fmt = "JPEG"
+                ex = tf.train.Example(features=tf.train.Features(feature={
+                    "image/encoded": b(data), "image/format": b(fmt.encode()),
+                    "image/filename": b(os.path.basename(file).encode()),
+                    "image/class/label": i(label), "image/class/synset": b(synset.encode()),
+                    "image/height": i(height), "image/width": i(width),
+                    "image/colorspace": b(b"RGB"), "image/channels": i(3)}))
+                w.write(ex.SerializeToString())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return len(items)
+
+
+# ---- reader ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TFRecordSplit:
+    files: Tuple[str, ...]
+    num_examples: int
+    classes: Tuple[str, ...]
+    label_offset: int = 1
+
+    def __len__(self):
+        return self.num_examples
+
+
+def read_metadata(root) -> Optional[dict]:
+    p = Path(root) / METADATA
+    if not p.exists():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        raise UserError(f"{p} is not valid JSON ({e}); rewrite it with 'knl-train data to-tfrecord'") from None
+
+
+def scan(root, split: str, *, num_classes: Optional[int] = None, label_offset: Optional[int] = None,
+         num_examples: Optional[int] = None) -> TFRecordSplit:
+    """The shard files of ``split`` ("train" or "val"/"validation") under ``root``.
+
+    Classes, label offset and example count come from ``knl_tfrecord.json`` when present; the
+    arguments override it. Without it, ``num_classes`` is required and the examples are counted
+    by reading every record once (pass ``num_examples`` to skip that on full ImageNet)."""
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"dataset path {root} does not exist; write TFRecords with "
+                        "'knl-train data to-tfrecord --src DIR --out DIR' or point data.path at them")
+    if not root.is_dir():
+        raise UserError(f"dataset path {root} is not a directory of TFRecord shards")
+    prefix = PREFIX.get(split)
+    if prefix is None:
+        raise UserError(f"unknown split {split!r}: use train or val")
+    files = sorted(str(p) for p in root.glob(f"{prefix}-*") if p.is_file() and ".tmp-" not in p.name)
+    if not files:
+        raise UserError(f"{root} holds no {prefix} TFRecord shards ({prefix}-*-of-*)")
+    meta = read_metadata(root) or {}
+    if num_classes is not None:
+        classes = tuple(meta["classes"]) if len(meta.get("classes", ())) == num_classes else \
+            tuple(str(i) for i in range(num_classes))
+    elif "classes" in meta:
+        classes = tuple(meta["classes"])
+    else:
+        raise UserError(f"{root} has no {METADATA}: give the number of classes (data.num_classes, "
+                        "1000 for ImageNet)")
+    offset = label_offset if label_offset is not None else int(meta.get("label_offset", 1))
+    if num_examples is None:
+        num_examples = meta.get("splits", {}).get(prefix, {}).get("examples")
+    if num_examples is None:
+        import tensorflow as tf
+        num_examples = int(tf.data.TFRecordDataset(files).reduce(tf.constant(0, tf.int64),
+                                                                 lambda n, _: n + 1).numpy())
+    return TFRecordSplit(tuple(files), int(num_examples), classes, offset)
+
+
+def list_classes(root, num_classes: Optional[int] = None):
+    return list(scan(root, "train", num_classes=num_classes).classes)
+
+
+def _file_level(n_files: int, world: int) -> bool:
+    return n_files >= world and n_files % world == 0
+
+
+def _records(split: TFRecordSplit, *, rank: int, world: int, seed: Optional[int], threads: int,
+             shuffle_buffer: int = 0):
+    """(serialized record, source file) of this rank's share; shuffled when ``seed`` is given."""
+    import tensorflow as tf
+    files = tf.data.Dataset.from_tensor_slices(list(split.files))
+    if seed is not None:
+        files = files.shuffle(len(split.files), seed=seed, reshuffle_each_iteration=True)
+
+    def read(f):
+        return tf.data.TFRecordDataset(f).map(lambda r: (r, f))
+
+    if _file_level(len(split.files), world):
+        files = files.shard(world, rank)
+        n = -(-len(split.files) // world)
+        ds = files.interleave(read, cycle_length=max(1, min(threads, n)), block_length=1,
+                              num_parallel_calls=max(1, min(threads, n)), deterministic=True)
+    else:
+        ds = files.flat_map(read).shard(world, rank)
+    if seed is not None and shuffle_buffer > 1:
+        ds = ds.shuffle(shuffle_buffer, seed=seed * 7919 + rank, reshuffle_each_iteration=True)
+    return ds
+
+
+def _loader(split: TFRecordSplit):
+    import tensorflow as tf
+    from knl_train.data.pipeline import problem
+    offset, n = int(split.label_offset), len(split.classes)
+    spec = {"image/encoded": tf.io.VarLenFeature(tf.string),
+            "image/class/label": tf.io.VarLenFeature(tf.int64)}
+
+    def load(elem):
+        record, source = elem
+        f = tf.io.parse_single_example(record, spec)
+        enc, lab = f["image/encoded"].values, f["image/class/label"].values
+        data = tf.strings.reduce_join(enc[:1])
+        raw = tf.reduce_sum(lab[:1])
+        label = raw - offset
+        missing = lambda key: problem(tf.strings.join([  # noqa: E731
+            "a record in ", source, f" has no feature {key} (the standard ImageNet schema has "
+            "image/encoded and image/class/label); rewrite the shards with 'knl-train data to-tfrecord'"]))
+        bad_label = problem(tf.strings.join([
+            "label ", tf.strings.as_string(raw), " in ", source, f" is outside [0, {n}) after "
+            f"subtracting label_offset {offset} (got ", tf.strings.as_string(label),
+            "); set data.label_offset (1 for TF's build_imagenet_data, 0 for 0-based labels) "
+            "or data.num_classes to match the data"]))
+        why = tf.where(tf.size(enc) == 0, missing("image/encoded"),
+                       tf.where(tf.size(lab) == 0, missing("image/class/label"),
+                                tf.where((label < 0) | (label >= n), bad_label, tf.constant(""))))
+        return data, tf.cast(label, tf.int32), why
+
+    return load
+
+
+def train_dataset(split: TFRecordSplit, *, rank: int, world: int, per_rank_batch: int, image_size: int,
+                  seed: int, threads: int = 1, augment=None, skips=None,
+                  shuffle_buffer: int = 1024):
+    """Like ``folder.train_dataset``: ``len(split) // global_batch`` batches per iteration, 0-based
+    labels, bad images skipped and counted, tagged errors for schema and label problems (wrap
+    iteration in ``pipeline.user_errors()`` to get them as ``UserError``)."""
+    from knl_train.data import augment as aug
+    from knl_train.data.pipeline import check_global_batch, images, with_threads
+    augment = aug.resolve(augment)
+    steps = check_global_batch(len(split), per_rank_batch * world)
+    ds = _records(split, rank=rank, world=world, seed=seed, threads=threads, shuffle_buffer=shuffle_buffer)
+    # Runs on in a fixed order if skipped images leave a rank short (see folder.train_dataset).
+    ds = ds.concatenate(_records(split, rank=rank, world=world, seed=None, threads=threads).repeat())
+    ds = images(ds, _loader(split), lambda data, s: aug.train_image(data, s, image_size, augment),
+                image_size=image_size, seed=seed, rank=rank, threads=threads, skips=skips)
+    ds = ds.batch(per_rank_batch, drop_remainder=True).take(steps)
+    return with_threads(ds.prefetch(2), threads)
+
+
+def eval_dataset(split: TFRecordSplit, *, rank: int, world: int, batch: int, image_size: int,
+                 threads: int = 1, augment=None, skips=None):
+    from knl_train.data import augment as aug
+    from knl_train.data.pipeline import images, with_threads
+    augment = aug.resolve(augment)
+    ds = _records(split, rank=rank, world=world, seed=None, threads=threads)
+    ds = images(ds, _loader(split), lambda data, s: aug.eval_image(data, image_size, augment),
+                image_size=image_size, seed=0, rank=rank, threads=threads, skips=skips)
+    return with_threads(ds.batch(batch).prefetch(2), threads)
+
+
+def read_examples(split: TFRecordSplit) -> Sequence[Tuple[bytes, int]]:
+    """Every (encoded bytes, 0-based label) of ``split``, in file order (for checks and tests)."""
+    load = _loader(split)
+    out = []
+    for record, source in _records(split, rank=0, world=1, seed=None, threads=1):
+        data, label, why = load((record, source))
+        if why.numpy():
+            from knl_train.data.pipeline import as_user_message
+            raise UserError(as_user_message(why.numpy().decode()))
+        out.append((data.numpy(), int(label.numpy())))
+    return out
