@@ -50,7 +50,7 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
     def __init__(self, *, world, global_batch: int, steps_per_epoch: int, epochs: int,
                  eval_dataset_fn: Callable[[], tf.data.Dataset], num_classes: int,
                  metrics_path: Optional[str], log_every: int, lr_fn: Callable[[], float],
-                 print_fn=print):
+                 skips=None, print_fn=print):
         super().__init__()
         self.world = world
         self.global_batch = global_batch
@@ -61,6 +61,7 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
         self.metrics_path = metrics_path if world.is_root else None
         self.log_every = log_every
         self.lr_fn = lr_fn
+        self.skips = skips
         self.print = print_fn
         self.history: List[dict] = []
         self.train_seconds: List[float] = []
@@ -106,16 +107,22 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
         # logs were averaged over ranks by Horovod's MetricAverageCallback, which runs first.
         dist.average_non_trainable(self.model)
         val = self.evaluate()
+        # Unreadable images (corrupt, truncated, empty) are skipped per rank; one sum for the job.
+        skipped = int(dist.allreduce_sum([self.skips.take() if self.skips else 0],
+                                         name="monitor.skips")[0])
         images = self.global_batch * self.steps_per_epoch
         rec = {"kind": "epoch", "epoch": epoch + 1, "step": (epoch + 1) * self.steps_per_epoch,
                "loss": float(logs["loss"]), "top1": float(logs["top1"]),
                "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
-               "val_count": val["count"], "lr": self.lr_fn(), "epoch_seconds": seconds,
+               "val_count": val["count"], "skipped_images": skipped, "lr": self.lr_fn(), "epoch_seconds": seconds,
                "images_per_sec": images / seconds,
                "images_per_sec_per_rank": images / seconds / self.world.size}
         self.history.append(rec)
         if self.world.is_root:
             append_jsonl(self.metrics_path, rec)
+            if skipped:
+                self.print(f"warning: {skipped} unreadable images skipped in epoch {epoch + 1} "
+                           "(corrupt, truncated or empty files); the run goes on")
             self.print(f"epoch {epoch + 1}/{self.epochs}  loss {rec['loss']:.4f}  top1 {rec['top1']:.3f}  "
                        f"val_loss {val['loss']:.4f}  val_top1 {val['top1']:.3f}  "
                        f"val_top{self.top_k} {val['top5']:.3f}  lr {rec['lr']:.4g}  "

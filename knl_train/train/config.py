@@ -13,13 +13,29 @@ from knl_train import configs
 @dataclass(frozen=True)
 class DataConfig:
     path: str = "data/demo"
-    format: Literal["folder"] = "folder"
+    # folder: train/<wnid>/*.JPEG + val/<wnid>/*; tfrecord: ImageNet shards (train-*, validation-*);
+    # synthetic: random tensors made in place (throughput studies, no I/O).
+    format: Literal["folder", "tfrecord", "synthetic"] = "folder"
     image_size: int = 32
     # Threads for decoding and augmentation on each rank (tf.data private pool).
     threads: int = 1
+    # flip: resize + flip (small images); inception: random-resized-crop + flip, eval
+    # resize-shorter-side + center crop; none.
+    augment: Literal["flip", "inception", "none"] = "flip"
+    crop_scale: Optional[Tuple[float, float]] = None
+    # TFRecord labels as stored minus this (1: TF's build_imagenet_data); None: from the metadata.
+    label_offset: Optional[int] = None
+    # Needed for tfrecord without knl-train metadata (1000 for ImageNet) and for synthetic.
+    num_classes: Optional[int] = None
+    # tfrecord: skip counting the records; synthetic: images per epoch (default 1024).
+    num_examples: Optional[int] = None
+    shuffle_buffer: int = 1024
 
     def __post_init__(self):
-        _positive(self, "image_size", "threads")
+        _positive(self, "image_size", "threads", "shuffle_buffer")
+        for name in ("num_classes", "num_examples"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)

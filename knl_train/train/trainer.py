@@ -15,18 +15,23 @@ from knl_train.io import write_json_atomic, write_text_atomic
 from knl_train.train.config import TrainConfig
 
 
-def default_intra_threads(local_size: int) -> int:
-    """The cores this rank is bound to; if unbound (it may use every core), its share of them."""
+def default_intra_threads(local_size: int, data_threads: int = 0) -> int:
+    """The rank's cores less those its input pipeline decodes on.
+
+    The rank's cores are those it is bound to, or, if unbound (it may use every core), its share
+    of them. ``data_threads`` of them are left to tf.data when that still leaves a compute core,
+    so decoding does not compete with the compute threads.
+    """
     allowed = len(os.sched_getaffinity(0))
     if allowed >= (os.cpu_count() or allowed) and local_size > 1:
-        return max(1, allowed // local_size)
-    return allowed
+        allowed = max(1, allowed // local_size)
+    return allowed - data_threads if allowed > data_threads else allowed
 
 
 def _configure_threads(cfg: TrainConfig, local_size: int):
     import tensorflow as tf
     # Must happen before TF creates its thread pools (the first op).
-    intra = cfg.intra_op_threads or default_intra_threads(local_size)
+    intra = cfg.intra_op_threads or default_intra_threads(local_size, cfg.data.threads)
     tf.config.threading.set_intra_op_parallelism_threads(intra)
     tf.config.threading.set_inter_op_parallelism_threads(cfg.inter_op_threads)
     return intra
@@ -41,7 +46,8 @@ def run(cfg: TrainConfig) -> dict:
 
     import tensorflow as tf
     from knl_train import models, stack
-    from knl_train.data import folder
+    from knl_train.data.pipeline import user_errors
+    from knl_train.data.source import open_source
     from knl_train.optim import build_optimizer
     from knl_train.optim.scaling import scale_schedule
     from knl_train.optim.schedules import build_lr_schedule, build_momentum
@@ -55,12 +61,11 @@ def run(cfg: TrainConfig) -> dict:
     except ValueError as e:
         raise UserError(str(e)) from None
 
-    classes = folder.list_classes(cfg.data.path)
-    train_split = folder.scan(cfg.data.path, "train", classes)
-    val_split = folder.scan(cfg.data.path, "val", classes)
-    steps_per_epoch = len(train_split) // global_batch
+    data = open_source(cfg.data, seed=cfg.seed)
+    classes = data.classes
+    steps_per_epoch = data.num_train // global_batch
     if steps_per_epoch == 0:
-        raise UserError(f"the training set has {len(train_split)} images, fewer than the global batch "
+        raise UserError(f"the training set has {data.num_train} images, fewer than the global batch "
                         f"of {global_batch}; lower global_batch or add data")
     total_steps = steps_per_epoch * cfg.epochs
 
@@ -97,19 +102,16 @@ def run(cfg: TrainConfig) -> dict:
     log(f"knl-train: {world.size} ranks ({world.controller}), {intra} compute threads/rank, "
         f"ITEX {'on' if itex.active() else 'off'}, "
         f"model {cfg.model} ({model.count_params():,} params), {len(classes)} classes, "
-        f"{len(train_split)} train / {len(val_split)} val images, global batch {global_batch} "
+        f"{data.num_train} train / {data.num_val} val images ({cfg.data.format}), global batch {global_batch} "
         f"({per_rank}/rank), {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
         f"{cfg.optimizer.name}{f' ({cfg.optimizer.variant})' if cfg.optimizer.name == 'lars' else ''}, {s.kind} schedule, peak lr {peak_lr:g}, "
         f"warmup {warmup_steps} steps" + (f", recipe {cfg.recipe}" if cfg.recipe else ""))
     sys.stdout.flush()
 
-    train_ds = folder.train_dataset(train_split, rank=world.rank, world=world.size,
-                                    per_rank_batch=per_rank, image_size=cfg.data.image_size,
-                                    seed=cfg.seed, threads=cfg.data.threads)
+    train_ds = data.train(world.rank, world.size, per_rank, steps_per_epoch)
 
     def eval_ds():
-        return folder.eval_dataset(val_split, rank=world.rank, world=world.size, batch=per_rank,
-                                   image_size=cfg.data.image_size, threads=cfg.data.threads)
+        return data.eval(world.rank, world.size, per_rank)
 
     def current_lr() -> float:
         # The optimizer's own view: includes any per-update wrapping of the schedule.
@@ -120,7 +122,7 @@ def run(cfg: TrainConfig) -> dict:
                               steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
                               eval_dataset_fn=eval_ds, num_classes=len(classes),
                               metrics_path=str(run_dir / "metrics.jsonl"),
-                              log_every=cfg.log_every, lr_fn=current_lr,
+                              log_every=cfg.log_every, lr_fn=current_lr, skips=data.skips,
                               print_fn=lambda m: print(m, flush=True))
     callbacks = [hvd.callbacks.MetricAverageCallback(), monitor]
     if world.is_root:
@@ -131,7 +133,8 @@ def run(cfg: TrainConfig) -> dict:
         ckpt = CheckpointManager(run_dir / "checkpoints", model, optimizer, keep=cfg.keep_checkpoints)
         callbacks.append(CheckpointCallback(ckpt, steps_per_epoch))
 
-    model.fit(train_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=0)
+    with user_errors():  # bad records (missing feature, label out of range) become UserErrors
+        model.fit(train_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=0)
 
     last = monitor.history[-1]
     steady = monitor.history[1:] or monitor.history
