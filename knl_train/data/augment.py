@@ -79,15 +79,13 @@ def looks_valid(data):
     """Cheap byte-level check: non-empty, a JPEG (SOI ... EOI near the end) or PNG (signature ...
     IEND chunk near the end). Catches zero-byte, truncated and non-image files before decoding."""
     n = tf.strings.length(data)
-    tail = tf.strings.bytes_split(tf.strings.substr(data, tf.maximum(n - 32, 0), 32))
-    pairs = tf.strings.join([tail[:-1], tail[1:]])
-    has_eoi = tf.reduce_any(tf.equal(pairs, b"\xff\xd9"))
-    is_jpeg = tf.equal(tf.strings.substr(data, 0, 3), b"\xff\xd8\xff")
+    tail = tf.strings.substr(data, tf.maximum(n - 32, 0), 32)  # only the tail is read, not copied whole
+    pieces = tf.strings.bytes_split(tail)
+    has_eoi = tf.reduce_any(tf.equal(tf.strings.join([pieces[:-1], pieces[1:]]), b"\xff\xd9"))
     is_png = tf.equal(tf.strings.substr(data, 0, 8), b"\x89PNG\r\n\x1a\n")
-    padded = tf.strings.join([tf.constant(b"\0" * 12), data])  # substr needs pos <= length
-    tail12 = tf.strings.substr(padded, n, 12)
-    has_iend = tf.equal(tf.strings.substr(tail12, 4, 4), b"IEND")
-    return (n > 0) & ((is_jpeg & has_eoi) | (is_png & has_iend))
+    # The IEND chunk is the last 12 bytes: length (4), "IEND", CRC (4).
+    has_iend = tf.equal(tf.strings.substr(tail, tf.maximum(tf.strings.length(tail) - 8, 0), 4), b"IEND")
+    return (n > 0) & ((_is_jpeg(data) & has_eoi) | (is_png & has_iend))
 
 
 def _is_jpeg(data):

@@ -79,42 +79,48 @@ def images(ds, load, transform, *, image_size: int, seed: int, rank: int, thread
     """
     base = tf.constant(seed * 1_000_003 + rank, tf.int64)
     zeros = tf.zeros([image_size, image_size, 3], tf.float32)
-    # A finite stream ends with a sentinel, so a bad image at its very end is counted too.
-    dummy = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec)
-    ds = ds.map(lambda *e: (e if len(e) > 1 else e[0], False))
-    ds = ds.concatenate(tf.data.Dataset.from_tensors((dummy, True)))
 
-    def stage(idx, e):
-        elem, sentinel = e
-        data, label, why = tf.cond(
-            sentinel, lambda: (tf.constant(""), tf.constant(-1, tf.int32), tf.constant("")),
-            lambda: load(elem))
-        ok = tf.logical_and(tf.logical_not(sentinel), aug.looks_valid(data))
+    def decode(idx, elem):
+        data, label, why = load(elem)
+        ok = aug.looks_valid(data)
         img = tf.cond(ok, lambda: transform(data, tf.stack([base, idx])), lambda: zeros)
         img.set_shape([image_size, image_size, 3])
-        return idx, img, label, why, ok, sentinel
+        return idx, img, label, why, ok
+
+    # A finite stream (evaluation) ends with a sentinel, so that a bad image at its very end still
+    # leaves a gap to count. Training streams never end (they run on into a fallback order), and
+    # skip the sentinel's per-element cost.
+    finite = int(ds.cardinality()) != tf.data.INFINITE_CARDINALITY
+    if finite:
+        dummy = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec)
+        ds = ds.map(lambda *e: (e if len(e) > 1 else e[0], False))
+        ds = ds.concatenate(tf.data.Dataset.from_tensors((dummy, True)))
+
+        def stage(idx, e):
+            elem, sentinel = e
+            return tf.cond(sentinel, lambda: (idx, zeros, tf.constant(-1, tf.int32), tf.constant(""),
+                                              tf.constant(False)),
+                           lambda: decode(idx, elem)) + (sentinel,)
+    else:
+        def stage(idx, *elem):
+            return decode(idx, elem if len(elem) > 1 else elem[0]) + (tf.constant(False),)
 
     ds = ds.enumerate().map(stage, num_parallel_calls=threads, deterministic=True)
+    # Whatever still fails to read or decode is dropped here and counted from the gap it leaves.
     ds = ds.ignore_errors()
     counter = skips.variable if skips is not None else None
 
     def count(last, e):
         idx, img, label, why, ok, sentinel = e
-        bad = tf.logical_not(tf.logical_or(ok, sentinel))
-        skipped = idx - last - 1 + tf.cast(bad, tf.int64)
+        # A tagged problem is the user's to fix: stop (after ignore_errors, which must not eat it).
+        checks = [tf.debugging.Assert(tf.equal(tf.strings.length(why), 0), [why])]
         if counter is not None:
-            with tf.control_dependencies([counter.assign_add(skipped)]):
-                idx = tf.identity(idx)
-        return idx, (img, label, why, ok)
+            bad = tf.logical_not(tf.logical_or(ok, sentinel))
+            checks.append(counter.assign_add(idx - last - 1 + tf.cast(bad, tf.int64)))
+        with tf.control_dependencies(checks):
+            return tf.identity(idx), (tf.identity(img), label, ok)
 
     ds = ds.scan(tf.constant(-1, tf.int64), count)
-
-    def check(img, label, why, ok):
-        assert_op = tf.debugging.Assert(tf.equal(tf.strings.length(why), 0), [why])
-        with tf.control_dependencies([assert_op]):
-            return tf.identity(img), tf.identity(label), ok
-
-    ds = ds.map(check)
     return ds.filter(_keep).map(_drop_flag)
 
 
