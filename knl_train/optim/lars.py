@@ -18,7 +18,8 @@ t = 1 when ‖w‖ = 0 or the denominator is 0, and for variables excluded from 
 
 ``momentum`` is a float or a schedule of the step (e.g. Goyal/Intel Caffe momentum correction
 during warmup). Each variable's trust ratio of the last step is kept in its scalar slot
-``trust_ratio`` (0 before the first step) and read with ``trust_ratios()``.
+``trust_ratio`` (0 before the first step) and read with ``trust_ratios()``. A variable excluded
+from adaptation has t = 1 by definition: its slot starts at 1 and is never written.
 
 Slot ``momentum``: the ``you`` and ``model_garden`` variants keep −v (TF's Keras-momentum
 convention, so TF's ResourceApplyKerasMomentum kernel does the update); ``tf_contrib``
@@ -88,7 +89,8 @@ class LARS(ExclusionMixin, tf.keras.optimizers.legacy.Optimizer):
     def _create_slots(self, var_list):
         for var in var_list:
             self.add_slot(var, "momentum")
-            self.add_slot(var, "trust_ratio", initializer="zeros", shape=[])
+            self.add_slot(var, "trust_ratio", shape=[],
+                          initializer="zeros" if self.uses_adaptation(var) else "ones")
             if not any(var is v for v in self._lars_vars):
                 self._lars_vars.append(var)
 
@@ -196,6 +198,8 @@ class LARS(ExclusionMixin, tf.keras.optimizers.legacy.Optimizer):
 
     def _record(self, var, t, update=None):
         """Keep t in the trust_ratio slot, after (or, with the fused op, from) ``update``."""
+        if not self.uses_adaptation(var):  # t is 1, as the slot already says: no op per step
+            return tf.group(t) if update is None else update
         slot = self.get_slot(var, "trust_ratio")
         record = slot.assign(tf.cast(t, slot.dtype), read_value=False)
         # The fused op's t is its output, so the assignment already depends on the update.
