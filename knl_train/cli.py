@@ -9,17 +9,8 @@ import sys
 from typing import List, Optional
 
 from knl_train import __version__
+from knl_train.dist import launcher_rank
 from knl_train.errors import UserError
-
-
-def _rank() -> int:
-    for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
-        if var in os.environ:
-            try:
-                return int(os.environ[var])
-            except ValueError:
-                pass
-    return 0
 
 
 # ---- subcommands ---------------------------------------------------------------------------------
@@ -174,7 +165,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             itex.enable()
         return args.fn(args)
     except UserError as e:
-        if _rank() == 0:
+        if launcher_rank() == 0:
             print(f"knl-train: error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from knl_train.dist import horovod as dist
+from knl_train.dist import under_launcher
 from knl_train.io import append_jsonl
 
 
@@ -27,8 +28,7 @@ def progress_mode() -> str:
     mode = os.environ.get("KNL_TRAIN_PROGRESS")
     if mode in ("bar", "lines"):
         return mode
-    under_mpi = any(v in os.environ for v in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_SIZE"))
-    return "bar" if sys.stdout.isatty() and not under_mpi else "lines"
+    return "bar" if sys.stdout.isatty() and not under_launcher() else "lines"
 
 
 def make_eval_step(model, top_k: int):

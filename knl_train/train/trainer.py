@@ -46,7 +46,7 @@ def run(cfg: TrainConfig) -> dict:
 
     import tensorflow as tf
     from knl_train import models, stack
-    from knl_train.data.pipeline import user_errors
+    from knl_train.data.pipeline import check_global_batch, user_errors
     from knl_train.data.source import open_source
     from knl_train.optim import build_optimizer
     from knl_train.optim.scaling import scale_schedule
@@ -63,10 +63,7 @@ def run(cfg: TrainConfig) -> dict:
 
     data = open_source(cfg.data, seed=cfg.seed)
     classes = data.classes
-    steps_per_epoch = data.num_train // global_batch
-    if steps_per_epoch == 0:
-        raise UserError(f"the training set has {data.num_train} images, fewer than the global batch "
-                        f"of {global_batch}; lower global_batch or add data")
+    steps_per_epoch = check_global_batch(data.num_train, global_batch)
     total_steps = steps_per_epoch * cfg.epochs
 
     run_dir = Path(cfg.run_dir)

@@ -33,6 +33,7 @@ from typing import Optional
 
 import tensorflow as tf
 
+from knl_train.dist import launcher_rank
 from knl_train.errors import UserError
 
 ENV_VAR = "KNL_TRAIN_LARS_KERNEL"
@@ -137,19 +138,12 @@ def lars_op(dtype=None):
     with _lock:
         first = reason not in _told
         _told.add(reason)
-    if first and _is_rank0():
+    # One line per job, not one per rank (2048 ranks would print 2048 copies).
+    if first and launcher_rank() == 0:
         print(f"knl-train: fused LARS kernel unavailable: {reason}; using the pure-TF LARS "
               "path (slower optimizer step). Run 'make env' to build it (or python -m "
               "knl_train.optim.kernels.build).", file=sys.stderr, flush=True)
     return None
-
-
-def _is_rank0() -> bool:
-    # One line per job, not one per rank (2048 ranks would print 2048 copies).
-    for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"):
-        if var in os.environ:
-            return os.environ[var].strip() == "0"
-    return True
 
 
 def status() -> dict:
