@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import optim_cases
-from optim_cases import BIAS_SHAPE, KERNEL_SHAPE, STEPS, make_vars, run_optimizer, run_traced
+from optim_cases import KERNEL_SHAPE, STEPS, make_vars, run_optimizer, run_traced
 from knl_train.optim import WarmupPolyDecay
 from knl_train.optim.exclusion import RANK_LE_1
 from knl_train.optim.lamb import LAMB
@@ -173,7 +173,6 @@ def test_inside_tf_function(jit):
     init, grads = make_data(seed=5)
     variables = make_vars(init, tf.float64)
     opt = LAMB(**HP, **kwargs)
-    names = list(variables)
     first, last = run_traced(opt, variables, grads, tf.float64, jit)
     assert last == first  # later steps reuse the graph
     check_against(opt, variables, expected(init, grads, flags), rtol=1e-12, atol=1e-14)

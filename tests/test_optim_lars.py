@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from optim_cases import BIAS_SHAPE, KERNEL_SHAPE, STEPS, make_data, make_vars, run_optimizer, run_traced
+from optim_cases import KERNEL_SHAPE, STEPS, make_data, make_vars, run_optimizer, run_traced
 from knl_train.optim import LARS, WarmupPolyDecay, kernels
 from knl_train.optim.exclusion import RANK_LE_1, ExclusionRule
 from knl_train.optim.lars import VARIANTS, excluded_variables
