@@ -50,7 +50,7 @@ def cmd_train(args) -> int:
     from knl_train.train import config as train_config
     cfg = train_config.load(args.config, args.set)
     from knl_train.train import trainer
-    trainer.run(cfg)
+    trainer.run(cfg, resume="resume" if args.resume else "fresh" if args.fresh else "auto")
     return 0
 
 
@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", "-c", help="YAML training config")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optimizer.momentum=0.9 (repeatable)")
+    r = t.add_mutually_exclusive_group()
+    r.add_argument("--resume", action="store_true",
+                   help="resume from the run directory's newest checkpoint; fail if there is none "
+                        "(without --resume or --fresh: resume if there is one)")
+    r.add_argument("--fresh", action="store_true",
+                   help="start afresh even if the run directory holds checkpoints")
     t.set_defaults(fn=cmd_train)
 
     d = sub.add_parser("data", help="datasets")

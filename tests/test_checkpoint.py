@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ import tensorflow as tf
 from knl_train.errors import UserError
 from knl_train.models import build
 from knl_train.optim import LARS
-from knl_train.train.checkpoint import CheckpointManager
+from knl_train.train.checkpoint import CheckpointManager, latest_state
 
 
 @pytest.fixture()
@@ -27,50 +27,65 @@ def model_and_opt():
     return model, opt
 
 
-def _epochs(directory):
-    return sorted(p.name for p in directory.glob("epoch-*"))
+def _steps(directory):
+    return sorted(p.name for p in directory.glob("step-*"))
 
 
 def test_keeps_the_last_k_and_latest_points_at_the_newest(tmp_path, model_and_opt):
     mgr = CheckpointManager(tmp_path, *model_and_opt, keep=2)
     for epoch in (1, 2, 3):
-        mgr.save(epoch, epoch * 10)
-    assert _epochs(tmp_path) == ["epoch-0002", "epoch-0003"]
-    assert json.loads((tmp_path / "latest.json").read_text()) == {"name": "epoch-0003", "epoch": 3, "step": 30}
-    assert mgr.latest() == tmp_path / "epoch-0003"
+        mgr.save(epoch * 10, {"epoch": epoch, "batch": 0})
+    assert _steps(tmp_path) == ["step-00000020", "step-00000030"]
+    latest = {"name": "step-00000030", "step": 30, "epoch": 3, "batch": 0}
+    assert json.loads((tmp_path / "latest.json").read_text()) == latest
+    assert latest_state(tmp_path) == latest
+    # The state also sits beside the checkpoint it describes.
+    assert json.loads((tmp_path / "step-00000030" / "state.json").read_text()) == latest
+    assert mgr.latest() == tmp_path / "step-00000030"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporaries left
 
 
 def test_a_new_run_in_the_same_directory_supersedes_the_old_checkpoints(tmp_path, model_and_opt):
     old = CheckpointManager(tmp_path, *model_and_opt, keep=3)
-    for epoch in (3, 4, 5):
-        old.save(epoch, epoch * 10)
+    for step in (30, 40, 50):
+        old.save(step)
     new = CheckpointManager(tmp_path, *model_and_opt, keep=3)
-    new.save(1, 10)
-    assert _epochs(tmp_path) == ["epoch-0001"]
-    assert new.latest() == tmp_path / "epoch-0001" and new.latest().is_dir()
+    new.save(10)
+    assert _steps(tmp_path) == ["step-00000010"]
+    assert new.latest() == tmp_path / "step-00000010" and new.latest().is_dir()
 
 
-def test_restore_round_trips_weights_and_slots(tmp_path, model_and_opt):
+def test_latest_json_without_its_checkpoint_is_no_checkpoint(tmp_path, model_and_opt):
+    assert latest_state(tmp_path) is None
+    mgr = CheckpointManager(tmp_path, *model_and_opt)
+    mgr.save(10)
+    shutil.rmtree(tmp_path / "step-00000010")
+    assert latest_state(tmp_path) is None and mgr.latest() is None
+
+
+def test_restore_round_trips_weights_slots_and_step(tmp_path, model_and_opt):
     model, opt = model_and_opt
     mgr = CheckpointManager(tmp_path, model, opt)
     saved = [v.numpy().copy() for v in model.variables + opt.variables()]
-    mgr.save(1, 1)
-    for v in model.trainable_variables:
+    assert int(opt.iterations.numpy()) == 1
+    mgr.save(1)
+    for v in model.trainable_variables + opt.variables():
         v.assign(tf.zeros_like(v))
     mgr.restore(mgr.latest())
     restored = [v.numpy() for v in model.variables + opt.variables()]
     assert all(np.array_equal(a, b) for a, b in zip(saved, restored))
+    assert int(opt.iterations.numpy()) == 1
 
 
 def test_a_failed_write_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path, model_and_opt):
     mgr = CheckpointManager(tmp_path, *model_and_opt)
-    mgr.save(1, 10)
+    mgr.save(10)
     # A file where the next checkpoint's temporary directory must go: the write fails
     # (independent of permissions, so it fails as root too).
-    (tmp_path / f".epoch-0002.tmp-{os.getpid()}").write_text("in the way")
-    with pytest.raises(UserError, match=r"could not write checkpoint .*epoch-0002.*previous checkpoint "
-                                        r"\(.*epoch-0001\) is intact"):
-        mgr.save(2, 20)
-    assert _epochs(tmp_path) == ["epoch-0001"]
-    assert json.loads((tmp_path / "latest.json").read_text())["name"] == "epoch-0001"
+    (tmp_path / ".step-00000020.tmp").write_text("in the way")
+    with pytest.raises(UserError, match=r"could not write checkpoint .*step-00000020.*previous checkpoint "
+                                        r"\(.*step-00000010\) is intact"):
+        mgr.save(20)
+    assert _steps(tmp_path) == ["step-00000010"]
+    assert json.loads((tmp_path / "latest.json").read_text())["name"] == "step-00000010"
+    assert (tmp_path / ".step-00000020.tmp").read_text() == "in the way"

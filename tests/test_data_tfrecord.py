@@ -180,3 +180,16 @@ def test_cli_to_tfrecord_in_parallel(data, tmp_path):
     assert sorted(tfrecord.read_examples(tfrecord.scan(out, "train"))) == _folder_set(data["train"])
     bad = run_cli("data", "to-tfrecord", "--src", tmp_path / "missing", "--out", out, "--shards", "2")
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("rec", ["rec4", "rec3"])
+def test_a_resumed_epoch_continues_where_it_left_off(data, rec):
+    train = tfrecord.scan(data["base"] / rec, "train")
+    refs_t = _refs(data["train"])
+    kw = dict(rank=1, world=2, per_rank_batch=4, image_size=16, seed=5, augment="none",
+              shuffle_buffer=8)
+    whole = _bytes_of(tfrecord.train_dataset(train, epoch=2, **kw), refs_t)
+    rest = _bytes_of(tfrecord.train_dataset(train, epoch=2, skip_batches=1, **kw), refs_t)
+    assert len(whole) == 12 and rest == whole[4:]
+    # Another epoch, another order.
+    assert _bytes_of(tfrecord.train_dataset(train, epoch=3, **kw), refs_t) != whole

@@ -60,8 +60,12 @@ def test_trainer_two_ranks_writes_run_directory(launch, tmp_path, tiny_dataset):
     assert all(r["count"] == 5 and 0 < r["min"] <= r["median"] <= r["max"] for r in ratios)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     latest = json.loads((run / "checkpoints" / "latest.json").read_text())
-    assert latest == {"name": "epoch-0003", "epoch": 3, "step": 90}
-    assert (run / "checkpoints" / "epoch-0003" / "ckpt.index").exists()
+    assert {k: latest[k] for k in ("name", "step", "epoch", "batch", "global_batch", "world_size")} == \
+        {"name": "step-00000090", "step": 90, "epoch": 3, "batch": 0, "global_batch": 16, "world_size": 2}
+    assert latest["config_hash"] == summary["config_hash"]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == \
+        ["step-00000030", "step-00000060", "step-00000090"]
+    assert (run / "checkpoints" / "step-00000090" / "ckpt.index").exists()
     # Only rank 0 prints: one header line, three epoch lines.
     assert proc.stdout.count("knl-train: 2 ranks (mpi)") == 1
     epoch_lines = [l for l in proc.stdout.splitlines() if l.startswith("epoch ")]

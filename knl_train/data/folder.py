@@ -1,8 +1,8 @@
 """ImageNet JPEG folder reader: ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*``, sharded per rank.
 
 Class indices come from the sorted wnids of ``train/``, so every rank and every run agrees.
-Sharding: each epoch, all ranks shuffle the full file list with the same seed, then rank r
-takes every world-th example; the shards are disjoint and together cover the epoch.
+Sharding: each epoch, all ranks permute the full file list with the same (seed, epoch), then
+rank r takes every world-th example; the shards are disjoint and together cover the epoch.
 Corrupt, truncated or empty image files are skipped and counted (``pipeline.SkipCounter``).
 """
 
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+import numpy as np
 import tensorflow as tf
 
 from knl_train.data import augment as aug
@@ -66,27 +67,32 @@ def scan(root, split: str, classes: List[str]) -> FolderSplit:
 
 def train_dataset(split: FolderSplit, *, rank: int, world: int, per_rank_batch: int,
                   image_size: int, seed: int, threads: int = 1, augment=None,
-                  skips: Optional[SkipCounter] = None) -> tf.data.Dataset:
-    """One epoch of this rank's shard per iteration; reshuffled each epoch, identically on all ranks.
+                  skips: Optional[SkipCounter] = None, epoch: int = 0, skip_batches: int = 0,
+                  num_batches: Optional[int] = None) -> tf.data.Dataset:
+    """This rank's batches of epoch ``epoch``, from batch ``skip_batches`` on.
 
-    Every rank yields exactly ``len(split) // global_batch`` batches. Bad images are skipped
-    and counted in ``skips``; the stream then runs on into the next (reshuffled) pass of the
-    shard, so a rank never runs short of batches (which would stall the allreduce).
-    ``augment``: an ``augment.Augment``, a mode name ("flip", "inception", "none") or None
-    (flip).
+    The epoch's order is a pure function of (seed, epoch), the same on every rank and in every
+    run, so a resumed run picks up exactly where the checkpoint left off; skipped batches cost
+    no decoding. ``num_batches`` defaults to the rest of the epoch (``len(split) //
+    global_batch`` in all). Bad images are skipped and counted in ``skips``; the stream then
+    runs on into a fixed fallback order, so a rank never runs short of batches (which would
+    stall the allreduce). ``augment``: an ``augment.Augment``, a mode name ("flip",
+    "inception", "none") or None (flip).
     """
     augment = aug.resolve(augment)
     steps = check_global_batch(len(split), per_rank_batch * world)
-    files = tf.data.Dataset.from_tensor_slices((list(split.files), list(split.labels)))
-    ds = files.shuffle(len(split), seed=seed, reshuffle_each_iteration=True).shard(world, rank)
-    # Read-ahead past the epoch must not touch ``ds``'s shuffle state (shared by its iterators,
-    # so advancing it a varying number of times would desynchronise the ranks): the fallback
-    # stream for skipped images is a separate, fixed order.
-    fallback = files.shuffle(len(split), seed=seed + 1, reshuffle_each_iteration=False)
-    ds = ds.concatenate(fallback.shard(world, rank).repeat())
+    if num_batches is None:
+        num_batches = steps - skip_batches
+    files, labels = np.asarray(split.files), np.asarray(split.labels, np.int32)
+    order = np.random.default_rng([seed, epoch]).permutation(len(split))[rank::world]
+    order = order[skip_batches * per_rank_batch:]
+    ds = tf.data.Dataset.from_tensor_slices((files[order], labels[order]))
+    fallback = np.random.default_rng([seed, 1 << 30]).permutation(len(split))[rank::world]
+    ds = ds.concatenate(tf.data.Dataset.from_tensor_slices((files[fallback], labels[fallback])).repeat())
     ds = images(ds, _load, lambda data, s: aug.train_image(data, s, image_size, augment),
-                image_size=image_size, seed=seed, rank=rank, threads=threads, skips=skips)
-    ds = ds.batch(per_rank_batch, drop_remainder=True).take(steps)
+                image_size=image_size, seed=seed, rank=rank, threads=threads, skips=skips,
+                epoch=epoch, start=skip_batches * per_rank_batch)
+    ds = ds.batch(per_rank_batch, drop_remainder=True).take(num_batches)
     return with_threads(ds.prefetch(2), threads)
 
 

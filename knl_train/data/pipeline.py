@@ -71,13 +71,15 @@ def as_user_message(e):
 
 
 def images(ds, load, transform, *, image_size: int, seed: int, rank: int, threads: int,
-           skips: "SkipCounter | None"):
+           skips: "SkipCounter | None", epoch: int = 0, start: int = 0):
     """Map a stream of raw elements to (image, label), skipping and counting bad images.
 
     ``load(elem) -> (bytes, label int32, problem string)``; ``problem`` non-empty stops the run.
-    ``transform(bytes, seed[2]) -> float32 [image_size, image_size, 3]``.
+    ``transform(bytes, seed[2]) -> float32 [image_size, image_size, 3]``. Element i of the
+    stream (counted from ``start``, its position in the epoch) is augmented with the stateless
+    seed (seed, rank, epoch, i), so a resumed epoch repeats its augmentations exactly.
     """
-    base = tf.constant(seed * 1_000_003 + rank, tf.int64)
+    base = tf.constant(seed * 1_000_003 + rank + epoch * 1_000_000_007, tf.int64)
     zeros = tf.zeros([image_size, image_size, 3], tf.float32)
 
     def decode(idx, elem):
@@ -105,7 +107,7 @@ def images(ds, load, transform, *, image_size: int, seed: int, rank: int, thread
         def stage(idx, *elem):
             return decode(idx, elem if len(elem) > 1 else elem[0]) + (tf.constant(False),)
 
-    ds = ds.enumerate().map(stage, num_parallel_calls=threads, deterministic=True)
+    ds = ds.enumerate(start=start).map(stage, num_parallel_calls=threads, deterministic=True)
     # Whatever still fails to read or decode is dropped here and counted from the gap it leaves.
     ds = ds.ignore_errors()
     counter = skips.variable if skips is not None else None
@@ -120,7 +122,7 @@ def images(ds, load, transform, *, image_size: int, seed: int, rank: int, thread
         with tf.control_dependencies(checks):
             return tf.identity(idx), (tf.identity(img), label, ok)
 
-    ds = ds.scan(tf.constant(-1, tf.int64), count)
+    ds = ds.scan(tf.constant(start - 1, tf.int64), count)
     return ds.filter(_keep).map(_drop_flag)
 
 

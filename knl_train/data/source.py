@@ -14,7 +14,8 @@ class DataSource:
     classes: Tuple[str, ...]
     num_train: int
     num_val: int
-    # (rank, world, per_rank_batch, steps) -> one epoch of this rank's training batches
+    # (rank, world, per_rank_batch, epoch, skip_batches, num_batches) -> this rank's batches
+    # number skip_batches .. skip_batches + num_batches - 1 of epoch ``epoch``
     train: Callable
     # (rank, world, batch) -> this rank's share of the evaluation set
     eval: Callable
@@ -32,10 +33,12 @@ def open_source(cfg, *, seed: int) -> DataSource:
         classes = tuple(str(i) for i in range(cfg.num_classes or 1000))
         n = cfg.num_examples or 1024
 
-        def train(rank, world, per_rank_batch, steps):
+        def train(rank, world, per_rank_batch, epoch, skip_batches, num_batches):
+            per_epoch = n // (per_rank_batch * world)
             return synthetic.dataset(per_rank_batch=per_rank_batch, image_size=cfg.image_size,
-                                     num_classes=len(classes), steps=steps, seed=seed, rank=rank,
-                                     threads=cfg.threads)
+                                     num_classes=len(classes), steps=num_batches, seed=seed,
+                                     rank=rank, threads=cfg.threads,
+                                     start=epoch * per_epoch + skip_batches)
 
         def evaluate(rank, world, batch):
             return synthetic.dataset(per_rank_batch=batch, image_size=cfg.image_size,
@@ -57,9 +60,11 @@ def open_source(cfg, *, seed: int) -> DataSource:
         val_split = reader.scan(cfg.path, "val", classes)
         extra = {}
 
-    def train(rank, world, per_rank_batch, steps):
+    def train(rank, world, per_rank_batch, epoch, skip_batches, num_batches):
         return reader.train_dataset(train_split, rank=rank, world=world,
-                                    per_rank_batch=per_rank_batch, seed=seed, **common, **extra)
+                                    per_rank_batch=per_rank_batch, seed=seed, epoch=epoch,
+                                    skip_batches=skip_batches, num_batches=num_batches,
+                                    **common, **extra)
 
     def evaluate(rank, world, batch):
         return reader.eval_dataset(val_split, rank=rank, world=world, batch=batch, **common)

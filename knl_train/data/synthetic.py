@@ -16,9 +16,10 @@ from knl_train.errors import UserError
 
 def dataset(*, per_rank_batch: int, image_size: int, num_classes: int, steps: Optional[int] = None,
             seed: int = 0, rank: int = 0, channels: int = 3, mode: str = "cached",
-            threads: int = 1) -> tf.data.Dataset:
+            threads: int = 1, start: int = 0) -> tf.data.Dataset:
     """(float32 [per_rank_batch, image_size, image_size, channels], int32 [per_rank_batch]) batches,
-    ``steps`` of them (None: endless). Images are ~N(0, 1), like normalised pixels."""
+    ``steps`` of them (None: endless), from batch number ``start`` of the stream. Images are
+    ~N(0, 1), like normalised pixels."""
     for name, v in (("per_rank_batch", per_rank_batch), ("image_size", image_size),
                     ("num_classes", num_classes), ("channels", channels)):
         if v < 1:
@@ -39,7 +40,7 @@ def dataset(*, per_rank_batch: int, image_size: int, num_classes: int, steps: Op
     if mode == "cached":
         ds = tf.data.Dataset.from_tensors(make(0)).repeat(count)
     else:
-        ds = tf.data.Dataset.range(count if steps is not None else 2 ** 62).map(
+        ds = tf.data.Dataset.range(start, start + count if steps is not None else 2 ** 62).map(
             make, num_parallel_calls=threads, deterministic=True)
     from knl_train.data.pipeline import with_threads
     return with_threads(ds.prefetch(1), threads)

@@ -247,20 +247,26 @@ def _loader(split: TFRecordSplit):
 
 def train_dataset(split: TFRecordSplit, *, rank: int, world: int, per_rank_batch: int, image_size: int,
                   seed: int, threads: int = 1, augment=None, skips=None,
-                  shuffle_buffer: int = 1024):
-    """Like ``folder.train_dataset``: ``len(split) // global_batch`` batches per iteration, 0-based
+                  shuffle_buffer: int = 1024, epoch: int = 0, skip_batches: int = 0,
+                  num_batches: Optional[int] = None):
+    """Like ``folder.train_dataset``: epoch ``epoch`` from batch ``skip_batches`` on, 0-based
     labels, bad images skipped and counted, tagged errors for schema and label problems (wrap
-    iteration in ``pipeline.user_errors()`` to get them as ``UserError``)."""
+    iteration in ``pipeline.user_errors()`` to get them as ``UserError``). Skipped batches are
+    read (the shuffle buffer must replay) but not decoded."""
     from knl_train.data import augment as aug
     from knl_train.data.pipeline import check_global_batch, images, with_threads
     augment = aug.resolve(augment)
     steps = check_global_batch(len(split), per_rank_batch * world)
-    ds = _records(split, rank=rank, world=world, seed=seed, threads=threads, shuffle_buffer=shuffle_buffer)
+    if num_batches is None:
+        num_batches = steps - skip_batches
+    ds = _records(split, rank=rank, world=world, seed=seed + epoch * 1_000_003, threads=threads,
+                  shuffle_buffer=shuffle_buffer).skip(skip_batches * per_rank_batch)
     # Runs on in a fixed order if skipped images leave a rank short (see folder.train_dataset).
     ds = ds.concatenate(_records(split, rank=rank, world=world, seed=None, threads=threads).repeat())
     ds = images(ds, _loader(split), lambda data, s: aug.train_image(data, s, image_size, augment),
-                image_size=image_size, seed=seed, rank=rank, threads=threads, skips=skips)
-    ds = ds.batch(per_rank_batch, drop_remainder=True).take(steps)
+                image_size=image_size, seed=seed, rank=rank, threads=threads, skips=skips,
+                epoch=epoch, start=skip_batches * per_rank_batch)
+    ds = ds.batch(per_rank_batch, drop_remainder=True).take(num_batches)
     return with_threads(ds.prefetch(2), threads)
 
 

@@ -85,6 +85,11 @@ def broadcast_from_root(variables) -> None:
     hvd_tf.broadcast_variables(variables, root_rank=0)
 
 
+def broadcast_object(obj, name: str):
+    """Rank 0's picklable ``obj`` on every rank."""
+    return hvd_tf.broadcast_object(obj, root_rank=0, name=name)
+
+
 def allreduce_sum(values, name: str) -> np.ndarray:
     """Sum a small float vector over all ranks (every rank must call this in the same order)."""
     t = tf.constant(np.asarray(values, dtype=np.float64))

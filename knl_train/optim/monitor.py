@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -19,7 +19,7 @@ class TrustRatioMonitor(tf.keras.callbacks.Callback):
     """
 
     def __init__(self, every: int = 100, log_dir: Optional[str] = None,
-                 jsonl_path: Optional[str] = None):
+                 jsonl_path: Optional[str] = None, step_fn: Optional[Callable[[], int]] = None):
         super().__init__()
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
@@ -27,18 +27,23 @@ class TrustRatioMonitor(tf.keras.callbacks.Callback):
         self.jsonl_path = jsonl_path
         self.history: List[dict] = []
         self._writer = tf.summary.create_file_writer(str(log_dir)) if log_dir else None
+        # The optimizer update count; by default its iterations (which, under gradient
+        # accumulation, count micro-batches: pass the update count then).
+        self._step_fn = step_fn or (lambda: int(self.model.optimizer.iterations.numpy()))
         self._batches = 0
+        self._last = None
 
     def on_train_batch_end(self, batch, logs=None):
         self._batches += 1
-        if self._batches % self.every:
+        step = self._step_fn()
+        if step % self.every or step == self._last:
             return
+        self._last = step
         ratios = getattr(self.model.optimizer, "trust_ratios", lambda: {})()
         if not ratios:
             return
         names = list(ratios)
         values = np.array([ratios[n] for n in names])
-        step = int(self.model.optimizer.iterations.numpy())
         rec = {"kind": "trust_ratio", "step": step, "batch": self._batches, "count": len(values),
                "min": float(values.min()), "median": float(np.median(values)),
                "max": float(values.max()), "argmin": names[int(values.argmin())],

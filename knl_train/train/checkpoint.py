@@ -1,8 +1,10 @@
 """Rank-0 checkpoints, written atomically and rotated.
 
-Each checkpoint is a directory ``epoch-NNNN`` holding a ``tf.train.Checkpoint`` of the model and
-optimizer. It is written under a temporary name and renamed into place, and ``latest.json`` is
-replaced atomically afterwards, so a crash mid-write leaves the previous checkpoint as latest.
+Each checkpoint is a directory ``step-NNNNNNNN`` (optimizer updates done) holding a
+``tf.train.Checkpoint`` of the model and optimizer (weights, slots, iteration count) and
+``state.json``: where in the data the run stands. It is written under a temporary name and
+renamed into place, and ``latest.json`` is replaced atomically afterwards, so a crash mid-write
+leaves the previous checkpoint as the latest.
 """
 
 from __future__ import annotations
@@ -19,6 +21,23 @@ from knl_train.errors import UserError
 from knl_train.io import write_json_atomic
 
 LATEST = "latest.json"
+STATE = "state.json"
+PREFIX = "step-"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def latest_state(directory) -> Optional[dict]:
+    """The state of the newest complete checkpoint in ``directory``, or None."""
+    try:
+        state = json.loads((Path(directory) / LATEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not (Path(directory) / state.get("name", "") / "ckpt.index").exists():
+        return None
+    return state
 
 
 class CheckpointManager:
@@ -27,34 +46,35 @@ class CheckpointManager:
         self.keep = keep
         self._ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
 
-    def save(self, epoch: int, step: int) -> Path:
-        name = f"epoch-{epoch:04d}"
+    def save(self, step: int, state: Optional[dict] = None) -> Path:
+        """Write the checkpoint of update ``step``; ``state`` (JSON) is stored beside it."""
+        name = checkpoint_name(step)
         final = self.directory / name
-        tmp = self.directory / f".{name}.tmp-{os.getpid()}"
+        tmp = self.directory / f".{name}.tmp"
+        state = {"name": name, "step": step, **(state or {})}
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
             self._ckpt.write(str(tmp / "ckpt"))
+            write_json_atomic(tmp / STATE, state)
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            write_json_atomic(self.directory / LATEST, {"name": name, "epoch": epoch, "step": step})
+            write_json_atomic(self.directory / LATEST, state)
         except (OSError, tf.errors.OpError) as e:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
             previous = self.latest()
             raise UserError(
-                f"could not write checkpoint {final}: {getattr(e, 'message', e)}. "
+                f"could not write checkpoint {final}: {getattr(e, 'message', None) or e}. "
                 f"The previous checkpoint ({previous or 'none'}) is intact; "
-                "free space or fix the permissions of the run directory.") from None
-        self._rotate(epoch)
+                "free space or fix the permissions of the run directory, then rerun to resume.") from None
+        self._rotate(step)
         return final
 
     def latest(self) -> Optional[Path]:
-        try:
-            info = json.loads((self.directory / LATEST).read_text())
-        except (OSError, ValueError):
-            return None
-        return self.directory / info["name"]
+        state = latest_state(self.directory)
+        return self.directory / state["name"] if state else None
 
     def restore(self, path) -> None:
         self._ckpt.read(str(Path(path) / "ckpt")).assert_existing_objects_matched()
@@ -62,13 +82,13 @@ class CheckpointManager:
     def _rotate(self, current: int):
         """Keep the last ``keep`` checkpoints up to ``current``.
 
-        Checkpoints of later epochs belong to an earlier run in this directory that the current
+        Checkpoints of later steps belong to an earlier run in this directory that the current
         one has superseded (it started over); they would otherwise outlive it.
         """
-        def epoch_of(p):
-            return int(p.name.split("-", 1)[1])
-        done = sorted((p for p in self.directory.glob("epoch-*") if p.is_dir()), key=epoch_of)
-        stale = [p for p in done if epoch_of(p) > current]
-        kept = [p for p in done if epoch_of(p) <= current]
+        def step_of(p):
+            return int(p.name[len(PREFIX):])
+        done = sorted((p for p in self.directory.glob(PREFIX + "*") if p.is_dir()), key=step_of)
+        stale = [p for p in done if step_of(p) > current]
+        kept = [p for p in done if step_of(p) <= current]
         for old in stale + kept[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -95,6 +95,59 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class HorovodConfig:
+    # None: Horovod's own default (128 MB, 1 ms) or what HOROVOD_FUSION_THRESHOLD /
+    # HOROVOD_CYCLE_TIME already say.
+    fusion_threshold_mb: Optional[float] = None
+    cycle_time_ms: Optional[float] = None
+    # fp16: gradients travel as float16 in the allreduce (half the bytes).
+    compression: Literal["none", "fp16"] = "none"
+    # Gradient accumulation: k micro-batches per rank per optimizer update.
+    backward_passes_per_step: int = 1
+
+    def __post_init__(self):
+        _positive(self, "backward_passes_per_step")
+        for name in ("fusion_threshold_mb", "cycle_time_ms"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class ThreadsConfig:
+    # TF thread pools per rank. 0: what the launcher's preset exported
+    # (KNL_TRAIN_INTRA_OP_THREADS / KNL_TRAIN_INTER_OP_THREADS), else intra = the rank's cores
+    # less data.threads, inter = 1.
+    intra_op: int = 0
+    inter_op: int = 0
+
+    def __post_init__(self):
+        if self.intra_op < 0 or self.inter_op < 0:
+            raise ValueError("threads.intra_op and threads.inter_op must be >= 0 (0 = automatic)")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_epochs: int = 1
+    # Also every this many minutes (mid-epoch), for long epochs under a wall-clock limit.
+    every_minutes: Optional[float] = None
+    keep: int = 3
+
+    def __post_init__(self):
+        _positive(self, "every_epochs", "keep")
+        if self.every_minutes is not None and self.every_minutes <= 0:
+            raise ValueError(f"every_minutes must be > 0, got {self.every_minutes}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    # Evaluate every this many epochs; the last epoch is always evaluated.
+    every_epochs: int = 1
+
+    def __post_init__(self):
+        _positive(self, "every_epochs")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: str = "small_cnn"
     # A published recipe (knl_train.optim.recipes): its values sit under the YAML and --set.
@@ -103,39 +156,56 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     # Set one of the two: a fixed global batch (strong scaling) or a fixed batch per rank
-    # (weak scaling: global = per_rank_batch x ranks). Neither: 32 per rank.
+    # (weak scaling: global = per_rank_batch x ranks x backward_passes_per_step). Neither: 32
+    # per rank. per_rank_batch is the micro-batch a rank computes at once.
     global_batch: Optional[int] = None
     per_rank_batch: Optional[int] = None
     epochs: int = 4
+    # Optimizer updates to train; when set it replaces ``epochs`` (the schedule spans them).
+    steps: Optional[int] = None
+    precision: Literal["fp32", "mixed_bf16"] = "fp32"
+    label_smoothing: float = 0.0
+    horovod: HorovodConfig = field(default_factory=HorovodConfig)
+    threads: ThreadsConfig = field(default_factory=ThreadsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 1234
+    # Op determinism (tf.config.experimental.enable_op_determinism): bit-reproducible runs and
+    # exact resume, at some speed.
+    deterministic: bool = False
     run_dir: str = "runs/demo"
-    # Rank 0 prints and records a metrics line every this many steps.
+    # Rank 0 prints and records a metrics line every this many optimizer updates.
     log_every: int = 10
-    keep_checkpoints: int = 3
-    # TF thread pools per rank; 0 = the number of cores this rank is bound to.
-    intra_op_threads: int = 0
-    inter_op_threads: int = 1
+    # Every this many updates (and at the end) the ranks compare weight checksums, and agree on
+    # non-finite losses, stop signals and timed checkpoints, in one small allreduce.
+    guard_every: int = 20
 
     def __post_init__(self):
-        _positive(self, "epochs", "log_every", "keep_checkpoints")
+        _positive(self, "epochs", "log_every", "guard_every")
         if self.global_batch is not None and self.per_rank_batch is not None:
             raise ValueError("set global_batch or per_rank_batch, not both")
-        for name in ("global_batch", "per_rank_batch"):
+        for name in ("global_batch", "per_rank_batch", "steps"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.intra_op_threads < 0 or self.inter_op_threads < 0:
-            raise ValueError("intra_op_threads and inter_op_threads must be >= 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
     def batch_sizes(self, world_size: int) -> Tuple[int, int]:
-        """(global batch, per-rank batch) on ``world_size`` ranks."""
+        """(global batch, per-rank micro-batch) on ``world_size`` ranks.
+
+        The global batch is what one optimizer update sees: micro-batch x ranks x
+        ``horovod.backward_passes_per_step``.
+        """
+        k = self.horovod.backward_passes_per_step
         if self.global_batch is None:
             per_rank = self.per_rank_batch or 32
-            return per_rank * world_size, per_rank
-        if self.global_batch % world_size:
+            return per_rank * world_size * k, per_rank
+        if self.global_batch % (world_size * k):
+            what = f"the {world_size} ranks" + (f" x {k} accumulated micro-batches" if k > 1 else "")
             raise ValueError(
-                f"global_batch {self.global_batch} is not divisible by the {world_size} ranks; "
-                f"use a multiple of {world_size}, or set per_rank_batch instead")
-        return self.global_batch, self.global_batch // world_size
+                f"global_batch {self.global_batch} is not divisible by {what}; "
+                f"use a multiple of {world_size * k}, or set per_rank_batch instead")
+        return self.global_batch, self.global_batch // (world_size * k)
 
     def hash(self) -> str:
         blob = json.dumps(configs.to_dict(self), sort_keys=True).encode()
@@ -159,6 +229,8 @@ def _with_recipe(data: dict) -> dict:
     base = recipes.get(str(data["recipe"])).to_config_dict()
     if "global_batch" in data or "per_rank_batch" in data:
         base.pop("global_batch", None)
+    if "steps" in data:
+        base.pop("epochs", None)
     return _deep_merge(base, data)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional, Tuple
 
 import yaml
 
@@ -28,51 +30,92 @@ def default_intra_threads(local_size: int, data_threads: int = 0) -> int:
     return allowed - data_threads if allowed > data_threads else allowed
 
 
-def _configure_threads(cfg: TrainConfig, local_size: int):
-    import tensorflow as tf
-    # Must happen before TF creates its thread pools (the first op).
-    intra = cfg.intra_op_threads or default_intra_threads(local_size, cfg.data.threads)
-    tf.config.threading.set_intra_op_parallelism_threads(intra)
-    tf.config.threading.set_inter_op_parallelism_threads(cfg.inter_op_threads)
-    return intra
+def thread_counts(cfg: TrainConfig, local_size: int) -> Tuple[int, int]:
+    """(intra, inter) per rank: the config, else the launcher preset's, else automatic."""
+    intra = cfg.threads.intra_op or _env_int("KNL_TRAIN_INTRA_OP_THREADS") \
+        or default_intra_threads(local_size, cfg.data.threads)
+    inter = cfg.threads.inter_op or _env_int("KNL_TRAIN_INTER_OP_THREADS") or 1
+    return intra, inter
 
 
-def run(cfg: TrainConfig) -> dict:
-    """Train per ``cfg`` on every rank; rank 0 writes the run directory. Returns the summary."""
+def _env_int(name: str) -> int:
+    raw = os.environ.get(name, "")
+    try:
+        value = int(raw) if raw else 0
+    except ValueError:
+        raise UserError(f"{name}={raw!r} is not a whole number of threads") from None
+    if value < 0:
+        raise UserError(f"{name}={raw!r}: thread counts must be >= 0")
+    return value
+
+
+def _horovod_environment(cfg: TrainConfig) -> None:
+    """Horovod reads its tunables from the environment when it initialises."""
+    h = cfg.horovod
+    if h.fusion_threshold_mb is not None:
+        os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(h.fusion_threshold_mb * 1024 * 1024))
+    if h.cycle_time_ms is not None:
+        os.environ["HOROVOD_CYCLE_TIME"] = f"{h.cycle_time_ms:g}"
+
+
+def run(cfg: TrainConfig, resume: str = "auto") -> dict:
+    """Train per ``cfg`` on every rank; rank 0 writes the run directory. Returns the summary.
+
+    ``resume``: ``auto`` (from the run directory's newest checkpoint, if any), ``resume``
+    (there must be one) or ``fresh``.
+    """
     t_start = time.perf_counter()
+    _horovod_environment(cfg)
     from knl_train.dist import horovod as dist
     world = dist.init()
-    intra = _configure_threads(cfg, world.local_size)
-
+    intra, inter = thread_counts(cfg, world.local_size)
     import tensorflow as tf
+    # Both must happen before TF creates its thread pools (the first op).
+    tf.config.threading.set_intra_op_parallelism_threads(intra)
+    tf.config.threading.set_inter_op_parallelism_threads(inter)
+
     from knl_train import models, stack
     from knl_train.data.pipeline import check_global_batch, user_errors
     from knl_train.data.source import open_source
     from knl_train.optim import build_optimizer
     from knl_train.optim.scaling import scale_schedule
     from knl_train.optim.schedules import build_lr_schedule, build_momentum
-    from knl_train.train.callbacks import CheckpointCallback, TrainingMonitor
+    from knl_train.train import resume as resuming
+    from knl_train.train.callbacks import Position, RunControl, TrainingMonitor
     from knl_train.train.checkpoint import CheckpointManager
+    from knl_train.train.signals import StopRequest
 
     stack.check_keras()
     log = print if world.is_root else (lambda *a, **k: None)
+    if cfg.deterministic:
+        tf.config.experimental.enable_op_determinism()
+    if cfg.precision == "mixed_bf16":
+        tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
         global_batch, per_rank = cfg.batch_sizes(world.size)
     except ValueError as e:
         raise UserError(str(e)) from None
+    passes = cfg.horovod.backward_passes_per_step
 
     data = open_source(cfg.data, seed=cfg.seed)
     classes = data.classes
-    steps_per_epoch = check_global_batch(data.num_train, global_batch)
-    total_steps = steps_per_epoch * cfg.epochs
+    updates_per_epoch = check_global_batch(data.num_train, global_batch)
+    total_updates = cfg.steps or cfg.epochs * updates_per_epoch
+    epochs = -(-total_updates // updates_per_epoch)
 
     run_dir = Path(cfg.run_dir)
+    resolved = _plain(configs.to_dict(cfg))
+    start = _agree_on_start(world, dist, run_dir, resume, global_batch, passes, resolved)
+    if start and start["step"] >= total_updates:
+        return _already_complete(world, run_dir, start, log)
     if world.is_root:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run_dir / "config.yaml",
-                          yaml.safe_dump(_plain(configs.to_dict(cfg)), sort_keys=False))
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         write_json_atomic(run_dir / "class_index.json", {w: i for i, w in enumerate(classes)})
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if start:
+            resuming.trim_metrics(run_dir / "metrics.jsonl", start["step"])
+        else:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
 
     tf.keras.utils.set_random_seed(cfg.seed)
     s = cfg.schedule
@@ -80,73 +123,119 @@ def run(cfg: TrainConfig) -> dict:
     if s.reference_batch:
         peak_lr, warmup_epochs = scale_schedule(peak_lr, warmup_epochs, s.reference_batch, global_batch,
                                                 rule=s.scaling, warmup_rule=s.warmup_scaling)
-    warmup_steps = min(total_steps, round(warmup_epochs * steps_per_epoch))
-    schedule = build_lr_schedule(s.kind, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
+    warmup_steps = min(total_updates, round(warmup_epochs * updates_per_epoch))
+    schedule = build_lr_schedule(s.kind, steps_per_epoch=updates_per_epoch,
+                                 epochs=total_updates / updates_per_epoch,
                                  peak_lr=peak_lr, warmup_epochs=warmup_epochs,
                                  warmup_start_lr=s.warmup_start_lr, end_lr=s.end_lr, power=s.power,
                                  decay_over=s.decay_over, boundary_epochs=s.boundary_epochs,
                                  decay_factor=s.decay_factor)
     momentum = build_momentum(cfg.optimizer.momentum, schedule, cfg.optimizer.momentum_correction)
-    optimizer = dist.distributed_optimizer(build_optimizer(cfg.optimizer, schedule, momentum))
+    try:
+        optimizer = dist.distributed_optimizer(build_optimizer(cfg.optimizer, schedule, momentum),
+                                               backward_passes_per_step=passes,
+                                               compression=cfg.horovod.compression)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     model = models.build(cfg.model, num_classes=len(classes), image_size=cfg.data.image_size)
-    model.compile(optimizer=optimizer,
-                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="top1")])
-    # Identical starting weights on every rank; slots are created later as zeros everywhere.
-    dist.broadcast_from_root(model.variables)
+    if cfg.precision == "mixed_bf16":
+        # Logits in float32: the softmax and its loss keep full precision.
+        out = tf.keras.layers.Activation("linear", dtype="float32", name="logits_fp32")(model.output)
+        model = tf.keras.Model(model.input, out, name=model.name)
+    model.compile(optimizer=optimizer, loss=_loss(len(classes), cfg.label_smoothing),
+                  metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="top1"),
+                           tf.keras.metrics.SparseTopKCategoricalAccuracy(min(5, len(classes)), name="top5")])
+    # Slots exist before a restore, so the checkpoint fills them now rather than lazily.
+    optimizer._create_all_weights(model.trainable_variables)
+    manager = CheckpointManager(run_dir / "checkpoints", model, optimizer,
+                                keep=cfg.checkpoint.keep) if world.is_root else None
+    if start and world.is_root:
+        manager.restore(run_dir / "checkpoints" / start["name"])
+    # Identical weights, slots and step counter on every rank: rank 0's.
+    dist.broadcast_from_root(model.variables + optimizer.variables())
 
     from knl_train.tuning import itex
     log(f"knl-train: {world.size} ranks ({world.controller}), {intra} compute threads/rank, "
         f"ITEX {'on' if itex.active() else 'off'}, "
-        f"model {cfg.model} ({model.count_params():,} params), {len(classes)} classes, "
+        f"model {cfg.model} ({model.count_params():,} params, {cfg.precision}), {len(classes)} classes, "
         f"{data.num_train} train / {data.num_val} val images ({cfg.data.format}), global batch {global_batch} "
-        f"({per_rank}/rank), {steps_per_epoch} steps/epoch x {cfg.epochs} epochs, "
+        f"({per_rank}/rank" + (f" x {passes} accumulated" if passes > 1 else "") + "), "
+        f"{updates_per_epoch} steps/epoch, {total_updates} steps, "
         f"{cfg.optimizer.name}{f' ({cfg.optimizer.variant})' if cfg.optimizer.name == 'lars' else ''}, {s.kind} schedule, peak lr {peak_lr:g}, "
         f"warmup {warmup_steps} steps" + (f", recipe {cfg.recipe}" if cfg.recipe else ""))
+    if start:
+        log(f"resuming from {run_dir / 'checkpoints' / start['name']}: step {start['step']}, "
+            f"epoch {start['epoch'] + 1}, batch {start['batch']}")
+        for note in start.get("notes", []):
+            log(note)
     sys.stdout.flush()
-
-    train_ds = data.train(world.rank, world.size, per_rank, steps_per_epoch)
-
-    def eval_ds():
-        return data.eval(world.rank, world.size, per_rank)
 
     def current_lr() -> float:
         # The optimizer's own view: includes any per-update wrapping of the schedule.
         return float(optimizer._decayed_lr(tf.float32))
 
     import horovod.tensorflow.keras as hvd
-    monitor = TrainingMonitor(world=world, global_batch=global_batch,
-                              steps_per_epoch=steps_per_epoch, epochs=cfg.epochs,
-                              eval_dataset_fn=eval_ds, num_classes=len(classes),
+    position = Position(updates_per_epoch=updates_per_epoch, passes=passes, total_updates=total_updates,
+                        epoch=start["epoch"] if start else 0, batch=start["batch"] if start else 0)
+    stop = StopRequest()
+    control = RunControl(world=world, position=position, guard_every=cfg.guard_every, manager=manager,
+                         checkpoint_every_epochs=cfg.checkpoint.every_epochs,
+                         checkpoint_every_minutes=cfg.checkpoint.every_minutes, stop_request=stop,
+                         lr_at=lambda step: float(schedule(step)),
+                         state_extra={"global_batch": global_batch, "passes": passes,
+                                      "world_size": world.size, "config_hash": cfg.hash(),
+                                      "config": resolved},
+                         print_fn=lambda m: print(m, flush=True))
+    if start:
+        control.last_checkpoint = str(run_dir / "checkpoints" / start["name"])
+    monitor = TrainingMonitor(world=world, position=position, global_batch=global_batch, epochs=epochs,
+                              eval_dataset_fn=lambda: data.eval(world.rank, world.size, per_rank),
+                              eval_every=cfg.eval.every_epochs, num_classes=len(classes),
                               metrics_path=str(run_dir / "metrics.jsonl"),
-                              log_every=cfg.log_every, lr_fn=current_lr, skips=data.skips,
+                              log_dir=str(run_dir / "tensorboard"), log_every=cfg.log_every,
+                              lr_fn=current_lr, skips=data.skips,
                               print_fn=lambda m: print(m, flush=True))
-    callbacks = [hvd.callbacks.MetricAverageCallback(), monitor]
-    if world.is_root:
-        if hasattr(optimizer, "trust_ratios"):
-            from knl_train.optim.monitor import TrustRatioMonitor
-            callbacks.append(TrustRatioMonitor(every=cfg.log_every, log_dir=str(run_dir / "tensorboard"),
-                                               jsonl_path=str(run_dir / "metrics.jsonl")))
-        ckpt = CheckpointManager(run_dir / "checkpoints", model, optimizer, keep=cfg.keep_checkpoints)
-        callbacks.append(CheckpointCallback(ckpt, steps_per_epoch))
+    callbacks = [hvd.callbacks.MetricAverageCallback(), control, monitor]
+    if world.is_root and hasattr(optimizer, "trust_ratios"):
+        from knl_train.optim.monitor import TrustRatioMonitor
+        callbacks.append(TrustRatioMonitor(every=cfg.log_every, log_dir=str(run_dir / "tensorboard"),
+                                           jsonl_path=str(run_dir / "metrics.jsonl"),
+                                           step_fn=lambda: position.update))
 
-    with user_errors():  # bad records (missing feature, label out of range) become UserErrors
-        model.fit(train_ds, epochs=cfg.epochs, callbacks=callbacks, verbose=0)
+    first_epoch, first_batch = position.epoch, position.batch
+    with stop, user_errors():  # bad records (missing feature, label out of range) become UserErrors
+        for epoch in range(first_epoch, epochs):
+            skip = first_batch if epoch == first_epoch else 0
+            todo = min(position.micro_per_epoch, (total_updates - epoch * updates_per_epoch) * passes)
+            position.epoch, position.batch, position.end_batch = epoch, skip, todo
+            train_ds = data.train(world.rank, world.size, per_rank, epoch, skip, todo - skip)
+            model.fit(train_ds, epochs=epoch + 1, initial_epoch=epoch, callbacks=callbacks, verbose=0)
+            if position.stopped:
+                break
 
-    last = monitor.history[-1]
-    steady = monitor.history[1:] or monitor.history
-    images = global_batch * steps_per_epoch * len(steady)
+    if position.stopped:
+        log(f"stopped by {stop.name or 'a signal'} at step {position.update}: checkpoint "
+            f"{control.last_checkpoint} written; rerun the same command to resume from it")
+        return {"stopped": True, "step": position.update, "checkpoint": control.last_checkpoint}
+
+    history = monitor.history
+    last = history[-1]
+    steady = history[1:] or history
     seconds = sum(r["epoch_seconds"] for r in steady)
+    images = sum(r["images_per_sec"] * r["epoch_seconds"] for r in steady)
+    final_val = next((r for r in reversed(history) if "val_top1" in r), {})
     summary = {
-        "top1": last["val_top1"], "top5": last["val_top5"], "val_loss": last["val_loss"],
+        "top1": final_val.get("val_top1"), "top5": final_val.get("val_top5"),
+        "val_loss": final_val.get("val_loss"),
         "train_loss": last["loss"], "train_top1": last["top1"],
         "images_per_sec": images / seconds,
         "images_per_sec_per_rank": images / seconds / world.size,
         "world_size": world.size, "controller": world.controller,
-        "global_batch": global_batch, "per_rank_batch": per_rank,
-        "epochs": cfg.epochs, "steps": total_steps, "num_classes": len(classes),
-        "model": cfg.model, "optimizer": cfg.optimizer.name,
-        "intra_op_threads": intra, "inter_op_threads": cfg.inter_op_threads,
+        "global_batch": global_batch, "per_rank_batch": per_rank, "backward_passes_per_step": passes,
+        "epochs": epochs, "steps": total_updates, "num_classes": len(classes),
+        "resumed_from_step": start["step"] if start else None,
+        "model": cfg.model, "optimizer": cfg.optimizer.name, "precision": cfg.precision,
+        "intra_op_threads": intra, "inter_op_threads": inter,
         "wall_seconds": time.perf_counter() - t_start,
         "config_hash": cfg.hash(),
         "versions": stack.versions() if world.is_root else {},
@@ -157,6 +246,49 @@ def run(cfg: TrainConfig) -> dict:
             f"{summary['images_per_sec']:.0f} img/s on {world.size} ranks, "
             f"{summary['wall_seconds']:.1f} s; run directory {run_dir}")
     return summary
+
+
+def _loss(num_classes: int, label_smoothing: float):
+    import tensorflow as tf
+    if not label_smoothing:
+        return tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    def smoothed(y, logits):
+        onehot = tf.one_hot(tf.cast(tf.reshape(y, [-1]), tf.int32), num_classes)
+        return tf.keras.losses.categorical_crossentropy(onehot, logits, from_logits=True,
+                                                        label_smoothing=label_smoothing)
+    return smoothed
+
+
+def _agree_on_start(world, dist, run_dir: Path, mode: str, global_batch: int, passes: int,
+                    resolved: dict) -> Optional[dict]:
+    """Rank 0 finds the checkpoint to resume from (or none); every rank gets its answer."""
+    from knl_train.train import resume as resuming
+    answer = None
+    if world.is_root:
+        try:
+            state = resuming.find(run_dir / "checkpoints", mode, global_batch=global_batch, passes=passes)
+            if state is not None:
+                changed = resuming.changed_fields(state.get("config", {}), resolved)
+                state = {k: v for k, v in state.items() if k != "config"}
+                if changed:
+                    state["notes"] = [f"note: the config differs from the checkpoint's in {', '.join(changed)}"]
+            answer = ("ok", state)
+        except UserError as e:
+            answer = ("error", str(e))
+    kind, value = dist.broadcast_object(answer, name="knl_train.resume")
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+def _already_complete(world, run_dir: Path, start: dict, log) -> dict:
+    log(f"the run in {run_dir} is already complete (checkpoint {start['name']}, step {start['step']}); "
+        "nothing to train. Use --fresh to train it again, or raise epochs or steps to continue it.")
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {"complete": True, "step": start["step"]}
 
 
 def _plain(obj):

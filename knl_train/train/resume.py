@@ -1,0 +1,60 @@
+"""Where a run starts: afresh, or from the newest checkpoint in its run directory (rank 0 decides)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+from knl_train.errors import UserError
+from knl_train.io import write_text_atomic
+from knl_train.train.checkpoint import latest_state
+
+MODES = ("auto", "resume", "fresh")
+
+
+def find(checkpoints: Path, mode: str, *, global_batch: int, passes: int) -> Optional[dict]:
+    """The checkpoint state to resume from, or None to start afresh.
+
+    ``auto``: resume when there is a checkpoint; ``resume``: there must be one; ``fresh``:
+    ignore any (the new run's checkpoints supersede them).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "fresh":
+        return None
+    state = latest_state(checkpoints)
+    if state is None:
+        if mode == "resume":
+            raise UserError(f"--resume: there is no checkpoint in {checkpoints}; "
+                            "run without --resume to start the run")
+        return None
+    if (state.get("global_batch"), state.get("passes", 1)) != (global_batch, passes):
+        raise UserError(
+            f"the checkpoint {checkpoints / state['name']} was written with global batch "
+            f"{state.get('global_batch')} ({state.get('passes', 1)} micro-batches per update); this run has "
+            f"{global_batch} ({passes}). Resume with the same global batch (set global_batch), "
+            "or start afresh with --fresh or a new run_dir.")
+    return state
+
+
+def changed_fields(old: dict, new: dict, prefix: str = "") -> List[str]:
+    """Dotted names of the config fields that differ between two resolved configs."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += changed_fields(a, b, name + ".")
+        elif a != b:
+            out.append(name)
+    return out
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop the records past ``step``: the resumed run writes them again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
