@@ -84,6 +84,13 @@ def _join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 
 
+def _float_or_none(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def _coerce(tp, value, where):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -113,6 +120,9 @@ def _coerce(tp, value, where):
             raise UserError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads 1e-3 and 5e4, without a dot, as strings.
+            value = _float_or_none(value) if _float_or_none(value) is not None else value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -58,5 +58,88 @@ def tiny_dataset(tmp_path_factory):
     return out
 
 
+class BackgroundJob:
+    """A job started by ``knl-train launch`` (mpirun) in its own session, read line by line."""
+
+    def __init__(self, *command, np=2):
+        import queue
+        import threading
+        extra = ["--oversubscribe"] if np > len(os.sched_getaffinity(0)) else []
+        self.proc = subprocess.Popen([KNL_TRAIN, "launch", "-np", str(np), *extra, "--", *map(str, command)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=clean_env(), cwd=ROOT, start_new_session=True)
+        self.lines = []
+        self._queue = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for(self, pattern, timeout=240):
+        """Block until a line of output matches ``pattern`` (a regex); returns the match."""
+        import queue
+        import re
+        import time
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line matched {pattern!r} in {timeout} s:\n{self.output}") from None
+            if line is None:
+                raise AssertionError(f"the job ended before a line matched {pattern!r}:\n{self.output}")
+            self.lines.append(line)
+            m = re.search(pattern, line)
+            if m:
+                return m
+
+    def wait(self, timeout):
+        """The launcher's exit status, once it and its output have ended."""
+        rc = self.proc.wait(timeout=timeout)
+        while (line := self._queue.get(timeout=timeout)) is not None:
+            self.lines.append(line)
+        return rc
+
+    def ranks(self):
+        """{rank: psutil.Process} of the job's rank processes (mpirun's children)."""
+        import psutil
+        out = {}
+        for child in psutil.Process(self.proc.pid).children(recursive=True):
+            try:
+                env = child.environ()
+            except psutil.Error:
+                continue
+            if "OMPI_COMM_WORLD_RANK" in env:
+                out[int(env["OMPI_COMM_WORLD_RANK"])] = child
+        return out
+
+    def kill(self):
+        import signal
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture()
+def background():
+    """Start jobs with ``background(*command)``; whatever is left running is killed at the end."""
+    jobs = []
+
+    def _start(*command, np=2):
+        jobs.append(BackgroundJob(*command, np=np))
+        return jobs[-1]
+    yield _start
+    for job in jobs:
+        job.kill()
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

@@ -246,3 +246,34 @@ def test_schedule_kinds_and_scaling_fields():
 def test_momentum_correction_needs_lr_inside_momentum(overrides):
     with pytest.raises(UserError, match="momentum_correction"):
         train_config.load(None, overrides)
+
+
+def test_exponent_notation_without_a_dot_is_a_number(tmp_path):
+    # YAML 1.1 (PyYAML) reads 5e-5 as a string; in a float field it is the number users meant.
+    path = tmp_path / "c.yaml"
+    path.write_text("optimizer:\n  weight_decay: 5e-5\n")
+    cfg = train_config.load(str(path), ["schedule.peak_lr=1e12"])
+    assert cfg.optimizer.weight_decay == 5e-5 and cfg.schedule.peak_lr == 1e12
+    with pytest.raises(UserError, match="schedule.peak_lr: expected a number, got 'fast'"):
+        train_config.load(None, ["schedule.peak_lr=fast"])
+
+
+def test_new_sections_load_and_validate():
+    cfg = train_config.load(None, ["steps=500", "precision=mixed_bf16", "horovod.compression=fp16",
+                                   "horovod.backward_passes_per_step=4", "checkpoint.every_minutes=30",
+                                   "eval.every_epochs=5", "threads.intra_op=16", "guard_every=50"])
+    assert (cfg.steps, cfg.precision, cfg.guard_every) == (500, "mixed_bf16", 50)
+    assert cfg.horovod.backward_passes_per_step == 4 and cfg.checkpoint.every_minutes == 30.0
+    assert cfg.batch_sizes(8) == (32 * 8 * 4, 32)
+    with pytest.raises(UserError, match=r"precision: 'fp16' is not allowed; choose one of fp32, mixed_bf16"):
+        train_config.load(None, ["precision=fp16"])
+    with pytest.raises(UserError, match="backward_passes_per_step must be > 0"):
+        train_config.load(None, ["horovod.backward_passes_per_step=0"])
+    with pytest.raises(ValueError, match=r"not divisible by the 8 ranks x 4 accumulated micro-batches; "
+                                         r"use a multiple of 32"):
+        train_config.load(None, ["global_batch=1000", "horovod.backward_passes_per_step=4"]).batch_sizes(8)
+
+
+def test_steps_in_the_config_replace_a_recipes_epochs():
+    cfg = train_config.load(None, ["recipe=resnet50_32k_tpu", "steps=100"])
+    assert cfg.steps == 100

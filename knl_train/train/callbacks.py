@@ -152,7 +152,9 @@ class RunControl(tf.keras.callbacks.Callback):
         if answer.diverged:
             raise UserError(guard.describe_divergence(
                 pos.update, guard.checksums_by_rank(guard.weights_checksum(self.model.trainable_variables))))
-        if not pos.epoch_ended and (answer.stop or answer.checkpoint):
+        # A timed checkpoint at an epoch's end is left to on_epoch_end; a stop saves here,
+        # since on_epoch_end does nothing once the run has stopped.
+        if answer.stop or (answer.checkpoint and not pos.epoch_ended):
             self.save()
         if answer.stop:
             pos.stopped = True
