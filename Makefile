@@ -26,7 +26,7 @@ env:
 
 demo: env
 	$(KT) data make-demo --out $(DATA) --classes 40 --train-per-class 260 --val-per-class 50 --size 32 --seed 0
-	$(KT) launch -np $(NP) $(OVERSUBSCRIBE) -- $(KT) train --config $(DEMO_CONFIG) --set data.path=$(DATA) --set run_dir=$(RUN)
+	$(KT) launch -np $(NP) $(OVERSUBSCRIBE) -- $(KT) train --fresh --config $(DEMO_CONFIG) --set data.path=$(DATA) --set run_dir=$(RUN)
 	@echo "summary: $(RUN)/summary.json"; cat $(RUN)/summary.json
 
 test: env
