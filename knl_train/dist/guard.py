@@ -57,7 +57,8 @@ def agree(*, stop: bool, checkpoint: bool, nonfinite_step: Optional[int],
     c = 0.0 if checksum is None else checksum
     local = np.array([float(stop), float(checkpoint),
                       -float(_NO_STEP if nonfinite_step is None else nonfinite_step), c, -c])
-    out = hvd.allreduce(tf.constant(local), op=hvd.Max, name="knl_train.guard").numpy()
+    out = local if hvd.size() == 1 else \
+        hvd.allreduce(tf.constant(local), op=hvd.Max, name="knl_train.guard").numpy()
     first_bad = -out[2]
     return Agreement(stop=out[0] > 0, checkpoint=out[1] > 0,
                      nonfinite_step=None if first_bad >= _NO_STEP else int(first_bad),

@@ -92,13 +92,18 @@ def broadcast_object(obj, name: str):
 
 def allreduce_sum(values, name: str) -> np.ndarray:
     """Sum a small float vector over all ranks (every rank must call this in the same order)."""
-    t = tf.constant(np.asarray(values, dtype=np.float64))
-    return hvd_tf.allreduce(t, op=hvd_tf.Sum, name=name).numpy()
+    return _allreduce(values, hvd_tf.Sum, name)
 
 
 def allreduce_mean(values, name: str) -> np.ndarray:
-    t = tf.constant(np.asarray(values, dtype=np.float64))
-    return hvd_tf.allreduce(t, op=hvd_tf.Average, name=name).numpy()
+    return _allreduce(values, hvd_tf.Average, name)
+
+
+def _allreduce(values, op, name: str) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    if hvd_tf.size() == 1:  # a round trip through Horovod's cycle for nothing
+        return values
+    return hvd_tf.allreduce(tf.constant(values), op=op, name=name).numpy()
 
 
 def average_non_trainable(model) -> None:

@@ -56,4 +56,7 @@ class TrustRatioMonitor(tf.keras.callbacks.Callback):
                 for stat in ("min", "median", "max"):
                     tf.summary.scalar(f"trust_ratio/{stat}", rec[stat])
                 tf.summary.histogram("trust_ratio", values)
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
             self._writer.flush()

@@ -141,7 +141,8 @@ class RunControl(tf.keras.callbacks.Callback):
                  and time.monotonic() - self._last_save >= self.every_seconds)
         answer = guard.agree(stop=self.stop_request.requested, checkpoint=timed,
                              nonfinite_step=self.first_nonfinite,
-                             checksum=guard.weights_checksum(self.model.trainable_variables))
+                             checksum=guard.weights_checksum(self.model.trainable_variables)
+                             if self.world.size > 1 else None)
         if answer.nonfinite_step is not None:
             s = answer.nonfinite_step
             raise UserError(
@@ -214,7 +215,7 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
 
     # ---- training steps ------------------------------------------------------------------
     def on_epoch_begin(self, epoch, logs=None):
-        self._t0 = self._t_last = time.perf_counter()
+        self._t0 = self._t_last = self._t_end = time.perf_counter()
         self._first_batch = self.pos.batch
         self._update_last = self.pos.update
         if self._tty:
@@ -222,6 +223,8 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         pos = self.pos
+        # The epoch's training time ends here, before the epoch-end work (checkpoint, evaluation).
+        self._t_end = time.perf_counter()
         if self._progbar is not None:
             self._progbar.update(pos.batch, [("loss", logs["loss"]), ("top1", logs["top1"]),
                                              ("lr", self.lr_fn())])
@@ -249,7 +252,7 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
 
     # ---- epochs ------------------------------------------------------------------------------
     def on_epoch_end(self, epoch, logs=None):
-        seconds = time.perf_counter() - self._t0
+        seconds = self._t_end - self._t0
         if not self.pos.epoch_ended:
             return
         # logs were averaged over ranks by Horovod's MetricAverageCallback, which runs first.
@@ -298,4 +301,7 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
         with self._writer.as_default(step=rec.get("step", 0) if step is None else step):
             for k in keys:
                 tf.summary.scalar(f"{prefix}/{k}", rec[k])
-        self._writer.flush()
+
+    def on_train_end(self, logs=None):
+        if self._writer is not None:
+            self._writer.flush()
