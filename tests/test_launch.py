@@ -51,6 +51,13 @@ def test_root_gets_allow_run_as_root_on_the_command_line():
 
 
 @needs_openmpi
+def test_ranks_get_a_grace_period_when_mpirun_is_sent_sigterm():
+    line = launch.argv(LaunchPlan(np=2, command=CMD), is_root=False, environ={})
+    i = line.index("odls_base_sigkill_timeout")
+    assert line[i - 1] == "--mca" and line[i + 1] == str(launch.SIGKILL_GRACE_SECONDS) == "10"
+
+
+@needs_openmpi
 def test_non_root_does_not_get_allow_run_as_root():
     line = launch.argv(LaunchPlan(np=1, command=CMD), is_root=False, environ={})
     assert "--allow-run-as-root" not in line

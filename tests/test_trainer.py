@@ -14,6 +14,7 @@ import sys
 import time
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 
@@ -195,6 +196,22 @@ def test_sigterm_checkpoints_mid_epoch_exits_cleanly_and_the_rerun_resumes_exact
     assert_same_weights(checkpoint_arrays(run, "step-00000090"), uninterrupted)
 
 
+def test_a_time_limit_that_signals_mpirun_too_still_leaves_a_checkpoint(background, tiny_dataset, tmp_path):
+    # Slurm at the time limit (and scancel) sends SIGTERM to every process of the job: mpirun
+    # included, which then kills the ranks after the launcher's grace period.
+    run = tmp_path / "run"
+    job = background(*train_args(tiny_dataset, run, "--set", "epochs=50"))
+    job.wait_for(r"^  step +40 ")
+    ranks = job.ranks()
+    for proc in [*ranks.values(), psutil.Process(job.proc.pid)]:
+        proc.send_signal(signal.SIGTERM)
+    job.wait(timeout=90)
+    m = re.search(r"stopped by SIGTERM at step (\d+)", job.output)
+    assert m, job.output
+    state = latest_state(run / "checkpoints")
+    assert state["step"] == int(m.group(1)) > 40
+
+
 def test_a_changed_global_batch_cannot_resume(launch, tiny_dataset, tmp_path):
     run = tmp_path / "run"
     assert launch(*train_args(tiny_dataset, run, "--set", "steps=10")).returncode == 0
@@ -213,6 +230,7 @@ def test_a_rank_killed_with_sigkill_takes_the_job_down_within_60_s(background, t
     ranks[1].kill()
     rc = job.wait(timeout=90)
     elapsed = time.monotonic() - t0
+    print(f"job down {elapsed:.1f} s after the kill")
     assert rc != 0 and elapsed < 60, (rc, elapsed)
     assert re.search(r"process rank 1 with PID \d+ .*exited on signal 9", job.output.replace("\n", " ")), job.output
     assert _gone(ranks[0])

@@ -94,6 +94,9 @@ def check_fits(plan: LaunchPlan) -> None:
             "it is much slower and nothing is bound).")
 
 
+SIGKILL_GRACE_SECONDS = 10
+
+
 def argv(plan: LaunchPlan, *, is_root: Optional[bool] = None, environ=None) -> List[str]:
     """The full launcher command line for ``plan``."""
     check_fits(plan)
@@ -123,6 +126,10 @@ def argv(plan: LaunchPlan, *, is_root: Optional[bool] = None, environ=None) -> L
             line += ["--oversubscribe", "--bind-to", "none"]
         else:
             line += ["--map-by", f"slot:PE={_threads(plan)}", "--bind-to", "core"]
+        # At a time limit the scheduler sends SIGTERM to mpirun as well as to the ranks; mpirun
+        # then SIGKILLs them after twice this many seconds (default 1). The grace lets rank 0
+        # finish its checkpoint, and stays under Slurm's default KillWait of 30 s.
+        line += ["--mca", "odls_base_sigkill_timeout", str(SIGKILL_GRACE_SECONDS)]
         for name in forwarded_env(environ):
             line += ["-x", name]
     else:
