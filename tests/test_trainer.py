@@ -212,6 +212,18 @@ def test_a_time_limit_that_signals_mpirun_too_still_leaves_a_checkpoint(backgrou
     assert state["step"] == int(m.group(1)) > 40
 
 
+def test_sigusr1_to_mpirun_is_forwarded_and_stops_the_run_cleanly(background, tiny_dataset, tmp_path):
+    # The early warning a job script can ask for (#SBATCH --signal=B:USR1@120) and pass to mpirun.
+    run = tmp_path / "run"
+    job = background(*train_args(tiny_dataset, run, "--set", "epochs=50"))
+    job.wait_for(r"^  step +20 ")
+    os.kill(job.proc.pid, signal.SIGUSR1)
+    assert job.wait(timeout=90) == 0, job.output
+    m = re.search(r"stopped by SIGUSR1 at step (\d+)", job.output)
+    assert m, job.output
+    assert latest_state(run / "checkpoints")["step"] == int(m.group(1)) > 20
+
+
 def test_a_changed_global_batch_cannot_resume(launch, tiny_dataset, tmp_path):
     run = tmp_path / "run"
     assert launch(*train_args(tiny_dataset, run, "--set", "steps=10")).returncode == 0
