@@ -22,12 +22,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +35,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from knl_train.optim import LARS, kernels  # noqa: E402
+from machine import host  # noqa: E402
 from knl_train.optim.exclusion import ExclusionRule  # noqa: E402
 
 # Each configuration is its own tf.function built by the same closure, which TF's retracing
@@ -159,31 +157,12 @@ def summarize(configs, reference):
 
 
 def machine_info():
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f
-                         if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT,
-                                  timeout=10).stdout.strip()
-        except OSError:
-            return ""
-    commit = git("rev-parse", "--short", "HEAD")
-    if commit and git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+local changes"
     return {
-        "cpu": model, "logical_cpus": os.cpu_count(),
-        "cpus_available": len(os.sched_getaffinity(0)),
-        "tf_version": tf.__version__, "python": platform.python_version(),
+        **host(), "tf_version": tf.__version__,
         "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
-        "lars_kernel": kernels.status(), "git_commit": commit,
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "lars_kernel": kernels.status(),
     }
 
 

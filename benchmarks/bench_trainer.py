@@ -28,10 +28,8 @@ its load average and the versions the runs recorded.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -40,6 +38,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from machine import host
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -239,34 +239,6 @@ def ensure_demo(path):
     return json.loads((path / "dataset.json").read_text())
 
 
-def machine_info():
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        siblings = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read_text()
-        threads_per_core = len(re.split(r"[,-]", siblings.strip()))
-    except OSError:
-        threads_per_core = None
-
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT,
-                                  timeout=10).stdout.strip()
-        except OSError:
-            return ""
-    commit = git("rev-parse", "--short", "HEAD")
-    if commit and git("status", "--porcelain", "--untracked-files=no"):
-        commit += "+local changes"
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(),
-            "cpus_available": len(os.sched_getaffinity(0)), "threads_per_core": threads_per_core,
-            "python": platform.python_version(), "git_commit": commit,
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
-
-
 def fmt(s, digits=1):
     return "-" if s is None else f"{s['median']:.{digits}f}"
 
@@ -332,7 +304,7 @@ def main(argv=None):
     args.scaling_epochs = 2 if args.quick else 3
     args.scaling_steps = 15 if args.quick else 100
     t0 = time.perf_counter()
-    machine = machine_info()
+    machine = host()
     args.data = args.data.resolve()
     demo = ensure_demo(args.data)
     settings(args)

@@ -58,6 +58,13 @@ def test_ranks_get_a_grace_period_when_mpirun_is_sent_sigterm():
 
 
 @needs_openmpi
+def test_mpi_yields_the_core_while_it_waits():
+    line = launch.argv(LaunchPlan(np=2, command=CMD), is_root=False, environ={})
+    i = line.index("mpi_yield_when_idle")
+    assert line[i - 1:i + 2] == ["--mca", "mpi_yield_when_idle", "1"]
+
+
+@needs_openmpi
 def test_non_root_does_not_get_allow_run_as_root():
     line = launch.argv(LaunchPlan(np=1, command=CMD), is_root=False, environ={})
     assert "--allow-run-as-root" not in line
