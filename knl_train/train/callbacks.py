@@ -139,10 +139,10 @@ class RunControl(tf.keras.callbacks.Callback):
         pos = self.pos
         timed = (self.world.is_root and self.every_seconds is not None
                  and time.monotonic() - self._last_save >= self.every_seconds)
+        checksum = (guard.weights_checksum(self.model.trainable_variables)
+                    if self.world.size > 1 else None)
         answer = guard.agree(stop=self.stop_request.requested, checkpoint=timed,
-                             nonfinite_step=self.first_nonfinite,
-                             checksum=guard.weights_checksum(self.model.trainable_variables)
-                             if self.world.size > 1 else None)
+                             nonfinite_step=self.first_nonfinite, checksum=checksum)
         if answer.nonfinite_step is not None:
             s = answer.nonfinite_step
             raise UserError(
@@ -151,8 +151,7 @@ class RunControl(tf.keras.callbacks.Callback):
                 f"{self.last_checkpoint or 'none (none written yet)'}. Lower schedule.peak_lr or "
                 "lengthen schedule.warmup_epochs, then rerun: the run resumes from that checkpoint.")
         if answer.diverged:
-            raise UserError(guard.describe_divergence(
-                pos.update, guard.checksums_by_rank(guard.weights_checksum(self.model.trainable_variables))))
+            raise UserError(guard.describe_divergence(pos.update, guard.checksums_by_rank(checksum)))
         # A timed checkpoint at an epoch's end is left to on_epoch_end; a stop saves here,
         # since on_epoch_end does nothing once the run has stopped.
         if answer.stop or (answer.checkpoint and not pos.epoch_ended):

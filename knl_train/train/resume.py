@@ -13,11 +13,13 @@ from knl_train.train.checkpoint import latest_state
 MODES = ("auto", "resume", "fresh")
 
 
-def find(checkpoints: Path, mode: str, *, global_batch: int, passes: int) -> Optional[dict]:
+def find(checkpoints: Path, mode: str, *, global_batch: int, passes: int,
+         config: dict) -> Optional[dict]:
     """The checkpoint state to resume from, or None to start afresh.
 
     ``auto``: resume when there is a checkpoint; ``resume``: there must be one; ``fresh``:
-    ignore any (the new run's checkpoints supersede them).
+    ignore any (the new run's checkpoints supersede them). ``config`` is this run's resolved
+    config; the state's ``notes`` name the fields that differ from the checkpoint's.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -35,6 +37,9 @@ def find(checkpoints: Path, mode: str, *, global_batch: int, passes: int) -> Opt
             f"{state.get('global_batch')} ({state.get('passes', 1)} micro-batches per update); this run has "
             f"{global_batch} ({passes}). Resume with the same global batch (set global_batch), "
             "or start afresh with --fresh or a new run_dir.")
+    changed = changed_fields(state.pop("config", {}), config)
+    if changed:
+        state["notes"] = [f"note: the config differs from the checkpoint's in {', '.join(changed)}"]
     return state
 
 

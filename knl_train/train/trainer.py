@@ -49,13 +49,26 @@ def _env_int(name: str) -> int:
     return value
 
 
-def _horovod_environment(cfg: TrainConfig) -> None:
-    """Horovod reads its tunables from the environment when it initialises."""
+def _horovod_environment(cfg: TrainConfig) -> dict:
+    """Put the config's Horovod tunables in the environment, where Horovod reads them at init.
+
+    Returns the values in effect (the config's, or what the environment already said).
+    """
     h = cfg.horovod
     if h.fusion_threshold_mb is not None:
         os.environ["HOROVOD_FUSION_THRESHOLD"] = str(int(h.fusion_threshold_mb * 1024 * 1024))
     if h.cycle_time_ms is not None:
         os.environ["HOROVOD_CYCLE_TIME"] = f"{h.cycle_time_ms:g}"
+    return {"fusion_threshold_bytes": _number(os.environ.get("HOROVOD_FUSION_THRESHOLD"), int),
+            "cycle_time_ms": _number(os.environ.get("HOROVOD_CYCLE_TIME"), float),
+            "compression": h.compression}
+
+
+def _number(text, kind):
+    try:
+        return kind(text) if text else None
+    except ValueError:
+        return None
 
 
 def run(cfg: TrainConfig, resume: str = "auto") -> dict:
@@ -65,7 +78,7 @@ def run(cfg: TrainConfig, resume: str = "auto") -> dict:
     (there must be one) or ``fresh``.
     """
     t_start = time.perf_counter()
-    _horovod_environment(cfg)
+    horovod_settings = _horovod_environment(cfg)
     from knl_train.dist import horovod as dist
     world = dist.init()
     intra, inter = thread_counts(cfg, world.local_size)
@@ -105,7 +118,7 @@ def run(cfg: TrainConfig, resume: str = "auto") -> dict:
 
     run_dir = Path(cfg.run_dir)
     resolved = _plain(configs.to_dict(cfg))
-    start = _agree_on_start(world, dist, run_dir, resume, global_batch, passes, resolved)
+    start = _agree_on_start(world, run_dir, resume, global_batch, passes, resolved)
     if start and start["step"] >= total_updates:
         return _already_complete(world, run_dir, start, log)
     if world.is_root:
@@ -235,9 +248,7 @@ def run(cfg: TrainConfig, resume: str = "auto") -> dict:
         "epochs": epochs, "steps": total_updates, "num_classes": len(classes),
         "resumed_from_step": start["step"] if start else None,
         "model": cfg.model, "optimizer": cfg.optimizer.name, "precision": cfg.precision,
-        "horovod": {"fusion_threshold_bytes": _env_int("HOROVOD_FUSION_THRESHOLD") or None,
-                    "cycle_time_ms": float(os.environ.get("HOROVOD_CYCLE_TIME") or 0) or None,
-                    "compression": cfg.horovod.compression},
+        "horovod": horovod_settings,
         "intra_op_threads": intra, "inter_op_threads": inter,
         "wall_seconds": time.perf_counter() - t_start,
         "config_hash": cfg.hash(),
@@ -263,20 +274,16 @@ def _loss(num_classes: int, label_smoothing: float):
     return smoothed
 
 
-def _agree_on_start(world, dist, run_dir: Path, mode: str, global_batch: int, passes: int,
+def _agree_on_start(world, run_dir: Path, mode: str, global_batch: int, passes: int,
                     resolved: dict) -> Optional[dict]:
     """Rank 0 finds the checkpoint to resume from (or none); every rank gets its answer."""
+    from knl_train.dist import horovod as dist
     from knl_train.train import resume as resuming
     answer = None
     if world.is_root:
         try:
-            state = resuming.find(run_dir / "checkpoints", mode, global_batch=global_batch, passes=passes)
-            if state is not None:
-                changed = resuming.changed_fields(state.get("config", {}), resolved)
-                state = {k: v for k, v in state.items() if k != "config"}
-                if changed:
-                    state["notes"] = [f"note: the config differs from the checkpoint's in {', '.join(changed)}"]
-            answer = ("ok", state)
+            answer = ("ok", resuming.find(run_dir / "checkpoints", mode, global_batch=global_batch,
+                                          passes=passes, config=resolved))
         except UserError as e:
             answer = ("error", str(e))
     kind, value = dist.broadcast_object(answer, name="knl_train.resume")
