@@ -91,15 +91,15 @@ class LARS(ExclusionMixin, tf.keras.optimizers.legacy.Optimizer):
             self.add_slot(var, "momentum")
             self.add_slot(var, "trust_ratio", shape=[],
                           initializer="zeros" if self.uses_adaptation(var) else "ones")
-            if not any(var is v for v in self._lars_vars):
-                self._lars_vars.append(var)
+            self._lars_vars.setdefault(var.ref(), var)
 
     @property
     def _lars_vars(self):
-        # Plain Python list, not tracked by Keras/checkpoints: the variables are the model's.
-        if "_lars_var_list" not in self.__dict__:
-            self.__dict__["_lars_var_list"] = []
-        return self.__dict__["_lars_var_list"]
+        # Plain dict (ref -> variable), not tracked by Keras/checkpoints: the variables are the
+        # model's. Keras calls _create_slots on every eager step, so membership must be O(1).
+        if "_lars_var_refs" not in self.__dict__:
+            self.__dict__["_lars_var_refs"] = {}
+        return self.__dict__["_lars_var_refs"]
 
     def _prepare_local(self, var_device, var_dtype, apply_state):
         super()._prepare_local(var_device, var_dtype, apply_state)
@@ -136,7 +136,7 @@ class LARS(ExclusionMixin, tf.keras.optimizers.legacy.Optimizer):
 
     def trust_ratios(self, include_excluded: bool = False) -> dict:
         """{variable name: trust ratio of the last step}; only adapted variables by default."""
-        return {v.name: float(self.get_slot(v, "trust_ratio").numpy()) for v in self._lars_vars
+        return {v.name: float(self.get_slot(v, "trust_ratio").numpy()) for v in self._lars_vars.values()
                 if include_excluded or self.uses_adaptation(v)}
 
     def _trust_ratio(self, w_norm, d_norm):
