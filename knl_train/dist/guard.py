@@ -16,16 +16,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-import numpy as np
 import tensorflow as tf
 
-_MOD = float(2 ** 52)  # checksums stay exact in a double
 _NO_STEP = 1e18
 
 
 def weights_checksum(variables: Sequence[tf.Variable]) -> float:
     """An exact, order-independent checksum of the variables' bits (equal bits, equal sums)."""
-    return float(_checksum([v for v in variables]))
+    return float(_checksum(list(variables)))
 
 
 @tf.function(reduce_retracing=True)
@@ -38,7 +36,7 @@ def _checksum(variables):
         bits = tf.cast(tf.bitcast(x, tf.int32), tf.int64)
         # Weighted by position so that two variables trading values still changes the sum.
         total += tf.reduce_sum(bits) * (i + 1)
-    return tf.math.floormod(total, 2 ** 52)
+    return tf.math.floormod(total, 2 ** 52)  # exact in a double
 
 
 @dataclass(frozen=True)
@@ -47,23 +45,20 @@ class Agreement:
     checkpoint: bool
     nonfinite_step: Optional[int]
     diverged: bool
-    checksum_spread: float
 
 
 def agree(*, stop: bool, checkpoint: bool, nonfinite_step: Optional[int],
           checksum: Optional[float]) -> Agreement:
     """Every rank calls this at the same step; all get the same answer."""
-    import horovod.tensorflow as hvd
+    from knl_train.dist.horovod import allreduce_max
     c = 0.0 if checksum is None else checksum
-    local = np.array([float(stop), float(checkpoint),
-                      -float(_NO_STEP if nonfinite_step is None else nonfinite_step), c, -c])
-    out = local if hvd.size() == 1 else \
-        hvd.allreduce(tf.constant(local), op=hvd.Max, name="knl_train.guard").numpy()
+    out = allreduce_max([float(stop), float(checkpoint),
+                         -float(_NO_STEP if nonfinite_step is None else nonfinite_step), c, -c],
+                        name="knl_train.guard")
     first_bad = -out[2]
     return Agreement(stop=out[0] > 0, checkpoint=out[1] > 0,
                      nonfinite_step=None if first_bad >= _NO_STEP else int(first_bad),
-                     diverged=checksum is not None and out[3] != -out[4],
-                     checksum_spread=float(out[3] + out[4]))
+                     diverged=checksum is not None and out[3] != -out[4])
 
 
 def checksums_by_rank(checksum: float) -> list:

@@ -50,10 +50,9 @@ class PerUpdateSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
                 "passes": self.passes}
 
     @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["schedule"] = tf.keras.optimizers.schedules.deserialize(config["schedule"])
-        return cls(**config)
+    def from_config(cls, config, custom_objects=None):
+        from knl_train.optim.schedules import deserialize_schedules
+        return cls(**deserialize_schedules(config, ("schedule",), custom_objects))
 
 
 def distributed_optimizer(optimizer, backward_passes_per_step: int = 1, compression: str = "none"):
@@ -97,6 +96,10 @@ def allreduce_sum(values, name: str) -> np.ndarray:
 
 def allreduce_mean(values, name: str) -> np.ndarray:
     return _allreduce(values, hvd_tf.Average, name)
+
+
+def allreduce_max(values, name: str) -> np.ndarray:
+    return _allreduce(values, hvd_tf.Max, name)
 
 
 def _allreduce(values, op, name: str) -> np.ndarray:
