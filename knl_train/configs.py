@@ -122,7 +122,8 @@ def _coerce(tp, value, where):
     if tp is float:
         if isinstance(value, str):
             # YAML 1.1 (PyYAML) reads 1e-3 and 5e4, without a dot, as strings.
-            value = _float_or_none(value) if _float_or_none(value) is not None else value
+            number = _float_or_none(value)
+            value = value if number is None else number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{where}: expected a number, got {value!r}")
         return float(value)

@@ -16,9 +16,8 @@ from typing import List, Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
-from knl_train.data import augment as aug
 from knl_train.data.augment import MEAN_RGB, STDDEV_RGB  # noqa: F401  (public, used by tests)
-from knl_train.data.pipeline import SkipCounter, check_global_batch, images, with_threads
+from knl_train.data.pipeline import SkipCounter, eval_batches, train_batches
 from knl_train.errors import UserError
 
 IMAGE_EXTENSIONS = {".jpeg", ".jpg", ".png"}
@@ -79,31 +78,24 @@ def train_dataset(split: FolderSplit, *, rank: int, world: int, per_rank_batch: 
     stall the allreduce). ``augment``: an ``augment.Augment``, a mode name ("flip",
     "inception", "none") or None (flip).
     """
-    augment = aug.resolve(augment)
-    steps = check_global_batch(len(split), per_rank_batch * world)
-    if num_batches is None:
-        num_batches = steps - skip_batches
     files, labels = np.asarray(split.files), np.asarray(split.labels, np.int32)
     order = np.random.default_rng([seed, epoch]).permutation(len(split))[rank::world]
     order = order[skip_batches * per_rank_batch:]
     ds = tf.data.Dataset.from_tensor_slices((files[order], labels[order]))
     fallback = np.random.default_rng([seed, 1 << 30]).permutation(len(split))[rank::world]
     ds = ds.concatenate(tf.data.Dataset.from_tensor_slices((files[fallback], labels[fallback])).repeat())
-    ds = images(ds, _load, lambda data, s: aug.train_image(data, s, image_size, augment),
-                image_size=image_size, seed=seed, rank=rank, threads=threads, skips=skips,
-                epoch=epoch, start=skip_batches * per_rank_batch)
-    ds = ds.batch(per_rank_batch, drop_remainder=True).take(num_batches)
-    return with_threads(ds.prefetch(2), threads)
+    return train_batches(ds, _load, size=len(split), rank=rank, world=world,
+                         per_rank_batch=per_rank_batch, image_size=image_size, seed=seed,
+                         threads=threads, augment=augment, skips=skips, epoch=epoch,
+                         skip_batches=skip_batches, num_batches=num_batches)
 
 
 def eval_dataset(split: FolderSplit, *, rank: int, world: int, batch: int, image_size: int,
                  threads: int = 1, augment=None, skips: Optional[SkipCounter] = None) -> tf.data.Dataset:
     """This rank's share of the evaluation set; every (readable) example is evaluated exactly once."""
-    augment = aug.resolve(augment)
     ds = tf.data.Dataset.from_tensor_slices((list(split.files), list(split.labels))).shard(world, rank)
-    ds = images(ds, _load, lambda data, s: aug.eval_image(data, image_size, augment),
-                image_size=image_size, seed=0, rank=rank, threads=threads, skips=skips)
-    return with_threads(ds.batch(batch).prefetch(2), threads)
+    return eval_batches(ds, _load, batch=batch, image_size=image_size, threads=threads,
+                        augment=augment, skips=skips)
 
 
 def _load(elem):

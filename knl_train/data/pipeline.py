@@ -79,7 +79,7 @@ def images(ds, load, transform, *, image_size: int, seed: int, rank: int, thread
     stream (counted from ``start``, its position in the epoch) is augmented with the stateless
     seed (seed, rank, epoch, i), so a resumed epoch repeats its augmentations exactly.
     """
-    base = tf.constant(seed * 1_000_003 + rank + epoch * 1_000_000_007, tf.int64)
+    base = tf.constant(stream_seed(seed, rank, epoch), tf.int64)
     zeros = tf.zeros([image_size, image_size, 3], tf.float32)
 
     def decode(idx, elem):
@@ -124,6 +124,38 @@ def images(ds, load, transform, *, image_size: int, seed: int, rank: int, thread
 
     ds = ds.scan(tf.constant(start - 1, tf.int64), count)
     return ds.filter(_keep).map(_drop_flag)
+
+
+def stream_seed(seed: int, rank: int, epoch: int = 0) -> int:
+    """The first half of the stateless seeds of one rank's stream in one epoch."""
+    return seed * 1_000_003 + rank + epoch * 1_000_000_007
+
+
+def train_batches(ds, load, *, size: int, rank: int, world: int, per_rank_batch: int,
+                  image_size: int, seed: int, threads: int, augment, skips, epoch: int,
+                  skip_batches: int, num_batches=None):
+    """A reader's training batches from ``ds``, its raw stream from batch ``skip_batches`` on
+    (the reader has dropped what precedes it): decode, augment, batch, take, prefetch.
+
+    ``size``: the split's image count; the epoch has ``size // global_batch`` batches.
+    """
+    augment = aug.resolve(augment)
+    steps = check_global_batch(size, per_rank_batch * world)
+    if num_batches is None:
+        num_batches = steps - skip_batches
+    ds = images(ds, load, lambda data, s: aug.train_image(data, s, image_size, augment),
+                image_size=image_size, seed=seed, rank=rank, threads=threads, skips=skips,
+                epoch=epoch, start=skip_batches * per_rank_batch)
+    ds = ds.batch(per_rank_batch, drop_remainder=True).take(num_batches)
+    return with_threads(ds.prefetch(2), threads)
+
+
+def eval_batches(ds, load, *, batch: int, image_size: int, threads: int, augment, skips):
+    """A reader's evaluation batches from ``ds``, its raw stream: decode, center, batch."""
+    augment = aug.resolve(augment)
+    ds = images(ds, load, lambda data, s: aug.eval_image(data, image_size, augment),
+                image_size=image_size, seed=0, rank=0, threads=threads, skips=skips)
+    return with_threads(ds.batch(batch).prefetch(2), threads)
 
 
 def _keep(img, label, ok):

@@ -11,6 +11,7 @@ from typing import Optional
 
 import tensorflow as tf
 
+from knl_train.data.pipeline import stream_seed, with_threads
 from knl_train.errors import UserError
 
 
@@ -29,7 +30,7 @@ def dataset(*, per_rank_batch: int, image_size: int, num_classes: int, steps: Op
     shape = [per_rank_batch, image_size, image_size, channels]
 
     def make(i):
-        s = tf.stack([tf.constant(seed * 1_000_003 + rank, tf.int64), tf.cast(i, tf.int64)])
+        s = tf.stack([tf.constant(stream_seed(seed, rank), tf.int64), tf.cast(i, tf.int64)])
         s2 = tf.random.experimental.stateless_split(s, 2)
         x = tf.random.stateless_normal(shape, seed=s2[0])
         y = tf.random.stateless_uniform([per_rank_batch], seed=s2[1], minval=0, maxval=num_classes,
@@ -42,5 +43,4 @@ def dataset(*, per_rank_batch: int, image_size: int, num_classes: int, steps: Op
     else:
         ds = tf.data.Dataset.range(start, start + count if steps is not None else 2 ** 62).map(
             make, num_parallel_calls=threads, deterministic=True)
-    from knl_train.data.pipeline import with_threads
     return with_threads(ds.prefetch(1), threads)

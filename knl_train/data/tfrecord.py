@@ -184,10 +184,6 @@ def scan(root, split: str, *, num_classes: Optional[int] = None, label_offset: O
     return TFRecordSplit(tuple(files), int(num_examples), classes, offset)
 
 
-def list_classes(root, num_classes: Optional[int] = None):
-    return list(scan(root, "train", num_classes=num_classes).classes)
-
-
 def _file_level(n_files: int, world: int) -> bool:
     return n_files >= world and n_files % world == 0
 
@@ -253,32 +249,23 @@ def train_dataset(split: TFRecordSplit, *, rank: int, world: int, per_rank_batch
     labels, bad images skipped and counted, tagged errors for schema and label problems (wrap
     iteration in ``pipeline.user_errors()`` to get them as ``UserError``). Skipped batches are
     read (the shuffle buffer must replay) but not decoded."""
-    from knl_train.data import augment as aug
-    from knl_train.data.pipeline import check_global_batch, images, with_threads
-    augment = aug.resolve(augment)
-    steps = check_global_batch(len(split), per_rank_batch * world)
-    if num_batches is None:
-        num_batches = steps - skip_batches
+    from knl_train.data.pipeline import train_batches
     ds = _records(split, rank=rank, world=world, seed=seed + epoch * 1_000_003, threads=threads,
                   shuffle_buffer=shuffle_buffer).skip(skip_batches * per_rank_batch)
     # Runs on in a fixed order if skipped images leave a rank short (see folder.train_dataset).
     ds = ds.concatenate(_records(split, rank=rank, world=world, seed=None, threads=threads).repeat())
-    ds = images(ds, _loader(split), lambda data, s: aug.train_image(data, s, image_size, augment),
-                image_size=image_size, seed=seed, rank=rank, threads=threads, skips=skips,
-                epoch=epoch, start=skip_batches * per_rank_batch)
-    ds = ds.batch(per_rank_batch, drop_remainder=True).take(num_batches)
-    return with_threads(ds.prefetch(2), threads)
+    return train_batches(ds, _loader(split), size=len(split), rank=rank, world=world,
+                         per_rank_batch=per_rank_batch, image_size=image_size, seed=seed,
+                         threads=threads, augment=augment, skips=skips, epoch=epoch,
+                         skip_batches=skip_batches, num_batches=num_batches)
 
 
 def eval_dataset(split: TFRecordSplit, *, rank: int, world: int, batch: int, image_size: int,
                  threads: int = 1, augment=None, skips=None):
-    from knl_train.data import augment as aug
-    from knl_train.data.pipeline import images, with_threads
-    augment = aug.resolve(augment)
+    from knl_train.data.pipeline import eval_batches
     ds = _records(split, rank=rank, world=world, seed=None, threads=threads)
-    ds = images(ds, _loader(split), lambda data, s: aug.eval_image(data, image_size, augment),
-                image_size=image_size, seed=0, rank=rank, threads=threads, skips=skips)
-    return with_threads(ds.batch(batch).prefetch(2), threads)
+    return eval_batches(ds, _loader(split), batch=batch, image_size=image_size, threads=threads,
+                        augment=augment, skips=skips)
 
 
 def read_examples(split: TFRecordSplit) -> Sequence[Tuple[bytes, int]]:
