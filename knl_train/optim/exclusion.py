@@ -54,7 +54,9 @@ class ExclusionRule:
 class ExclusionMixin:
     """Weight-decay and layer-adaptation exclusions for layer-wise optimizers (LARS, LAMB).
 
-    The optimizer sets ``self.weight_decay`` and calls ``_set_exclusions`` in its constructor.
+    The optimizer sets ``self.weight_decay`` and calls ``_set_exclusions`` in its constructor,
+    keeps a ``trust_ratio`` slot per variable, and lists the variables it has seen in
+    ``_seen_variables()``.
     """
 
     def _set_exclusions(self, weight_decay_patterns, adaptation_patterns):
@@ -74,3 +76,8 @@ class ExclusionMixin:
 
     def uses_adaptation(self, var) -> bool:
         return not self._adapt_rule.matches(var)
+
+    def trust_ratios(self, include_excluded: bool = False) -> dict:
+        """{variable name: trust ratio of the last step}; only adapted variables by default."""
+        return {v.name: float(self.get_slot(v, "trust_ratio").numpy()) for v in self._seen_variables()
+                if include_excluded or self.uses_adaptation(v)}

@@ -108,12 +108,9 @@ class LAMB(ExclusionMixin, tf.keras.optimizers.legacy.Optimizer):
         # so the buffers stay out of checkpoints and optimizer.variables().
         self._r_buffers = {}
 
-    def trust_ratios(self, include_excluded: bool = False) -> dict:
-        """{variable name: trust ratio of the last step}; only adapted variables by default
-        (the excluded ones always read 1 after the first step)."""
-        return {ref.deref().name: float(self.get_slot(ref.deref(), "trust_ratio").numpy())
-                for ref in self._r_buffers
-                if include_excluded or self.uses_adaptation(ref.deref())}
+    def _seen_variables(self):
+        # trust_ratios() lists these; the excluded ones always read 1 after the first step.
+        return [ref.deref() for ref in self._r_buffers]
 
     # ---- Keras optimizer plumbing -------------------------------------------------------------
     def _create_slots(self, var_list):

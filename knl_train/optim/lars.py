@@ -134,10 +134,8 @@ class LARS(ExclusionMixin, tf.keras.optimizers.legacy.Optimizer):
                 "weight_decay": f64(self.weight_decay), "no_weight_decay": f64(0.0),
                 "trust_coefficient": f64(self.trust_coefficient), "epsilon": f64(self.epsilon)}
 
-    def trust_ratios(self, include_excluded: bool = False) -> dict:
-        """{variable name: trust ratio of the last step}; only adapted variables by default."""
-        return {v.name: float(self.get_slot(v, "trust_ratio").numpy()) for v in self._lars_vars.values()
-                if include_excluded or self.uses_adaptation(v)}
+    def _seen_variables(self):
+        return self._lars_vars.values()
 
     def _trust_ratio(self, w_norm, d_norm):
         """η‖w‖ / (d + ε), or 1 where ‖w‖ or d is zero."""

@@ -25,9 +25,9 @@ import yaml
 
 from knl_train.errors import UserError
 from knl_train.optim import schedules
+from knl_train.optim.lars import VARIANTS
 
 OPTIMIZER_NAMES = ("lars", "sgd")
-LARS_VARIANTS = ("you", "tf_contrib", "model_garden")  # knl_train.optim.lars.VARIANTS
 RECIPES_FILE = "recipes.yaml"
 
 
@@ -172,8 +172,8 @@ def _parse(name: str, data: Mapping) -> Recipe:
     _check_keys(name, "optimizer.", o, opt_keys, opt_keys)
     if o["name"] not in OPTIMIZER_NAMES:
         _fail(name, f"optimizer.name {o['name']!r} is not one of {', '.join(OPTIMIZER_NAMES)}")
-    if o["name"] == "lars" and o["variant"] not in LARS_VARIANTS:
-        _fail(name, f"optimizer.variant {o['variant']!r} is not one of {', '.join(LARS_VARIANTS)}")
+    if o["name"] == "lars" and o["variant"] not in VARIANTS:
+        _fail(name, f"optimizer.variant {o['variant']!r} is not one of {', '.join(VARIANTS)}")
     if o["name"] == "lars" and o["trust_coefficient"] is None:
         _fail(name, "optimizer.trust_coefficient is required for LARS")
     if not isinstance(o["momentum_correction"], bool):
