@@ -38,6 +38,15 @@ def run_cli(*args, timeout=300, env=None, check=False):
     return proc
 
 
+@pytest.fixture(scope="module")
+def hvd():
+    """Horovod's Keras module, initialised in this process (one rank)."""
+    import horovod.tensorflow.keras as hvd
+    hvd.init()
+    assert hvd.size() == 1
+    return hvd
+
+
 @pytest.fixture(scope="session")
 def launch():
     """Run a command on N real ranks through ``knl-train launch`` (mpirun or horovodrun --gloo)."""

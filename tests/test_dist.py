@@ -9,9 +9,7 @@ from knl_train.dist import horovod as dist
 from knl_train.optim import LARS, WarmupPolyDecay
 
 
-@pytest.fixture(scope="module", autouse=True)
-def hvd_single():
-    dist.init()
+pytestmark = pytest.mark.usefixtures("hvd")  # Horovod initialised, one rank
 
 
 def test_per_update_schedule_counts_updates_not_micro_batches():

@@ -355,14 +355,6 @@ def test_from_config_round_trip(schedule):
 
 
 # ---- Horovod ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def hvd():
-    import horovod.tensorflow.keras as hvd
-    hvd.init()
-    assert hvd.size() == 1
-    return hvd
-
-
 @pytest.mark.parametrize("exclusions", ["default", "regex", "additive"])
 def test_exclusions_survive_horovod_wrapping(hvd, exclusions):
     kwargs, flags = EXCLUSIONS[exclusions]
