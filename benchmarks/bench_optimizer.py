@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -35,7 +34,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from knl_train.optim import LARS, kernels  # noqa: E402
-from machine import host  # noqa: E402
+from machine import host, load_note, write_results  # noqa: E402
 from knl_train.optim.exclusion import ExclusionRule  # noqa: E402
 
 # Each configuration is its own tf.function built by the same closure, which TF's retracing
@@ -358,9 +357,7 @@ def main(argv=None):
         print_table(f"whole ResNet-50 training step ({train_setup})", train_rows)
 
     # Before we started (afterwards the load average counts this benchmark itself).
-    if load_before[0] > 0.5:
-        notes.append(f"the machine was not idle (1-min load average {load_before[0]:.1f} on "
-                     f"{machine['cpus_available']} CPUs before the run): indicative numbers only")
+    notes += [n for n in [load_note(load_before, machine["cpus_available"])] if n]
     record = {
         "quick": args.quick, "machine": machine, "load_before": load_before,
         "load_after": [round(x, 2) for x in os.getloadavg()],
@@ -369,10 +366,8 @@ def main(argv=None):
         "train_setup": train_setup, "targets": TARGETS,
         "optimizer": opt_rows, "train": train_rows, "notes": notes,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path = (out.parent / f"{out.name}.{ext}" for ext in ("json", "md"))
-    json_path.write_text(json.dumps(record, indent=1) + "\n")
-    md_path.write_text(markdown(record))
+    write_results(json_path, md_path, record, markdown(record))
     for note in notes:
         print(f"note: {note}")
     print(f"\nwrote {json_path} and {md_path}")

@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import host
+from machine import host, load_note, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -321,20 +321,15 @@ def main(argv=None):
         raise
     shutil.rmtree(work, ignore_errors=True)
 
-    notes = []
-    if load_before[0] > 0.5:
-        notes.append(f"the machine was not idle (1-min load average {load_before[0]:.1f} on "
-                     f"{machine['cpus_available']} CPUs before the run): indicative numbers only")
+    notes = [n for n in [load_note(load_before, machine["cpus_available"])] if n]
     record = {"quick": args.quick, "machine": machine, "versions": versions, "demo_data": demo,
               "load_before": load_before, "load_after": [round(x, 2) for x in os.getloadavg()],
               "repeats": args.repeats, "targets": TARGETS, "overhead": overhead,
               "scaling": scaling, "notes": notes,
               "total_seconds": round(time.perf_counter() - t0, 1)}
     stem = "trainer.quick" if args.quick else "trainer"
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = args.out_dir / f"{stem}.json", args.out_dir / f"{stem}.md"
-    json_path.write_text(json.dumps(record, indent=1) + "\n")
-    md_path.write_text(markdown(record))
+    write_results(json_path, md_path, record, markdown(record))
     print("\n" + markdown(record))
     print(f"wrote {json_path} and {md_path} ({record['total_seconds']:.0f} s)")
 

@@ -1,8 +1,9 @@
-"""The machine a benchmark ran on, for its results file (shared by the bench_* scripts)."""
+"""The machine a benchmark ran on, and writing its results (shared by the bench_* scripts)."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
@@ -40,3 +41,17 @@ def _git(*args) -> str:
                               timeout=10).stdout.strip()
     except OSError:
         return ""
+
+
+def load_note(load_before, cpus: int):
+    """A note for the results when the machine was busy before the run, else None."""
+    if load_before[0] <= 0.5:
+        return None
+    return (f"the machine was not idle (1-min load average {load_before[0]:.1f} on {cpus} CPUs "
+            "before the run): indicative numbers only")
+
+
+def write_results(json_path: Path, md_path: Path, record: dict, markdown: str) -> None:
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(record, indent=1) + "\n")
+    md_path.write_text(markdown)
