@@ -17,8 +17,9 @@ class DataConfig:
     # synthetic: random tensors made in place (throughput studies, no I/O).
     format: Literal["folder", "tfrecord", "synthetic"] = "folder"
     image_size: int = 32
-    # Threads for decoding and augmentation on each rank (tf.data private pool).
-    threads: int = 1
+    # Threads for decoding and augmentation on each rank (tf.data private pool); 0: the launcher
+    # preset's (KNL_TRAIN_DATA_THREADS), else 1.
+    threads: int = 0
     # flip: resize + flip (small images); inception: random-resized-crop + flip, eval
     # resize-shorter-side + center crop; none.
     augment: Literal["flip", "inception", "none"] = "flip"
@@ -32,7 +33,9 @@ class DataConfig:
     shuffle_buffer: int = 1024
 
     def __post_init__(self):
-        _positive(self, "image_size", "threads", "shuffle_buffer")
+        _positive(self, "image_size", "shuffle_buffer")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: the launcher preset's, else 1), got {self.threads}")
         for name in ("num_classes", "num_examples"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -115,7 +118,7 @@ class HorovodConfig:
 @dataclass(frozen=True)
 class ThreadsConfig:
     # TF thread pools per rank. 0: what the launcher's preset exported
-    # (KNL_TRAIN_INTRA_OP_THREADS / KNL_TRAIN_INTER_OP_THREADS), else intra = the rank's cores
+    # (TF_NUM_INTRAOP_THREADS / TF_NUM_INTEROP_THREADS), else intra = the rank's cores
     # less data.threads, inter = 1.
     intra_op: int = 0
     inter_op: int = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -32,10 +33,18 @@ def default_intra_threads(local_size: int, data_threads: int = 0) -> int:
 
 def thread_counts(cfg: TrainConfig, local_size: int) -> Tuple[int, int]:
     """(intra, inter) per rank: the config, else the launcher preset's, else automatic."""
-    intra = cfg.threads.intra_op or _env_int("KNL_TRAIN_INTRA_OP_THREADS") \
-        or default_intra_threads(local_size, cfg.data.threads)
-    inter = cfg.threads.inter_op or _env_int("KNL_TRAIN_INTER_OP_THREADS") or 1
+    intra = cfg.threads.intra_op or _env_int("TF_NUM_INTRAOP_THREADS") \
+        or default_intra_threads(local_size, with_data_threads(cfg).data.threads)
+    inter = cfg.threads.inter_op or _env_int("TF_NUM_INTEROP_THREADS") or 1
     return intra, inter
+
+
+def with_data_threads(cfg: TrainConfig) -> TrainConfig:
+    """``data.threads`` 0: the launcher preset's (KNL_TRAIN_DATA_THREADS), else 1."""
+    if cfg.data.threads:
+        return cfg
+    threads = _env_int("KNL_TRAIN_DATA_THREADS") or 1
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, threads=threads))
 
 
 def _env_int(name: str) -> int:
@@ -78,6 +87,7 @@ def run(cfg: TrainConfig, resume: str = "auto") -> dict:
     (there must be one) or ``fresh``.
     """
     t_start = time.perf_counter()
+    cfg = with_data_threads(cfg)
     horovod_settings = _horovod_environment(cfg)
     from knl_train.dist import horovod as dist
     world = dist.init()
