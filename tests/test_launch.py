@@ -43,7 +43,7 @@ def cores(monkeypatch):
 # ---- Open MPI: running as root -------------------------------------------------------------------
 @needs_openmpi
 def test_root_gets_allow_run_as_root_on_the_command_line():
-    line = launch.argv(LaunchPlan(np=1, command=CMD), is_root=True, environ={})
+    line = launch.argv(LaunchPlan(np=1, command=CMD, preset=None), is_root=True, environ={})
     assert line[0] == MPIRUN
     assert line[1:3] == ["-np", "1"]
     assert "--allow-run-as-root" in line
@@ -52,28 +52,28 @@ def test_root_gets_allow_run_as_root_on_the_command_line():
 
 @needs_openmpi
 def test_ranks_get_a_grace_period_when_mpirun_is_sent_sigterm():
-    line = launch.argv(LaunchPlan(np=2, command=CMD), is_root=False, environ={})
+    line = launch.argv(LaunchPlan(np=2, command=CMD, preset=None), is_root=False, environ={})
     i = line.index("odls_base_sigkill_timeout")
     assert line[i - 1] == "--mca" and line[i + 1] == str(launch.SIGKILL_GRACE_SECONDS) == "10"
 
 
 @needs_openmpi
 def test_mpi_yields_the_core_while_it_waits():
-    line = launch.argv(LaunchPlan(np=2, command=CMD), is_root=False, environ={})
+    line = launch.argv(LaunchPlan(np=2, command=CMD, preset=None), is_root=False, environ={})
     i = line.index("mpi_yield_when_idle")
     assert line[i - 1:i + 2] == ["--mca", "mpi_yield_when_idle", "1"]
 
 
 @needs_openmpi
 def test_non_root_does_not_get_allow_run_as_root():
-    line = launch.argv(LaunchPlan(np=1, command=CMD), is_root=False, environ={})
+    line = launch.argv(LaunchPlan(np=1, command=CMD, preset=None), is_root=False, environ={})
     assert "--allow-run-as-root" not in line
     assert line[:3] == [MPIRUN, "-np", "1"] and line[-2:] == list(CMD)
 
 
 @needs_openmpi
 def test_default_is_root_follows_the_effective_uid():
-    line = launch.argv(LaunchPlan(np=1, command=CMD), environ={})
+    line = launch.argv(LaunchPlan(np=1, command=CMD, preset=None), environ={})
     assert ("--allow-run-as-root" in line) == (os.geteuid() == 0)
 
 
@@ -81,7 +81,7 @@ def test_default_is_root_follows_the_effective_uid():
 @pytest.mark.parametrize("is_root", [True, False])
 def test_allow_run_as_root_never_goes_through_the_environment(is_root):
     environ = {"PATH": "/usr/bin", "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
-    line = launch.argv(LaunchPlan(np=1, command=CMD), is_root=is_root, environ=environ)
+    line = launch.argv(LaunchPlan(np=1, command=CMD, preset=None), is_root=is_root, environ=environ)
     assert not [a for a in line if "OMPI_ALLOW_RUN_AS_ROOT" in a]
     assert _x_names(line) == ["PATH"]
 
@@ -110,7 +110,7 @@ def test_dry_run_in_process_prints_the_line_and_leaves_no_root_switch_in_environ
 @needs_openmpi
 def test_binds_each_rank_to_its_share_of_the_cores(cores):
     cores(8)
-    line = launch.argv(LaunchPlan(np=2, command=CMD), is_root=False, environ={})
+    line = launch.argv(LaunchPlan(np=2, command=CMD, preset=None), is_root=False, environ={})
     assert _after(line, "--map-by") == "slot:PE=4"
     assert _after(line, "--bind-to") == "core"
     assert "--oversubscribe" not in line
@@ -119,21 +119,21 @@ def test_binds_each_rank_to_its_share_of_the_cores(cores):
 @needs_openmpi
 def test_explicit_threads_per_rank(cores):
     cores(8)
-    line = launch.argv(LaunchPlan(np=3, command=CMD, threads_per_rank=2), is_root=False, environ={})
+    line = launch.argv(LaunchPlan(np=3, command=CMD, preset=None, threads_per_rank=2), is_root=False, environ={})
     assert _after(line, "--map-by") == "slot:PE=2" and _after(line, "--bind-to") == "core"
 
 
 @needs_openmpi
 def test_real_core_count_one_rank_gets_all_cores():
     n = len(os.sched_getaffinity(0))
-    line = launch.argv(LaunchPlan(np=1, command=CMD), is_root=False, environ={})
+    line = launch.argv(LaunchPlan(np=1, command=CMD, preset=None), is_root=False, environ={})
     assert _after(line, "--map-by") == f"slot:PE={n}"
 
 
 @pytest.mark.parametrize("np_, threads", [(3, 0), (2, 2), (1, 3)])
 def test_more_ranks_x_threads_than_cores_is_a_user_error(cores, np_, threads):
     cores(2)
-    plan = LaunchPlan(np=np_, command=CMD, threads_per_rank=threads)
+    plan = LaunchPlan(np=np_, command=CMD, preset=None, threads_per_rank=threads)
     with pytest.raises(UserError) as e:
         launch.argv(plan, is_root=False, environ={})
     msg = str(e.value)
@@ -144,13 +144,13 @@ def test_more_ranks_x_threads_than_cores_is_a_user_error(cores, np_, threads):
 def test_real_core_count_overflow_is_a_user_error():
     n = len(os.sched_getaffinity(0))
     with pytest.raises(UserError, match="--oversubscribe"):
-        launch.argv(LaunchPlan(np=n + 1, command=CMD), is_root=False, environ={})
+        launch.argv(LaunchPlan(np=n + 1, command=CMD, preset=None), is_root=False, environ={})
 
 
 @needs_openmpi
 def test_oversubscribe_shares_cores_and_binds_nothing(cores):
     cores(2)
-    line = launch.argv(LaunchPlan(np=5, command=CMD, oversubscribe=True), is_root=False, environ={})
+    line = launch.argv(LaunchPlan(np=5, command=CMD, preset=None, oversubscribe=True), is_root=False, environ={})
     assert "--oversubscribe" in line
     assert _after(line, "--bind-to") == "none"
     assert "--map-by" not in line and "core" not in line
@@ -172,7 +172,7 @@ NOT_FORWARDED = {
 
 @needs_openmpi
 def test_forwards_only_the_runtime_variables_with_x():
-    line = launch.argv(LaunchPlan(np=1, command=CMD), is_root=False, environ={**FORWARDED, **NOT_FORWARDED})
+    line = launch.argv(LaunchPlan(np=1, command=CMD, preset=None), is_root=False, environ={**FORWARDED, **NOT_FORWARDED})
     names = _x_names(line)
     assert names == sorted(FORWARDED)
     for name in NOT_FORWARDED:
@@ -191,7 +191,7 @@ def test_forwarded_env_defaults_to_os_environ(monkeypatch):
 
 # ---- gloo and hostfiles --------------------------------------------------------------------------
 def test_gloo_uses_horovodrun_with_localhost_slots():
-    line = launch.argv(LaunchPlan(np=2, command=CMD, controller="gloo"), is_root=True, environ={})
+    line = launch.argv(LaunchPlan(np=2, command=CMD, preset=None, controller="gloo"), is_root=True, environ={})
     assert os.path.basename(line[0]) == "horovodrun" and os.access(line[0], os.X_OK)
     assert line[1:] == ["--gloo", "-np", "2", "-H", "localhost:2", *CMD]
     assert "--allow-run-as-root" not in line
@@ -200,14 +200,14 @@ def test_gloo_uses_horovodrun_with_localhost_slots():
 def test_gloo_with_hostfile(tmp_path):
     hosts = tmp_path / "hosts"
     hosts.write_text("node1 slots=4\nnode2 slots=4\n")
-    line = launch.argv(LaunchPlan(np=8, command=CMD, controller="gloo", hostfile=str(hosts)),
+    line = launch.argv(LaunchPlan(np=8, command=CMD, preset=None, controller="gloo", hostfile=str(hosts)),
                        is_root=False, environ={})
     assert line[1:] == ["--gloo", "-np", "8", "--hostfile", str(hosts), *CMD]
 
 
 def test_missing_hostfile_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match=f"hostfile {tmp_path / 'hosts'} does not exist"):
-        LaunchPlan(np=2, command=CMD, hostfile=str(tmp_path / "hosts"))
+        LaunchPlan(np=2, command=CMD, preset=None, hostfile=str(tmp_path / "hosts"))
 
 
 @needs_openmpi
@@ -215,7 +215,7 @@ def test_mpirun_with_hostfile_skips_the_local_core_check(tmp_path, cores):
     cores(2)
     hosts = tmp_path / "hosts"
     hosts.write_text("node1 slots=32\nnode2 slots=32\n")
-    line = launch.argv(LaunchPlan(np=64, command=CMD, hostfile=str(hosts)), is_root=False, environ={})
+    line = launch.argv(LaunchPlan(np=64, command=CMD, preset=None, hostfile=str(hosts)), is_root=False, environ={})
     assert _after(line, "--hostfile") == str(hosts)
     assert _after(line, "--map-by") == "slot:PE=1"
 

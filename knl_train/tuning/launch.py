@@ -34,6 +34,11 @@ class LaunchPlan:
     oversubscribe: bool = False
     # Cores bound to each rank; 0 = this host's cores divided by the ranks on it.
     threads_per_rank: int = 0
+    # A built-in preset or preset file, "auto" (chosen from the detected CPU), or None: bind
+    # only and leave TF at its defaults.
+    preset: Optional[str] = "auto"
+    # 0: -np on one host, the preset's default with a hostfile.
+    ranks_per_node: int = 0
 
     def __post_init__(self):
         if self.np < 1:
@@ -47,6 +52,11 @@ class LaunchPlan:
                             "e.g. knl-train launch -np 2 -- knl-train train --config C")
         if self.hostfile and not os.path.isfile(self.hostfile):
             raise UserError(f"hostfile {self.hostfile} does not exist")
+        if self.ranks_per_node < 0:
+            raise UserError(f"--ranks-per-node must be >= 1, got {self.ranks_per_node}")
+        if not self.hostfile and self.ranks_per_node and self.ranks_per_node != self.np:
+            raise UserError(f"-np {self.np} with --ranks-per-node {self.ranks_per_node} on one host: "
+                            "pass --hostfile for several nodes, or drop --ranks-per-node")
 
 
 def available_cores() -> int:
@@ -97,9 +107,53 @@ def check_fits(plan: LaunchPlan) -> None:
 SIGKILL_GRACE_SECONDS = 10
 
 
+def node_plan(plan: LaunchPlan, topology=None):
+    """The preset's plan for one node of this launch, or None without a preset."""
+    if plan.preset is None:
+        return None
+    from knl_train.tuning import env
+    ranks = plan.ranks_per_node or (0 if plan.hostfile else plan.np)
+    return env.node_plan(plan.preset, ranks, cores_per_rank=plan.threads_per_rank,
+                         oversubscribe=plan.oversubscribe, topology=topology)
+
+
+def exports(plan: LaunchPlan, node) -> dict:
+    """What every rank needs to find its own settings (see ``env.apply``)."""
+    if node is None:
+        return {}
+    from knl_train.tuning import env
+    # "auto" is resolved here, so the printed line says which preset every rank applies.
+    ref = node.preset.name if plan.preset == "auto" or plan.preset in _builtin_names() \
+        else os.path.abspath(plan.preset)
+    return env.exports(node, ref, plan.threads_per_rank, plan.oversubscribe)
+
+
+def _builtin_names():
+    from knl_train.tuning import preset
+    return preset.names()
+
+
+def openmpi_binding(ranks_per_node: int, cores_per_rank: int, oversubscribe: bool) -> List[str]:
+    if oversubscribe:
+        return ["--oversubscribe", "--bind-to", "none"]
+    return ["--map-by", f"ppr:{ranks_per_node}:node:PE={cores_per_rank}", "--bind-to", "core"]
+
+
+def knl_train_exec() -> List[str]:
+    """``knl-train exec --`` of the Python running us (an unactivated venv is not on PATH)."""
+    beside = os.path.join(os.path.dirname(sys.executable), "knl-train")
+    if os.access(beside, os.X_OK):
+        return [beside, "exec", "--"]
+    return [sys.executable, "-m", "knl_train.cli", "exec", "--"]
+
+
 def argv(plan: LaunchPlan, *, is_root: Optional[bool] = None, environ=None) -> List[str]:
     """The full launcher command line for ``plan``."""
-    check_fits(plan)
+    node = node_plan(plan)
+    if node is None:
+        check_fits(plan)
+    xs = exports(plan, node)
+    command = list(plan.command) if node is None else [*knl_train_exec(), *plan.command]
     is_root = (os.geteuid() == 0) if is_root is None else is_root
     if plan.controller == "gloo":
         # The horovodrun of the Python running us (an unactivated venv is not on PATH).
@@ -109,7 +163,10 @@ def argv(plan: LaunchPlan, *, is_root: Optional[bool] = None, environ=None) -> L
             raise UserError("horovodrun is not on PATH; run 'make env' or activate .venv")
         line = [hvdrun, "--gloo", "-np", str(plan.np)]
         line += ["--hostfile", plan.hostfile] if plan.hostfile else ["-H", f"localhost:{plan.np}"]
-        return line + list(plan.command)
+        # horovodrun passes its own environment on to the ranks.
+        if xs:
+            line = [shutil.which("env") or "/usr/bin/env", *(f"{k}={v}" for k, v in xs.items()), *line]
+        return line + command
 
     mpirun = shutil.which("mpirun")
     if not mpirun:
@@ -122,7 +179,9 @@ def argv(plan: LaunchPlan, *, is_root: Optional[bool] = None, environ=None) -> L
             line.append("--allow-run-as-root")
         if plan.hostfile:
             line += ["--hostfile", plan.hostfile]
-        if plan.oversubscribe:
+        if node is not None:
+            line += openmpi_binding(node.ranks_per_node, node.cores_per_rank, plan.oversubscribe)
+        elif plan.oversubscribe:
             line += ["--oversubscribe", "--bind-to", "none"]
         else:
             line += ["--map-by", f"slot:PE={_threads(plan)}", "--bind-to", "core"]
@@ -135,15 +194,22 @@ def argv(plan: LaunchPlan, *, is_root: Optional[bool] = None, environ=None) -> L
         # 2 ranks x 1 core at 0.99 of 2 x 1 rank, against 0.66 polling (bench_trainer.py).
         line += ["--mca", "mpi_yield_when_idle", "1"]
         for name in forwarded_env(environ):
-            line += ["-x", name]
+            if name not in xs:
+                line += ["-x", name]
+        for k, v in xs.items():
+            line += ["-x", f"{k}={v}"]
     else:
         # Hydra: binding comes from I_MPI_PIN_* / -bind-to, environment from -genvlist.
         if plan.hostfile:
             line += ["-f", plan.hostfile]
-        names = forwarded_env(environ)
+        names = [n for n in forwarded_env(environ) if n not in xs]
         if names:
             line += ["-genvlist", ",".join(names)]
-    return line + list(plan.command)
+        if node is not None:
+            line += ["-ppn", str(node.ranks_per_node)]
+        for k, v in xs.items():
+            line += ["-genv", k, v]
+    return line + command
 
 
 def render(line: Sequence[str]) -> str:

@@ -1,0 +1,229 @@
+"""A rank's preset settings: worked out in the rank, applied before TensorFlow is imported.
+
+A launcher line carries only which preset and how many ranks per node
+(``KNL_TRAIN_PRESET``, ``KNL_TRAIN_RANKS_PER_NODE``), so it does not grow with the ranks. Each
+rank finds its local rank from its launcher's variable, plans its node with ``plan.plan``, and
+sets its own environment and affinity (``knl-train exec`` and every ``knl-train`` command do
+this). ``lines`` prints the same settings for a shell, mpirun, srun, aprun or Intel MPI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import sys
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+from knl_train.errors import UserError
+from knl_train.tuning import plan as planning
+from knl_train.tuning.plan import NodePlan, RankPlan, cpulist
+
+PRESET_VAR = "KNL_TRAIN_PRESET"
+RANKS_VAR = "KNL_TRAIN_RANKS_PER_NODE"
+CORES_VAR = "KNL_TRAIN_CORES_PER_RANK"
+OVERSUBSCRIBE_VAR = "KNL_TRAIN_OVERSUBSCRIBE"
+APPLIED_VAR = "KNL_TRAIN_APPLIED"
+# Local rank as Open MPI, Slurm, Hydra (MPICH, Intel MPI), Cray PMI and horovodrun set it.
+LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID",
+                   "PMI_LOCAL_RANK", "HOROVOD_LOCAL_RANK")
+FORMATS = ("sh", "mpirun", "srun", "aprun", "impi", "json")
+
+
+def local_rank(ranks_per_node: int, environ: Mapping[str, str] = os.environ) -> int:
+    for var in LOCAL_RANK_VARS:
+        if environ.get(var, "").isdigit():
+            return int(environ[var])
+    # aprun gives only the global rank; -N places ranks on nodes in blocks.
+    if environ.get("ALPS_APP_PE", "").isdigit():
+        return int(environ["ALPS_APP_PE"]) % ranks_per_node
+    if ranks_per_node == 1:
+        return 0
+    raise UserError(f"cannot tell this rank's local rank: none of {', '.join(LOCAL_RANK_VARS)} "
+                    "is set. Start ranks with mpirun, srun, mpiexec.hydra or knl-train launch.")
+
+
+def _int_var(environ, name: str, default: int = 0) -> int:
+    raw = environ.get(name, "")
+    if not raw:
+        return default
+    if not raw.isdigit():
+        raise UserError(f"{name}={raw!r} must be a whole number")
+    return int(raw)
+
+
+def node_plan(preset_ref: str, ranks_per_node: int = 0, *, cores_per_rank: int = 0,
+              oversubscribe: bool = False, topology=None) -> NodePlan:
+    from knl_train.tuning import preset as presets, topology as topo
+    topology = topo.detect() if topology is None else topology
+    chosen = presets.detect(topology) if preset_ref == "auto" else presets.load(preset_ref)
+    return planning.plan(chosen, topology, ranks_per_node or None,
+                         cores_per_rank=cores_per_rank, oversubscribe=oversubscribe)
+
+
+def apply(environ=None) -> Optional[Tuple[NodePlan, RankPlan]]:
+    """Apply this rank's settings if a launcher asked for a preset: (node plan, rank plan) or None.
+
+    Sets the environment (the preset wins over inherited values, with a note), the CPU affinity
+    when the launcher did not bind or bound elsewhere, and turns ITEX on if asked. Must run
+    before TensorFlow is imported; running it twice is harmless.
+    """
+    environ = os.environ if environ is None else environ
+    ref = environ.get(PRESET_VAR, "")
+    if not ref or environ.get(APPLIED_VAR) == "1":
+        return None
+    R = _int_var(environ, RANKS_VAR)
+    node = node_plan(ref, R, cores_per_rank=_int_var(environ, CORES_VAR),
+                     oversubscribe=environ.get(OVERSUBSCRIBE_VAR) == "1")
+    me = local_rank(node.ranks_per_node, environ)
+    if me >= node.ranks_per_node:
+        raise UserError(f"local rank {me} but the plan has {node.ranks_per_node} ranks per node: "
+                        f"start at most {node.ranks_per_node} ranks per node, or raise {RANKS_VAR}")
+    rank = node.ranks[me]
+    say = _note if me == 0 else (lambda msg: None)
+    for w in node.warnings:
+        say(f"warning: {w}")
+    overridden = [f"{k}={environ[k]} (now {v})" for k, v in rank.env
+                  if k in environ and environ[k] != v]
+    if overridden:
+        say(f"note: preset {node.preset.name} overrides {', '.join(overridden)}")
+    environ.update(rank.env)
+    if not node.oversubscribed:
+        _bind(rank, say)
+    environ[APPLIED_VAR] = "1"
+    return node, rank
+
+
+def _bind(rank: RankPlan, say) -> None:
+    current = os.sched_getaffinity(0)
+    if current == set(rank.cpus):
+        return
+    if not current >= set(rank.cpus):
+        say(f"warning: the launcher bound local rank {rank.local_rank} to CPUs "
+            f"{cpulist(sorted(current))}; the preset binds it to {cpulist(rank.cpus)}")
+    try:
+        os.sched_setaffinity(0, rank.cpus)
+    except OSError as e:
+        raise UserError(f"cannot bind local rank {rank.local_rank} to CPUs {cpulist(rank.cpus)} "
+                        f"({e}); is the job allowed to use them?") from None
+
+
+def _note(msg: str) -> None:
+    print(f"knl-train: {msg}", file=sys.stderr, flush=True)
+
+
+def exec_command(command: Sequence[str]) -> None:
+    """``knl-train exec -- CMD``: apply this rank's settings, then become CMD."""
+    if not command:
+        raise UserError("nothing to run: knl-train exec -- COMMAND ...")
+    applied = apply()
+    from knl_train.tuning import itex
+    if itex.requested():
+        itex.enable()
+    argv = list(command)
+    if applied and applied[0].numactl:
+        if not shutil.which("numactl"):
+            raise UserError(f"the preset's memory policy needs numactl ({' '.join(applied[0].numactl)}); "
+                            "install it (apt-get install numactl) or load its module")
+        argv = [*applied[0].numactl, *argv]
+    if not shutil.which(argv[0]):
+        raise UserError(f"{argv[0]}: command not found")
+    os.execvp(argv[0], argv)
+
+
+# ---- printing ----------------------------------------------------------------------------------
+def exports(node: NodePlan, preset_ref: str, cores_per_rank: int = 0,
+            oversubscribe: bool = False) -> Dict[str, str]:
+    """What a launcher line passes to every rank."""
+    out = {PRESET_VAR: preset_ref, RANKS_VAR: str(node.ranks_per_node)}
+    if cores_per_rank:
+        out[CORES_VAR] = str(cores_per_rank)
+    if oversubscribe:
+        out[OVERSUBSCRIBE_VAR] = "1"
+    return out
+
+
+def _hex_mask(cpus: Sequence[int]) -> str:
+    return hex(sum(1 << c for c in cpus))
+
+
+def lines(node: NodePlan, fmt: str, *, preset_ref: str, nodes: int = 1, rank: int = 0,
+          command: Sequence[str] = (), exec_prefix: Sequence[str] = ("knl-train", "exec", "--"),
+          cores_per_rank: int = 0, oversubscribe: bool = False, topology=None) -> str:
+    """The plan as shell exports (one rank), a launcher line, or JSON."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if not 0 <= rank < node.ranks_per_node:
+        raise UserError(f"--local-rank {rank} is out of range: the plan has "
+                        f"{node.ranks_per_node} ranks per node (0-{node.ranks_per_node - 1})")
+    q = shlex.quote
+    R, T = node.ranks_per_node, node.cores_per_rank
+    np_total = nodes * R
+    xs = exports(node, preset_ref, cores_per_rank, oversubscribe)
+    tail = " ".join(q(a) for a in (*exec_prefix, *command))
+    if fmt == "json":
+        return json.dumps(_as_json(node, preset_ref, nodes, topology, xs), indent=2)
+    if fmt == "sh":
+        me = node.ranks[rank]
+        out = [f"# knl-train env: preset {node.preset.name} ({node.preset.title})",
+               f"# local rank {rank} of {R} per node: CPUs {cpulist(me.cpus)}; compute "
+               f"{cpulist(me.compute_cpus)}; spare {cpulist(me.spare_cpus) or 'none'}"]
+        if topology is not None:
+            out.insert(1, f"# node: {topology.describe()}")
+        out += [f"# warning: {w}" for w in node.warnings]
+        out += [f"# note: {n}" for n in node.notes]
+        if node.numactl:
+            out.append(f"# memory: run the command under: {' '.join(node.numactl)}")
+        out += [f"export {k}={q(v)}" for k, v in me.env]
+        return "\n".join(out)
+    if fmt == "mpirun":
+        from knl_train.tuning import launch
+        args = ["mpirun", "-np", str(np_total), *launch.openmpi_binding(R, T, oversubscribe)]
+        for k, v in xs.items():
+            args += ["-x", f"{k}={v}"]
+        return " ".join(q(a) for a in args) + " " + tail
+    if fmt == "srun":
+        masks = ",".join(_hex_mask(r.cpus) for r in node.ranks)
+        export = ",".join(["ALL", *(f"{k}={v}" for k, v in xs.items())])
+        args = ["srun", f"--nodes={nodes}", f"--ntasks={np_total}", f"--ntasks-per-node={R}",
+                f"--cpus-per-task={node.cpus_per_rank}", f"--cpu-bind=mask_cpu:{masks}",
+                "--distribution=block:block", f"--export={export}"]
+        return " ".join(q(a) for a in args) + " " + tail
+    if fmt == "aprun":
+        cc = ":".join(cpulist(r.cpus) for r in node.ranks)
+        per_core = node.cpus_per_rank // max(1, T) if not node.oversubscribed else 1
+        args = ["aprun", "-n", str(np_total), "-N", str(R), "-d", str(node.cpus_per_rank),
+                "-j", str(per_core), "-cc", cc]
+        for k, v in xs.items():
+            args += ["-e", f"{k}={v}"]
+        return " ".join(q(a) for a in args) + " " + tail
+    # Intel MPI (Hydra): one pinning domain per local rank, as CPU masks.
+    domains = "[" + ",".join(_hex_mask(r.cpus) for r in node.ranks) + "]"
+    args = ["mpiexec.hydra", "-n", str(np_total), "-ppn", str(R),
+            "-genv", "I_MPI_PIN_DOMAIN", domains]
+    for k, v in xs.items():
+        args += ["-genv", k, v]
+    return " ".join(q(a) for a in args) + " " + tail
+
+
+def _as_json(node: NodePlan, preset_ref: str, nodes: int, topology, xs) -> dict:
+    return {
+        "preset": node.preset.name,
+        "preset_ref": preset_ref,
+        "title": node.preset.title,
+        "node": topology.describe() if topology is not None else None,
+        "nodes": nodes,
+        "ranks_per_node": node.ranks_per_node,
+        "cores_per_rank": node.cores_per_rank,
+        "cpus_per_rank": node.cpus_per_rank,
+        "oversubscribed": node.oversubscribed,
+        "numactl": list(node.numactl),
+        "exports": xs,
+        "warnings": list(node.warnings),
+        "notes": list(node.notes),
+        "ranks": [{"local_rank": r.local_rank, "cpus": list(r.cpus),
+                   "compute_cpus": list(r.compute_cpus), "spare_cpus": list(r.spare_cpus),
+                   "intra_op": r.intra_op, "inter_op": r.inter_op,
+                   "data_threads": r.data_threads, "env": dict(r.env)} for r in node.ranks],
+    }

@@ -1,0 +1,162 @@
+"""A preset on a node: the cores, threads and environment of every rank on it.
+
+Ranks get contiguous runs of physical cores in the node's logical order (socket by socket),
+the order Open MPI's ``--map-by ppr:R:node:PE=T`` and Slurm's block distribution use, so the
+launcher's binding and this plan agree. Each rank computes on the first cores of its run and
+leaves the last ``spare_cores`` to Horovod's background thread and tf.data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Tuple
+
+from knl_train.errors import UserError
+from knl_train.tuning.preset import Preset, Settings
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    local_rank: int
+    cpus: Tuple[int, ...]          # bound: every hardware thread of the rank's cores
+    compute_cpus: Tuple[int, ...]  # where the compute threads go, in OpenMP placement order
+    spare_cpus: Tuple[int, ...]    # Horovod's background thread and tf.data
+    intra_op: int
+    inter_op: int
+    data_threads: int
+    env: Tuple[Tuple[str, str], ...]
+
+    @property
+    def environ(self) -> Dict[str, str]:
+        return dict(self.env)
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    preset: Preset
+    settings: Settings
+    ranks_per_node: int
+    cores_per_rank: int
+    oversubscribed: bool
+    ranks: Tuple[RankPlan, ...]
+    numactl: Tuple[str, ...]       # the memory-policy prefix, e.g. ("numactl", "--preferred=1")
+    warnings: Tuple[str, ...]
+    notes: Tuple[str, ...]
+
+    @property
+    def cpus_per_rank(self) -> int:
+        return len(self.ranks[0].cpus)
+
+
+def cpulist(cpus: Sequence[int]) -> str:
+    """Linux cpulist syntax, order kept: (0, 1, 2, 68, 69) -> '0-2,68-69'."""
+    parts, start, prev = [], None, None
+    for c in cpus:
+        if start is not None and c == prev + 1:
+            prev = c
+            continue
+        if start is not None:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = c
+    if start is not None:
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+    return ",".join(parts)
+
+
+def _compute_order(cores: Sequence[Tuple[int, ...]], ht: int) -> Tuple[int, ...]:
+    # First hardware thread of every core, then the second ones: OpenMP's compact,1,0 order,
+    # so a shorter thread count still lands on distinct cores first.
+    return tuple(core[t] for t in range(ht) for core in cores if t < len(core))
+
+
+def _spare(settings: Settings, cores: int) -> int:
+    return settings.spare_cores if settings.spare_cores * 5 <= cores else 0
+
+
+def plan(preset: Preset, topology, ranks_per_node: Optional[int] = None, *,
+         cores_per_rank: int = 0, oversubscribe: bool = False) -> NodePlan:
+    """Lay ``ranks_per_node`` ranks (default: the preset's) onto ``topology``'s allowed cores."""
+    cores = topology.cores()
+    if not cores:
+        raise UserError("this process may use no CPU of the node (empty affinity/cpuset)")
+    R = ranks_per_node or preset.default_ranks(topology.sockets)
+    if R < 1:
+        raise UserError(f"--ranks-per-node must be >= 1, got {R}")
+    settings = preset.settings_for(R, topology.sockets)
+    warnings, notes = [], []
+    if not preset.matches(topology):
+        from knl_train.tuning import preset as presets
+        warnings.append(f"preset {preset.name} ({preset.title}) does not match this CPU: "
+                        f"{topology.model_name} (detected preset: {presets.detect(topology).name})")
+    if settings.itex and topology.is_knl:
+        raise UserError(f"preset {preset.name} turns ITEX on, but this is a Xeon Phi: ITEX's "
+                        "AVX-512 library is built for Skylake and dies with SIGILL here; set "
+                        "itex: false")
+    n = len(cores)
+    T = cores_per_rank or max(1, n // R)
+    oversubscribed = R * T > n
+    if oversubscribed and not oversubscribe:
+        raise UserError(
+            f"{R} ranks x {T} cores need {R * T} cores, but this node lets us use {n} "
+            f"(CPUs {cpulist(sorted(topology.allowed))}). Use fewer ranks per node or threads per "
+            "rank, or pass --oversubscribe to share cores (for testing only: slower, unbound).")
+    ht = min(settings.threads_per_core, topology.threads_per_core)
+    ranks = []
+    for r in range(R):
+        if oversubscribed:
+            mine = tuple(cores[(r * T + i) % n] for i in range(T))
+        else:
+            mine = cores[r * T:(r + 1) * T]
+        spare = 0 if oversubscribed else _spare(settings, len(mine))
+        compute, spares = mine[:len(mine) - spare], mine[len(mine) - spare:]
+        compute_cpus = _compute_order(compute, ht)
+        ranks.append((r, tuple(sorted(c for core in mine for c in core)), compute_cpus,
+                      tuple(c for core in spares for c in core)))
+        sockets = {topology.socket_of(core[0]) for core in mine}
+        if len(sockets) > 1 and not oversubscribed:
+            warnings.append(f"local rank {r} spans sockets {sorted(sockets)}: use a multiple of "
+                            f"{topology.sockets} ranks per node so that no rank crosses sockets")
+    if n % R and not cores_per_rank and not oversubscribed:
+        notes.append(f"{n % R} of {n} cores are left idle: {n} cores do not divide by {R} ranks")
+
+    # Horovod's background thread: one CPU per local rank, listed for all of them, since Horovod
+    # picks entry [local_rank] and ignores the variable unless it has local_size entries.
+    hvd_affinity = (",".join(str(s[0]) for _, _, _, s in ranks)
+                    if all(s for _, _, _, s in ranks) else None)
+    node_env = {
+        "TF_ENABLE_ONEDNN_OPTS": "1" if settings.onednn else "0",
+        "KNL_TRAIN_ITEX": "1" if settings.itex else "0",
+        "KMP_BLOCKTIME": str(settings.kmp_blocktime),
+        "HOROVOD_FUSION_THRESHOLD": str(int(settings.fusion_threshold_mb * 1024 * 1024)),
+        "HOROVOD_CYCLE_TIME": f"{settings.cycle_time_ms:g}",
+        "KNL_TRAIN_DATA_THREADS": str(settings.data_threads),
+    }
+    if hvd_affinity:
+        node_env["HOROVOD_THREAD_AFFINITY"] = hvd_affinity
+    if topology.threads_per_core > 1:
+        node_env["KMP_HW_SUBSET"] = f"{ht}t"
+
+    out = []
+    for r, cpus, compute_cpus, spare_cpus in ranks:
+        intra = settings.intra_op or len(compute_cpus)
+        env = dict(node_env)
+        env["TF_NUM_INTRAOP_THREADS"] = str(intra)
+        env["TF_NUM_INTEROP_THREADS"] = str(settings.inter_op)
+        env["OMP_NUM_THREADS"] = str(intra)
+        if not oversubscribed:
+            if settings.affinity == "kmp":
+                env["KMP_AFFINITY"] = f"granularity=fine,proclist=[{cpulist(compute_cpus)}],explicit"
+            else:
+                env["OMP_PLACES"] = ",".join(f"{{{c}}}" for c in compute_cpus)
+                env["OMP_PROC_BIND"] = "close"
+        out.append(RankPlan(r, cpus, compute_cpus, spare_cpus, intra, settings.inter_op,
+                            settings.data_threads, tuple(sorted(env.items()))))
+
+    numactl: Tuple[str, ...] = ()
+    if settings.memory == "mcdram":
+        if topology.mcdram_nodes:
+            numactl = ("numactl", f"--preferred={topology.mcdram_nodes[0]}")
+        elif topology.is_knl:
+            notes.append("MCDRAM is in cache mode here (no CPU-less NUMA node): nothing to bind")
+    return NodePlan(preset, settings, R, T, oversubscribed, tuple(out), numactl,
+                    tuple(warnings), tuple(notes))
