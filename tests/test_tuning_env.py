@@ -15,7 +15,7 @@ from conftest import HELPERS, run_cli
 from knl_train.errors import UserError
 from knl_train.tuning import env, launch, preset, topology
 from knl_train.tuning.launch import LaunchPlan
-from knl_train.tuning.plan import plan
+from knl_train.tuning.plan import cpulist, plan
 
 SNAPSHOTS = Path(__file__).parent / "fixtures" / "topology"
 MPIRUN = shutil.which("mpirun")
@@ -188,3 +188,23 @@ def test_two_real_ranks_get_exactly_the_planned_cores_threads_and_environment(tm
         for k, v in want["env"].items():
             assert have["env"].get(k) == v, k
     assert set(got[0]["affinity"]).isdisjoint(got[1]["affinity"])
+
+
+@needs_openmpi
+def test_with_itex_openmp_threads_land_on_the_planned_cpus(tmp_path):
+    """ITEX's libiomp5 reads KMP_AFFINITY: its threads are bound one per planned compute CPU."""
+    from knl_train.tuning import itex
+    if itex.side_version() is None and itex.site_version() is None:
+        pytest.skip("ITEX is not installed (make env installs it beside the venv)")
+    cpus = sorted(os.sched_getaffinity(0))
+    f = tmp_path / "itex.yaml"
+    f.write_text("name: itex-test\ntitle: ITEX on, all cores\n"
+                 "settings: {itex: true, spare_cores: 0, kmp_blocktime: 0}\n")
+    p = run_cli("launch", "--preset", f, "-np", "1", "--",
+                sys.executable, HELPERS / "report_omp.py", tmp_path, timeout=240)
+    assert p.returncode == 0, p.stderr
+    got = json.loads((tmp_path / "omp.json").read_text())
+    assert got["libs"] == ["libiomp5.so"]
+    assert got["env"]["KMP_AFFINITY"] == f"granularity=fine,proclist=[{cpulist(cpus)}],explicit"
+    pinned = {tuple(t) for t in got["threads"] if len(t) == 1}
+    assert pinned == {(c,) for c in cpus}, got["threads"]
