@@ -1,1 +1,1 @@
-"""CPU tuning: launch lines (and, later, topology, presets and the autotuner)."""
+"""CPU tuning: topology detection, threading presets, per-rank plans, launcher lines, the autotuner."""

@@ -111,7 +111,7 @@ def plan(preset: Preset, topology, ranks_per_node: Optional[int] = None, *,
         compute, spares = mine[:len(mine) - spare], mine[len(mine) - spare:]
         compute_cpus = _compute_order(compute, ht)
         ranks.append((r, tuple(sorted(c for core in mine for c in core)), compute_cpus,
-                      tuple(c for core in spares for c in core)))
+                      tuple(sorted(c for core in spares for c in core))))
         sockets = {topology.socket_of(core[0]) for core in mine}
         if len(sockets) > 1 and not oversubscribed:
             warnings.append(f"local rank {r} spans sockets {sorted(sockets)}: use a multiple of "

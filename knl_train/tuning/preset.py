@@ -140,6 +140,10 @@ class Preset:
             data.pop("measured")
         if data["node"] is None:
             data.pop("node")
+        # Layouts are written as they are read: the rank count beside the settings.
+        data["layouts"] = [{("ranks_per_node" if l.ranks_per_node else "ranks_per_socket"):
+                            l.ranks_per_node or l.ranks_per_socket, **l.settings}
+                           for l in self.layouts]
         return yaml.safe_dump(data, sort_keys=False, width=100)
 
 
@@ -166,10 +170,17 @@ def _from_data(data: Dict[str, Any], where: str, path: str = "") -> Preset:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise UserError(f"{where}: layouts[{i}].{keys[0]} must be a positive integer, got {count!r}")
         # Validate the layout's settings now, field by field, as the base settings are.
-        configs.from_dict(Settings, raw, f"{where}: layouts[{i}]")
+        _checked(Settings, raw, where, f"layouts[{i}]")
         layouts.append(Layout(**{keys[0]: count}, settings=raw))
-    preset = configs.from_dict(Preset, data, where)
+    preset = _checked(Preset, data, where)
     return dataclasses.replace(preset, layouts=tuple(layouts), path=path)
+
+
+def _checked(cls, data, where: str, field_path: str = ""):
+    try:
+        return configs.from_dict(cls, data, field_path)
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
 
 
 def _read(text: str, where: str) -> Dict[str, Any]:
