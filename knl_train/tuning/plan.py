@@ -13,6 +13,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 from knl_train.errors import UserError
 from knl_train.tuning.preset import Preset, Settings
+from knl_train.tuning.topology import format_cpulist
 
 
 @dataclass(frozen=True)
@@ -50,17 +51,7 @@ class NodePlan:
 
 def cpulist(cpus: Sequence[int]) -> str:
     """Linux cpulist syntax, order kept: (0, 1, 2, 68, 69) -> '0-2,68-69'."""
-    parts, start, prev = [], None, None
-    for c in cpus:
-        if start is not None and c == prev + 1:
-            prev = c
-            continue
-        if start is not None:
-            parts.append(str(start) if start == prev else f"{start}-{prev}")
-        start = prev = c
-    if start is not None:
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-    return ",".join(parts)
+    return format_cpulist(cpus, keep_order=True)
 
 
 def _compute_order(cores: Sequence[Tuple[int, ...]], ht: int) -> Tuple[int, ...]:

@@ -182,11 +182,13 @@ def parse_cpulist(text: str) -> FrozenSet[int]:
     return frozenset(out)
 
 
-def format_cpulist(ids: Iterable[int]) -> str:
-    """Set of ids -> the kernel's compact cpulist ("0-3,8")."""
+def format_cpulist(ids: Iterable[int], keep_order: bool = False) -> str:
+    """Ids -> the kernel's compact cpulist ("0-3,8"); ``keep_order`` keeps the given order (an
+    OpenMP proclist: "0-2,68-69,5"), else the ids are sorted and deduplicated."""
     runs = []
+    ids = list(ids) if keep_order else sorted(set(ids))
     # consecutive ids share (id - position): each group is one range
-    for _, group in itertools.groupby(enumerate(sorted(set(ids))), key=lambda p: p[1] - p[0]):
+    for _, group in itertools.groupby(enumerate(ids), key=lambda p: p[1] - p[0]):
         run = [i for _, i in group]
         runs.append(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}")
     return ",".join(runs)
