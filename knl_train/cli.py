@@ -236,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
                        usage="knl-train exec -- COMMAND ...")
     x.set_defaults(fn=cmd_exec, command=[])
 
+    from knl_train.tuning import autotune
+    tu = sub.add_parser("tune", help="measure threading settings on this node; write the best as a preset")
+    autotune.add_arguments(tu)
+    tu.set_defaults(fn=autotune.main)
+
     tp = sub.add_parser("topology", help="this node's sockets, cores, threads, NUMA nodes, ISA and preset")
     tp.add_argument("--json", action="store_true", help="print JSON")
     tp.add_argument("--record", metavar="FILE", help="write a snapshot of the files it reads (for bug reports)")
