@@ -87,7 +87,14 @@ def cmd_launch(args) -> int:
                              threads_per_rank=args.threads_per_rank,
                              preset=_preset_arg(args.preset), ranks_per_node=args.ranks_per_node)
     os.environ.setdefault("KNL_TRAIN_PROGRESS", "bar" if sys.stdout.isatty() else "lines")
-    line = launch.argv(plan)
+    node = launch.node_plan(plan)
+    if node is not None:
+        _tell(node)
+        if plan.hostfile and plan.preset == "auto":
+            print(f"knl-train launch: note: the preset ({node.preset.name}) and the cores per rank "
+                  "were worked out on this host; pass --preset and --ranks-per-node if the nodes in "
+                  "the hostfile differ from it", file=sys.stderr)
+    line = launch.argv(plan, node=node)
     print(f"knl-train launch: {launch.render(line)}", file=sys.stderr, flush=True)
     if args.dry_run:
         print(launch.render(line))
@@ -110,12 +117,20 @@ def cmd_env(args) -> int:
         topo = topology.load_snapshot(args.topology)
     node = env.node_plan(args.preset, args.ranks_per_node, cores_per_rank=args.threads_per_rank,
                          oversubscribe=args.oversubscribe, topology=topo)
-    ref = args.preset if args.preset == "auto" or args.preset in preset.names() \
-        else os.path.abspath(args.preset)
+    ref = env.preset_ref(args.preset, node)
+    if args.format != "sh":  # sh prints them as comments
+        _tell(node)
     print(env.lines(node, args.format, preset_ref=ref, nodes=args.nodes, rank=args.local_rank,
                     command=args.command, cores_per_rank=args.threads_per_rank,
                     oversubscribe=args.oversubscribe, topology=topo))
     return 0
+
+
+def _tell(node) -> None:
+    for w in node.warnings:
+        print(f"knl-train: warning: {w}", file=sys.stderr)
+    for n in node.notes:
+        print(f"knl-train: note: {n}", file=sys.stderr)
 
 
 def _nominal(ref: str):
@@ -274,6 +289,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UserError as e:
         if launcher_rank() == 0:
             print(f"knl-train: error: {e}", file=sys.stderr, flush=True)
+        elif args.fn is cmd_exec:
+            # What goes wrong in exec (binding, numactl, a local rank) is often one rank's alone.
+            print(f"knl-train: error (rank {launcher_rank()}): {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -10,7 +10,7 @@ import statistics
 import pytest
 
 from knl_train.errors import UserError
-from knl_train.tuning import autotune, itex, preset
+from knl_train.tuning import autotune, itex, preset, topology
 from knl_train.tuning.autotune import Candidate, Machine, Space
 
 TWO_CORES = Machine(cores=2, itex="optional", host="box", cpu="test CPU")
@@ -45,12 +45,14 @@ def test_greedy_walks_the_dimensions_in_order_and_keeps_only_gains():
     log = []
     space = Space(precision=("fp32", "mixed_bf16"), ranks=(1, 2))
     search = autotune.greedy(space, TWO_CORES, 16, fake_measure(rate, log))
-    assert [d for d, _ in log] == ["precision", "onednn", "itex", "ranks", "inter_op", "blocktime"]
+    # Precision last: the stage before it ends on the best fp32 setting.
+    assert [d for d, _ in log] == ["onednn", "itex", "ranks", "inter_op", "blocktime", "precision"]
     for _, group in log:   # the incumbent first, then only real changes
         assert len({autotune.effective(c, TWO_CORES) for c in group}) == len(group)
     assert search.final == Candidate(precision="mixed_bf16", itex=True, inter_op=1, blocktime=0)
     assert autotune.label(search.final, TWO_CORES) == "bf16, ITEX, inter-op 1, blocktime 0"
-    assert [s.chosen != s.incumbent for s in search.stages] == [True, False, True, False, True, True]
+    assert [s.chosen != s.incumbent for s in search.stages] == [False, True, False, True, True, True]
+    assert search.stages[-1].incumbent == Candidate(itex=True, inter_op=1, blocktime=0)
     # inter-op 2 is what TF does on a 1-rank, 2-core node: not measured again
     inter = next(g for d, g in log if d == "inter_op")
     assert [autotune.effective(c, TWO_CORES).inter_op for c in inter] == [2, 1]
@@ -180,7 +182,10 @@ def test_real_grid_writes_table_preset_chart_and_json(tmp_path, capsys):
         assert dataclasses.asdict(p.settings) == best["settings"]
     assert p.measured["images_per_sec"] == round(best["median"], 2)
     assert p.measured["model"] == "small_cnn" and p.measured["precision"] == "fp32"
-    assert not p.match.flags and not p.match.vendor
+    # It names the CPU it was measured on, so using it elsewhere warns; it is never auto-chosen.
+    live = topology.detect()
+    assert p.match.vendor == live.vendor and p.matches(live)
+    assert p.name not in preset.names() and preset.detect(live).name != p.name
 
     png = (tmp_path / "tuning.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000

@@ -35,6 +35,13 @@ def test_local_rank_from_each_launcher(var):
     assert env.local_rank(4, {var: "3"}) == 3
 
 
+def test_an_mpi_launchers_local_rank_wins_over_slurms():
+    # Hydra and horovodrun inside a Slurm job start per-node proxies with srun: SLURM_LOCALID=0.
+    assert env.local_rank(4, {"SLURM_LOCALID": "0", "MPI_LOCALRANKID": "3"}) == 3
+    assert env.local_rank(4, {"SLURM_LOCALID": "0", "HOROVOD_LOCAL_RANK": "2"}) == 2
+    assert env.local_rank(4, {"SLURM_LOCALID": "1"}) == 1
+
+
 def test_local_rank_under_aprun_and_without_a_launcher():
     assert env.local_rank(4, {"ALPS_APP_PE": "6"}) == 2
     assert env.local_rank(1, {}) == 0
@@ -45,7 +52,7 @@ def test_local_rank_under_aprun_and_without_a_launcher():
 # ---- launcher lines ----------------------------------------------------------------------------
 def test_sh_exports_one_ranks_settings():
     text = env.lines(knl4(), "sh", preset_ref="knl-7250", rank=1)
-    assert "# local rank 1 of 4 per node: CPUs 17-33,85-101,153-169,221-237" in text
+    assert "# local rank 1 of 4 per node: CPUs 17-33,85-101,169,237" in text
     assert "export KMP_AFFINITY='granularity=fine,proclist=[17-32,85-100],explicit'" in text
     assert "export OMP_NUM_THREADS=32" in text and "export HOROVOD_THREAD_AFFINITY=16,33,50,67" in text
     assert "# memory: run the command under: numactl --preferred=1" in text
@@ -56,6 +63,9 @@ def test_mpirun_line_maps_ppr_with_pe_and_passes_only_the_preset():
     args = shlex.split(line)
     assert args[:7] == ["mpirun", "-np", "32", "--map-by", "ppr:4:node:PE=17", "--bind-to", "core"]
     assert "KNL_TRAIN_PRESET=knl-7250" in args and "KNL_TRAIN_RANKS_PER_NODE=4" in args
+    assert "KNL_TRAIN_CORES_PER_RANK=17" in args
+    # The same Open MPI settings as knl-train launch: yield while waiting, a SIGTERM grace.
+    assert "mpi_yield_when_idle" in args and "odls_base_sigkill_timeout" in args
     assert args[-5:] == ["knl-train", "exec", "--", "knl-train", "train"]
 
 
@@ -67,14 +77,16 @@ def test_srun_line_sets_cpus_per_task_and_binds_each_rank_to_its_mask():
     masks = bind.split(":", 1)[1].split(",")
     assert len(masks) == 4
     assert int(masks[0], 16) == sum(1 << c for c in knl4().ranks[0].cpus)
-    assert "--export=ALL,KNL_TRAIN_PRESET=knl-7250,KNL_TRAIN_RANKS_PER_NODE=4" in args
+    assert ("--export=ALL,KNL_TRAIN_PRESET=knl-7250,KNL_TRAIN_RANKS_PER_NODE=4,"
+            "KNL_TRAIN_CORES_PER_RANK=17") in args
 
 
 def test_aprun_line_lists_each_ranks_cpus():
     args = shlex.split(env.lines(knl4(), "aprun", preset_ref="knl-7250", nodes=2))
-    assert args[:9] == ["aprun", "-n", "8", "-N", "4", "-d", "68", "-j", "4"]
+    # 32 compute threads (16 cores x 2, ALCF's -j 2) and the spare core's 4 hardware threads.
+    assert args[:9] == ["aprun", "-n", "8", "-N", "4", "-d", "36", "-j", "2"]
     cc = args[args.index("-cc") + 1].split(":")
-    assert cc[0] == "0-16,68-84,136-152,204-220" and len(cc) == 4
+    assert cc[0] == "0-16,68-84,152,220" and len(cc) == 4
     assert "KNL_TRAIN_PRESET=knl-7250" in args
 
 
@@ -82,7 +94,8 @@ def test_intel_mpi_line_pins_domains_by_mask():
     args = shlex.split(env.lines(knl4(), "impi", preset_ref="knl-7250", nodes=2))
     assert args[:5] == ["mpiexec.hydra", "-n", "8", "-ppn", "4"]
     domains = args[args.index("I_MPI_PIN_DOMAIN") + 1]
-    assert domains.startswith("[0x") and domains.count(",") == 3
+    masks = [int(m, 16) for m in domains.strip("[]").split(",")]
+    assert masks == [sum(1 << c for c in rank.cpus) for rank in knl4().ranks]
 
 
 def test_json_has_every_rank():
@@ -144,7 +157,10 @@ def test_env_plans_a_node_type_we_are_not_on():
     p = run_cli("env", "--preset", "knl-7250", "--topology", "nominal", "--format", "srun",
                 "--nodes", "2048", check=True)
     assert "--ntasks=8192" in p.stdout and "--cpus-per-task=68" in p.stdout
-    assert "warning" not in p.stderr
+    assert "warning" not in p.stderr and "note: MCDRAM is in cache mode" in p.stderr
+    p = run_cli("env", "--preset", "knl-7250", "--topology", str(SNAPSHOTS / "skx-8160-2s.json"),
+                "--format", "srun", check=True)
+    assert "knl-train: warning: preset knl-7250" in p.stderr  # launcher formats warn on stderr
     p = run_cli("env", "--preset", "skx-8160", "--topology", str(SNAPSHOTS / "skx-8160-2s.json"),
                 "--format", "mpirun", check=True)
     assert "ppr:2:node:PE=24" in p.stdout
@@ -165,6 +181,19 @@ def test_apply_sets_the_environment_and_notes_what_it_overrode(monkeypatch, caps
     assert env.apply(environ) is None  # once
 
 
+def test_apply_drops_inherited_threading_variables_the_plan_does_not_set(monkeypatch):
+    monkeypatch.setattr(topology, "detect", lambda root="/": snap("this-machine"))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: None)
+    environ = {"KNL_TRAIN_PRESET": "generic", "KNL_TRAIN_RANKS_PER_NODE": "2",
+               "OMPI_COMM_WORLD_LOCAL_RANK": "1", "HOROVOD_THREAD_AFFINITY": "5,6",
+               "OMP_PLACES": "{0}", "GOMP_CPU_AFFINITY": "0-1"}
+    env.apply(environ)
+    assert environ["KMP_AFFINITY"] == "granularity=fine,proclist=[1],explicit"
+    for name in ("HOROVOD_THREAD_AFFINITY", "OMP_PLACES", "GOMP_CPU_AFFINITY"):
+        assert name not in environ
+
+
 def test_apply_without_a_preset_does_nothing():
     environ = {"OMP_NUM_THREADS": "3"}
     assert env.apply(environ) is None and environ == {"OMP_NUM_THREADS": "3"}
@@ -179,6 +208,8 @@ def test_two_real_ranks_get_exactly_the_planned_cores_threads_and_environment(tm
     p = run_cli("launch", "--preset", "generic", "-np", "2", "--",
                 sys.executable, HELPERS / "report_rank.py", tmp_path, timeout=240)
     assert p.returncode == 0, p.stderr
+    # mpirun's own binding matched the plan: no rank had to re-bind itself.
+    assert "the launcher bound" not in p.stderr
     planned = json.loads(run_cli("env", "--preset", "generic", "--ranks-per-node", "2",
                                  "--format", "json", check=True).stdout)
     got = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
@@ -208,3 +239,24 @@ def test_with_itex_openmp_threads_land_on_the_planned_cpus(tmp_path):
     assert got["env"]["KMP_AFFINITY"] == f"granularity=fine,proclist=[{cpulist(cpus)}],explicit"
     pinned = {tuple(t) for t in got["threads"] if len(t) == 1}
     assert pinned == {(c,) for c in cpus}, got["threads"]
+
+
+# ---- the commands ----------------------------------------------------------------------------------
+def test_topology_command_describes_this_node_and_records_a_snapshot(tmp_path):
+    p = run_cli("topology", check=True)
+    live = topology.detect()
+    assert p.stdout.splitlines()[0] == live.describe()
+    assert f"preset: {preset.detect(live).name}" in p.stdout
+    run_cli("topology", "--record", tmp_path / "me.json", "--name", "me", check=True)
+    again = topology.load_snapshot(tmp_path / "me.json")
+    assert again.cores() == live.cores() and again.flags == live.flags
+
+
+def test_env_lists_the_presets():
+    p = run_cli("env", "--list", check=True)
+    assert [line.split()[0] for line in p.stdout.splitlines()] == list(preset.names())
+
+
+def test_tune_is_wired_and_refuses_a_bad_option():
+    p = run_cli("tune", "--precision", "fp16", "--dry-run")
+    assert p.returncode == 2 and "fp16" in p.stderr and "Traceback" not in p.stderr

@@ -70,12 +70,13 @@ def test_a_preset_round_trips_through_its_yaml(tmp_path):
 # ---- Xeon Phi 7250 ----------------------------------------------------------------------------
 def test_knl_four_ranks_of_17_cores_compute_on_16_cores_times_2_hyperthreads():
     node = plan(preset.load("knl-7250"), snap("knl-7250-quad-cache"), 4)
-    assert node.ranks_per_node == 4 and node.cores_per_rank == 17 and node.cpus_per_rank == 68
+    assert node.ranks_per_node == 4 and node.cores_per_rank == 17 and node.cpus_per_task == 68
     r0, r3 = node.ranks[0], node.ranks[3]
     # Linux numbers KNL threads core-major by thread: CPU c, c+68, c+136, c+204 share core c.
-    assert r0.cpus == tuple(sorted(r(0, 17) + r(68, 85) + r(136, 153) + r(204, 221)))
     assert r0.compute_cpus == r(0, 16) + r(68, 84)
     assert r0.spare_cpus == (16, 84, 152, 220)
+    # Bound: 2 hyperthreads of 16 cores and the whole spare core; the other 2 x 16 stay idle.
+    assert r0.cpus == tuple(sorted(r(0, 17) + r(68, 85) + (152, 220)))
     assert r3.compute_cpus == r(51, 67) + r(119, 135)
     assert r0.intra_op == 32 and r0.inter_op == 1 and r0.data_threads == 3
     env = r0.environ
@@ -85,8 +86,8 @@ def test_knl_four_ranks_of_17_cores_compute_on_16_cores_times_2_hyperthreads():
     assert env["HOROVOD_THREAD_AFFINITY"] == "16,33,50,67"
     assert env["KNL_TRAIN_ITEX"] == "0" and env["TF_ENABLE_ONEDNN_OPTS"] == "1"
     assert env["HOROVOD_FUSION_THRESHOLD"] == str(128 * 1024 * 1024)
-    # Disjoint, and together the whole node.
-    assert sorted(c for rank in node.ranks for c in rank.cpus) == list(range(272))
+    bound = [c for rank in node.ranks for c in rank.cpus]
+    assert len(bound) == len(set(bound)) == 4 * 36
     assert node.numactl == () and any("cache mode" in n for n in node.notes)
 
 
@@ -113,8 +114,9 @@ def test_skx_one_rank_per_socket_leaves_two_cores():
     node = plan(preset.load("skx-8160"), snap("skx-8160-2s"))
     assert node.ranks_per_node == 2 and node.cores_per_rank == 24
     r0, r1 = node.ranks
-    assert r0.cpus == tuple(sorted(r(0, 24) + r(48, 72)))
-    assert r1.cpus == tuple(sorted(r(24, 48) + r(72, 96)))
+    # One hardware thread per compute core; the spare cores keep both of theirs.
+    assert r0.cpus == r(0, 24) + (70, 71)
+    assert r1.cpus == r(24, 48) + (94, 95)
     assert r0.compute_cpus == r(0, 22) and r1.compute_cpus == r(24, 46)
     assert r0.intra_op == 22 and r0.environ["KMP_HW_SUBSET"] == "1t"
     assert r0.environ["HOROVOD_THREAD_AFFINITY"] == "22,46"
@@ -175,6 +177,8 @@ def test_more_ranks_than_cores_is_an_error_unless_oversubscribed():
 def test_threads_per_rank_over_the_cores_is_an_error():
     with pytest.raises(UserError, match="2 ranks x 2 cores need 4 cores"):
         plan(preset.load("generic"), snap("this-machine"), 2, cores_per_rank=2)
+    with pytest.raises(UserError, match="--threads-per-rank must be >= 1 .*got -1"):
+        plan(preset.load("generic"), snap("this-machine"), 2, cores_per_rank=-1)
 
 
 def test_omp_affinity_style_sets_places_instead_of_kmp_affinity(tmp_path):

@@ -12,7 +12,7 @@ blocktime (only with ITEX on: only ITEX's OpenMP runtime reads it). A change is 
 median beats the incumbent's by more than ``--min-gain``. ``--strategy grid`` measures the
 full product instead. Outputs (written atomically into ``--out``): the table (``table.md``),
 ``results.json``, a bar chart (``tuning.png``) and the best setting as a preset YAML that
-``env``, ``launch`` and the study templates accept.
+``env`` and ``launch`` accept.
 """
 
 from __future__ import annotations
@@ -38,13 +38,18 @@ from knl_train.errors import UserError
 from knl_train.io import write_json_atomic, write_text_atomic
 from knl_train.tuning import itex as itex_mod
 from knl_train.tuning import preset as presets
+from knl_train.tuning.plan import kept_spare_cores
 from knl_train.tuning.preset import Match, Node, Preset, Settings
+from knl_train.tuning.trial import PRECISIONS
 
-PRECISIONS = ("fp32", "mixed_bf16")
+
 STRATEGIES = ("greedy", "grid")
-# Greedy order: the biggest, least entangled levers first; blocktime last (it needs ITEX).
-ORDER = ("precision", "onednn", "itex", "ranks", "spare_cores", "threads_per_core",
-         "intra_op", "inter_op", "blocktime")
+# Greedy order: the biggest, least entangled levers first; blocktime after ITEX (only OpenMP
+# reads it). Precision goes last: the stage before it is then the best fp32 setting (the same
+# numerics as TF's defaults), and bf16 never meets Eigen's emulated bf16 kernels (oneDNN off:
+# 1 image/s for ResNet-50 here).
+ORDER = ("onednn", "itex", "ranks", "spare_cores", "threads_per_core", "intra_op", "inter_op",
+         "blocktime", "precision")
 # KMP_BLOCKTIME that candidates carry until the blocktime dimension changes it (the presets').
 START_BLOCKTIME = 1
 # Variables that change what a trial measures: a trial sees only what its preset sets.
@@ -153,7 +158,7 @@ def effective(c: Candidate, m: Machine) -> Effective:
     cpr = max(1, m.cores // c.ranks)
     tpc = min(c.threads_per_core or m.threads_per_core, m.threads_per_core)
     # The planner keeps spare cores only while they are at most a fifth of the rank's cores.
-    spare = c.spare_cores if c.spare_cores * 5 <= cpr else 0
+    spare = kept_spare_cores(c.spare_cores, cpr)
     return Effective(c.precision, c.onednn, c.itex, c.ranks, cpr, spare, tpc,
                      c.intra_op or (cpr - spare) * tpc, c.inter_op or cpr * m.threads_per_core,
                      c.blocktime if c.itex else None)
@@ -168,7 +173,7 @@ def infeasible(dim: str, c: Candidate, m: Machine, batch: int) -> Optional[str]:
             return f"the batch of {batch} images does not split evenly over {c.ranks} ranks"
     if dim == "threads_per_core" and c.threads_per_core > m.threads_per_core:
         return f"the cores have {m.threads_per_core} hardware thread(s)"
-    if dim == "spare_cores" and c.spare_cores and c.spare_cores * 5 > m.cores // c.ranks:
+    if dim == "spare_cores" and c.spare_cores and not kept_spare_cores(c.spare_cores, m.cores // c.ranks):
         return (f"{c.spare_cores} spare core(s) exceed a fifth of a rank's {m.cores // c.ranks} "
                 "cores, so the planner would not keep them")
     if dim == "itex" and c.itex:
@@ -359,7 +364,8 @@ class Runner:
         return self.ids.setdefault(c, len(self.ids))
 
     def measure(self, group: Sequence[Candidate], dimension: str) -> Dict[Candidate, List[float]]:
-        """``repeats`` rounds over ``group``, each round starting one candidate later."""
+        """``repeats`` rounds over ``group``, each round starting one candidate later; this stage's
+        samples only, so every comparison is between interleaved runs."""
         self.dimension = dimension
         group = [c for c in group if c not in self.failures]
         for c in group:
@@ -367,15 +373,18 @@ class Runner:
             self.where.setdefault(c, []).append(self.dimension)
         self.bar.total += self.repeats * len(group)
         self.bar.refresh()
+        stage: Dict[Candidate, List[float]] = {c: [] for c in group}
         for r in range(self.repeats):
             for c in group[r % len(group):] + group[:r % len(group)]:
                 if c in self.failures:
                     self.bar.update(1)
                     continue
                 self.bar.set_postfix_str(f"{self.dimension}: {label(c, self.machine)}"[:60])
-                self.run(c, r)
+                ips = self.run(c, r)
+                if ips is not None:
+                    stage[c].append(ips)
                 self.bar.update(1)
-        return {c: self.samples.get(c, []) for c in group}
+        return stage
 
     def command(self, c: Candidate, out: Path) -> Tuple[str, ...]:
         w = self.workload
@@ -637,7 +646,9 @@ def tuned_preset(name: str, best: Candidate, row: dict, record: dict, machine: M
                     flags=tuple(f for f in NODE_FLAGS if f in topology.flags),
                     sockets=topology.sockets, cores_per_socket=topology.cores_per_socket,
                     threads_per_core=topology.threads_per_core)
-    return Preset(name=name, title=f"tuned on {machine.host} ({machine.cpu})", match=Match(),
+    # The CPU it was measured on: used elsewhere, it warns (tuned presets are never auto-chosen).
+    match = Match(vendor=topology.vendor, flags=node.flags) if topology is not None else Match()
+    return Preset(name=name, title=f"tuned on {machine.host} ({machine.cpu})", match=match,
                   node=node, ranks_per_node=best.ranks,
                   settings=settings_for(dataclasses.replace(best, baseline=False), machine, base),
                   sources=(f"knl-train tune, {record['date']}: results.json beside this file",),
@@ -835,9 +846,12 @@ def finish(args, search, runner, space, machine, workload, out, name, detected, 
     measured = [r for r in rows if "median" in r]
     if not measured:
         raise UserError(f"no trial succeeded; see the logs in {out / 'trials'}")
-    best_row = measured[0]
-    by_id = {i: c for c, i in runner.ids.items()}
-    best = by_id[best_row["id"]]
+    # The search's end point: greedy kept only changes that beat their incumbent side by side
+    # (by --min-gain), so the highest median of all rows could be one it rightly rejected.
+    best = search.final if search.final in runner.samples else None
+    best_row = (next(r for r in measured if r["id"] == runner.ids[best]) if best is not None
+                else measured[0])
+    best = {i: c for c, i in runner.ids.items()}[best_row["id"]]
     base_samples = runner.samples.get(baseline(machine))
     base_median = statistics.median(base_samples) if base_samples else None
     date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")

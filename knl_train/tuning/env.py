@@ -25,9 +25,15 @@ RANKS_VAR = "KNL_TRAIN_RANKS_PER_NODE"
 CORES_VAR = "KNL_TRAIN_CORES_PER_RANK"
 OVERSUBSCRIBE_VAR = "KNL_TRAIN_OVERSUBSCRIBE"
 APPLIED_VAR = "KNL_TRAIN_APPLIED"
-# Local rank as Open MPI, Slurm, Hydra (MPICH, Intel MPI), Cray PMI and horovodrun set it.
-LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "MPI_LOCALRANKID",
-                   "PMI_LOCAL_RANK", "HOROVOD_LOCAL_RANK")
+PLAN_VARS = (PRESET_VAR, RANKS_VAR, CORES_VAR, OVERSUBSCRIBE_VAR, APPLIED_VAR)
+# Local rank as Open MPI, Hydra (MPICH, Intel MPI), Cray PMI, horovodrun and srun set it. The
+# MPI launchers' come first: started inside a Slurm job, Hydra and horovodrun launch one proxy
+# per node with srun, so every rank also inherits that proxy's SLURM_LOCALID=0.
+LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK",
+                   "HOROVOD_LOCAL_RANK", "SLURM_LOCALID")
+# Threading variables a plan may set; an inherited one the plan does not set would fight it.
+PLANNED_VARS = ("KMP_AFFINITY", "KMP_HW_SUBSET", "OMP_PLACES", "OMP_PROC_BIND", "GOMP_CPU_AFFINITY",
+                "HOROVOD_THREAD_AFFINITY")
 FORMATS = ("sh", "mpirun", "srun", "aprun", "impi", "json")
 
 
@@ -62,7 +68,7 @@ def node_plan(preset_ref: str, ranks_per_node: int = 0, *, cores_per_rank: int =
                          cores_per_rank=cores_per_rank, oversubscribe=oversubscribe)
 
 
-def apply(environ=None) -> Optional[Tuple[NodePlan, RankPlan]]:
+def apply(environ=None, *, via_exec: bool = False) -> Optional[Tuple[NodePlan, RankPlan]]:
     """Apply this rank's settings if a launcher asked for a preset: (node plan, rank plan) or None.
 
     Sets the environment (the preset wins over inherited values, with a note), the CPU affinity
@@ -88,7 +94,13 @@ def apply(environ=None) -> Optional[Tuple[NodePlan, RankPlan]]:
                   if k in environ and environ[k] != v]
     if overridden:
         say(f"note: preset {node.preset.name} overrides {', '.join(overridden)}")
+    for name in PLANNED_VARS:
+        if name in environ and name not in rank.environ:
+            del environ[name]
     environ.update(rank.env)
+    if node.numactl and not via_exec:
+        say(f"warning: the preset's memory policy ({' '.join(node.numactl)}) is applied only by "
+            "'knl-train exec -- COMMAND' (knl-train launch uses it); this run has none")
     if not node.oversubscribed:
         _bind(rank, say)
     environ[APPLIED_VAR] = "1"
@@ -99,6 +111,7 @@ def _bind(rank: RankPlan, say) -> None:
     current = os.sched_getaffinity(0)
     if current == set(rank.cpus):
         return
+    # A launcher binds whole cores; narrowing to the planned hardware threads is expected.
     if not current >= set(rank.cpus):
         say(f"warning: the launcher bound local rank {rank.local_rank} to CPUs "
             f"{cpulist(sorted(current))}; the preset binds it to {cpulist(rank.cpus)}")
@@ -117,7 +130,7 @@ def exec_command(command: Sequence[str]) -> None:
     """``knl-train exec -- CMD``: apply this rank's settings, then become CMD."""
     if not command:
         raise UserError("nothing to run: knl-train exec -- COMMAND ...")
-    applied = apply()
+    applied = apply(via_exec=True)
     from knl_train.tuning import itex
     if itex.requested():
         itex.enable()
@@ -136,12 +149,21 @@ def exec_command(command: Sequence[str]) -> None:
 def exports(node: NodePlan, preset_ref: str, cores_per_rank: int = 0,
             oversubscribe: bool = False) -> Dict[str, str]:
     """What a launcher line passes to every rank."""
-    out = {PRESET_VAR: preset_ref, RANKS_VAR: str(node.ranks_per_node)}
-    if cores_per_rank:
-        out[CORES_VAR] = str(cores_per_rank)
+    # The cores per rank always go along: launcher and ranks then agree on the runs of cores.
+    out = {PRESET_VAR: preset_ref, RANKS_VAR: str(node.ranks_per_node),
+           CORES_VAR: str(cores_per_rank or node.cores_per_rank)}
     if oversubscribe:
         out[OVERSUBSCRIBE_VAR] = "1"
     return out
+
+
+def preset_ref(arg: str, node: NodePlan) -> str:
+    """What ranks are told: the preset's name ("auto" resolved, so a line says which preset
+    every rank applies), or a preset file's absolute path (ranks may start elsewhere)."""
+    from knl_train.tuning import preset
+    if arg == "auto" or arg in preset.names():
+        return node.preset.name
+    return os.path.abspath(arg)
 
 
 def _hex_mask(cpus: Sequence[int]) -> str:
@@ -177,34 +199,33 @@ def lines(node: NodePlan, fmt: str, *, preset_ref: str, nodes: int = 1, rank: in
             out.append(f"# memory: run the command under: {' '.join(node.numactl)}")
         out += [f"export {k}={q(v)}" for k, v in me.env]
         return "\n".join(out)
+    from knl_train.tuning import launch
     if fmt == "mpirun":
-        from knl_train.tuning import launch
-        args = ["mpirun", "-np", str(np_total), *launch.openmpi_binding(R, T, oversubscribe)]
-        for k, v in xs.items():
-            args += ["-x", f"{k}={v}"]
+        args = ["mpirun", "-np", str(np_total), *launch.openmpi_options(R, T, oversubscribe, xs)]
         return " ".join(q(a) for a in args) + " " + tail
     if fmt == "srun":
         masks = ",".join(_hex_mask(r.cpus) for r in node.ranks)
         export = ",".join(["ALL", *(f"{k}={v}" for k, v in xs.items())])
         args = ["srun", f"--nodes={nodes}", f"--ntasks={np_total}", f"--ntasks-per-node={R}",
-                f"--cpus-per-task={node.cpus_per_rank}", f"--cpu-bind=mask_cpu:{masks}",
+                f"--cpus-per-task={node.cpus_per_task}", f"--cpu-bind=mask_cpu:{masks}",
                 "--distribution=block:block", f"--export={export}"]
         return " ".join(q(a) for a in args) + " " + tail
     if fmt == "aprun":
         cc = ":".join(cpulist(r.cpus) for r in node.ranks)
-        per_core = node.cpus_per_rank // max(1, T) if not node.oversubscribed else 1
-        args = ["aprun", "-n", str(np_total), "-N", str(R), "-d", str(node.cpus_per_rank),
-                "-j", str(per_core), "-cc", cc]
+        ht = 1 if node.oversubscribed else min(node.settings.threads_per_core,
+                                               node.cpus_per_task // max(1, T))
+        args = ["aprun", "-n", str(np_total), "-N", str(R), "-d", str(len(node.ranks[0].cpus)),
+                "-j", str(ht), "-cc", cc]
         for k, v in xs.items():
             args += ["-e", f"{k}={v}"]
         return " ".join(q(a) for a in args) + " " + tail
-    # Intel MPI (Hydra): one pinning domain per local rank, as CPU masks.
-    domains = "[" + ",".join(_hex_mask(r.cpus) for r in node.ranks) + "]"
-    args = ["mpiexec.hydra", "-n", str(np_total), "-ppn", str(R),
-            "-genv", "I_MPI_PIN_DOMAIN", domains]
-    for k, v in xs.items():
-        args += ["-genv", k, v]
+    args = ["mpiexec.hydra", "-n", str(np_total), *launch.hydra_options(node, xs)]
     return " ".join(q(a) for a in args) + " " + tail
+
+
+def pin_domains(node: NodePlan) -> str:
+    """Intel MPI's I_MPI_PIN_DOMAIN: one CPU mask per local rank."""
+    return "[" + ",".join(_hex_mask(r.cpus) for r in node.ranks) + "]"
 
 
 def _as_json(node: NodePlan, preset_ref: str, nodes: int, topology, xs) -> dict:
@@ -216,7 +237,7 @@ def _as_json(node: NodePlan, preset_ref: str, nodes: int, topology, xs) -> dict:
         "nodes": nodes,
         "ranks_per_node": node.ranks_per_node,
         "cores_per_rank": node.cores_per_rank,
-        "cpus_per_rank": node.cpus_per_rank,
+        "cpus_per_task": node.cpus_per_task,
         "oversubscribed": node.oversubscribed,
         "numactl": list(node.numactl),
         "exports": xs,

@@ -79,9 +79,11 @@ def mpi_flavour(mpirun: str) -> str:
 
 
 def forwarded_env(environ=None) -> List[str]:
+    from knl_train.tuning.env import PLAN_VARS
     environ = os.environ if environ is None else environ
-    return sorted(k for k in environ
-                  if k in FORWARD_NAMES or k.startswith(FORWARD_PREFIXES))
+    # A plan's variables left over in the launching shell would change the ranks' plans.
+    return sorted(k for k in environ if k not in PLAN_VARS
+                  and (k in FORWARD_NAMES or k.startswith(FORWARD_PREFIXES)))
 
 
 def _threads(plan: LaunchPlan) -> int:
@@ -122,21 +124,42 @@ def exports(plan: LaunchPlan, node) -> dict:
     if node is None:
         return {}
     from knl_train.tuning import env
-    # "auto" is resolved here, so the printed line says which preset every rank applies.
-    ref = node.preset.name if plan.preset == "auto" or plan.preset in _builtin_names() \
-        else os.path.abspath(plan.preset)
-    return env.exports(node, ref, plan.threads_per_rank, plan.oversubscribe)
+    ref = env.preset_ref(plan.preset, node)
+    return env.exports(node, ref, node.cores_per_rank, plan.oversubscribe)
 
 
-def _builtin_names():
-    from knl_train.tuning import preset
-    return preset.names()
-
-
-def openmpi_binding(ranks_per_node: int, cores_per_rank: int, oversubscribe: bool) -> List[str]:
+def openmpi_options(ranks_per_node: int, cores_per_rank: int, oversubscribe: bool,
+                    exports: dict) -> List[str]:
+    """Open MPI's binding, signal and polling settings and the preset's exports, for a preset."""
     if oversubscribe:
-        return ["--oversubscribe", "--bind-to", "none"]
-    return ["--map-by", f"ppr:{ranks_per_node}:node:PE={cores_per_rank}", "--bind-to", "core"]
+        line = ["--oversubscribe", "--bind-to", "none"]
+    else:
+        line = ["--map-by", f"ppr:{ranks_per_node}:node:PE={cores_per_rank}", "--bind-to", "core"]
+    line += _OPENMPI_MCA
+    for k, v in exports.items():
+        line += ["-x", f"{k}={v}"]
+    return line
+
+
+def hydra_options(node, exports: dict) -> List[str]:
+    """Hydra's ranks per node and, for Intel MPI, one pinning domain per local rank."""
+    from knl_train.tuning import env
+    line = ["-ppn", str(node.ranks_per_node)]
+    if not node.oversubscribed:
+        line += ["-genv", "I_MPI_PIN_DOMAIN", env.pin_domains(node)]
+    for k, v in exports.items():
+        line += ["-genv", k, v]
+    return line
+
+
+# At a time limit the scheduler sends SIGTERM to mpirun as well as to the ranks; mpirun then
+# SIGKILLs them after twice odls_base_sigkill_timeout seconds (default 1). The grace lets rank 0
+# finish its checkpoint, and stays under Slurm's default KillWait of 30 s.
+# Horovod's background thread shares the rank's cores with the compute threads; busy polling
+# in MPI steals them from the backward pass (Horovod #2804). Yielding measured 2 ranks x 1 core
+# at 0.99 of 2 x 1 rank, against 0.66 polling (bench_trainer.py).
+_OPENMPI_MCA = ["--mca", "odls_base_sigkill_timeout", str(SIGKILL_GRACE_SECONDS),
+                "--mca", "mpi_yield_when_idle", "1"]
 
 
 def knl_train_exec() -> List[str]:
@@ -147,9 +170,9 @@ def knl_train_exec() -> List[str]:
     return [sys.executable, "-m", "knl_train.cli", "exec", "--"]
 
 
-def argv(plan: LaunchPlan, *, is_root: Optional[bool] = None, environ=None) -> List[str]:
-    """The full launcher command line for ``plan``."""
-    node = node_plan(plan)
+def argv(plan: LaunchPlan, *, is_root: Optional[bool] = None, environ=None, node=None) -> List[str]:
+    """The full launcher command line for ``plan`` (``node``: its ``node_plan``, if made already)."""
+    node = node_plan(plan) if node is None else node
     if node is None:
         check_fits(plan)
     xs = exports(plan, node)
@@ -180,35 +203,22 @@ def argv(plan: LaunchPlan, *, is_root: Optional[bool] = None, environ=None) -> L
         if plan.hostfile:
             line += ["--hostfile", plan.hostfile]
         if node is not None:
-            line += openmpi_binding(node.ranks_per_node, node.cores_per_rank, plan.oversubscribe)
-        elif plan.oversubscribe:
-            line += ["--oversubscribe", "--bind-to", "none"]
+            line += openmpi_options(node.ranks_per_node, node.cores_per_rank, plan.oversubscribe, xs)
         else:
-            line += ["--map-by", f"slot:PE={_threads(plan)}", "--bind-to", "core"]
-        # At a time limit the scheduler sends SIGTERM to mpirun as well as to the ranks; mpirun
-        # then SIGKILLs them after twice this many seconds (default 1). The grace lets rank 0
-        # finish its checkpoint, and stays under Slurm's default KillWait of 30 s.
-        line += ["--mca", "odls_base_sigkill_timeout", str(SIGKILL_GRACE_SECONDS)]
-        # Horovod's background thread shares the rank's cores with the compute threads; busy
-        # polling in MPI steals them from the backward pass (Horovod #2804). Yielding measured
-        # 2 ranks x 1 core at 0.99 of 2 x 1 rank, against 0.66 polling (bench_trainer.py).
-        line += ["--mca", "mpi_yield_when_idle", "1"]
+            line += (["--oversubscribe", "--bind-to", "none"] if plan.oversubscribe
+                     else ["--map-by", f"slot:PE={_threads(plan)}", "--bind-to", "core"])
+            line += _OPENMPI_MCA
         for name in forwarded_env(environ):
-            if name not in xs:
-                line += ["-x", name]
-        for k, v in xs.items():
-            line += ["-x", f"{k}={v}"]
+            line += ["-x", name]
     else:
         # Hydra: binding comes from I_MPI_PIN_* / -bind-to, environment from -genvlist.
         if plan.hostfile:
             line += ["-f", plan.hostfile]
-        names = [n for n in forwarded_env(environ) if n not in xs]
+        names = forwarded_env(environ)
         if names:
             line += ["-genvlist", ",".join(names)]
         if node is not None:
-            line += ["-ppn", str(node.ranks_per_node)]
-        for k, v in xs.items():
-            line += ["-genv", k, v]
+            line += hydra_options(node, xs)
     return line + command
 
 

@@ -19,7 +19,9 @@ from knl_train.tuning.topology import format_cpulist
 @dataclass(frozen=True)
 class RankPlan:
     local_rank: int
-    cpus: Tuple[int, ...]          # bound: every hardware thread of the rank's cores
+    # Bound: the compute threads' CPUs and the spare cores' (so hyperthreads a preset does not
+    # compute on stay idle even for stock TF, whose Eigen threads float within the mask).
+    cpus: Tuple[int, ...]
     compute_cpus: Tuple[int, ...]  # where the compute threads go, in OpenMP placement order
     spare_cpus: Tuple[int, ...]    # Horovod's background thread and tf.data
     intra_op: int
@@ -38,15 +40,13 @@ class NodePlan:
     settings: Settings
     ranks_per_node: int
     cores_per_rank: int
+    # What a scheduler allocates per rank: whole cores, every hardware thread.
+    cpus_per_task: int
     oversubscribed: bool
     ranks: Tuple[RankPlan, ...]
     numactl: Tuple[str, ...]       # the memory-policy prefix, e.g. ("numactl", "--preferred=1")
     warnings: Tuple[str, ...]
     notes: Tuple[str, ...]
-
-    @property
-    def cpus_per_rank(self) -> int:
-        return len(self.ranks[0].cpus)
 
 
 def cpulist(cpus: Sequence[int]) -> str:
@@ -60,8 +60,9 @@ def _compute_order(cores: Sequence[Tuple[int, ...]], ht: int) -> Tuple[int, ...]
     return tuple(core[t] for t in range(ht) for core in cores if t < len(core))
 
 
-def _spare(settings: Settings, cores: int) -> int:
-    return settings.spare_cores if settings.spare_cores * 5 <= cores else 0
+def kept_spare_cores(spare: int, cores: int) -> int:
+    """Spare cores are kept only while they are at most a fifth of the rank's cores."""
+    return spare if spare * 5 <= cores else 0
 
 
 def plan(preset: Preset, topology, ranks_per_node: Optional[int] = None, *,
@@ -83,6 +84,8 @@ def plan(preset: Preset, topology, ranks_per_node: Optional[int] = None, *,
         raise UserError(f"preset {preset.name} turns ITEX on, but this is a Xeon Phi: ITEX's "
                         "AVX-512 library is built for Skylake and dies with SIGILL here; set "
                         "itex: false")
+    if cores_per_rank < 0:
+        raise UserError(f"--threads-per-rank must be >= 1 (or 0: cores / ranks), got {cores_per_rank}")
     n = len(cores)
     T = cores_per_rank or max(1, n // R)
     oversubscribed = R * T > n
@@ -98,11 +101,13 @@ def plan(preset: Preset, topology, ranks_per_node: Optional[int] = None, *,
             mine = tuple(cores[(r * T + i) % n] for i in range(T))
         else:
             mine = cores[r * T:(r + 1) * T]
-        spare = 0 if oversubscribed else _spare(settings, len(mine))
+        spare = 0 if oversubscribed else kept_spare_cores(settings.spare_cores, len(mine))
         compute, spares = mine[:len(mine) - spare], mine[len(mine) - spare:]
         compute_cpus = _compute_order(compute, ht)
-        ranks.append((r, tuple(sorted(c for core in mine for c in core)), compute_cpus,
-                      tuple(sorted(c for core in spares for c in core))))
+        spare_cpus = tuple(sorted(c for core in spares for c in core))
+        bound = (tuple(sorted(c for core in mine for c in core)) if oversubscribed
+                 else tuple(sorted(compute_cpus + spare_cpus)))
+        ranks.append((r, bound, compute_cpus, spare_cpus))
         sockets = {topology.socket_of(core[0]) for core in mine}
         if len(sockets) > 1 and not oversubscribed:
             warnings.append(f"local rank {r} spans sockets {sorted(sockets)}: use a multiple of "
@@ -145,9 +150,14 @@ def plan(preset: Preset, topology, ranks_per_node: Optional[int] = None, *,
 
     numactl: Tuple[str, ...] = ()
     if settings.memory == "mcdram":
-        if topology.mcdram_nodes:
+        if len(topology.mcdram_nodes) == 1:
             numactl = ("numactl", f"--preferred={topology.mcdram_nodes[0]}")
+        elif topology.mcdram_nodes:
+            warnings.append(f"{len(topology.mcdram_nodes)} MCDRAM nodes (SNC flat mode): each rank "
+                            "needs the one of its own quadrant, which presets do not plan; no "
+                            "memory policy is set")
         elif topology.is_knl:
             notes.append("MCDRAM is in cache mode here (no CPU-less NUMA node): nothing to bind")
-    return NodePlan(preset, settings, R, T, oversubscribed, tuple(out), numactl,
+    return NodePlan(preset, settings, R, T, T * topology.threads_per_core, oversubscribed,
+                    tuple(out), numactl,
                     tuple(warnings), tuple(notes))

@@ -8,7 +8,7 @@ relative to the node, so a preset also plans a node it was not written for (with
 ``plan.plan`` turns a preset and a topology into per-rank cores and environment.
 
 A preset is a hypothesis until measured: ``knl-train tune`` writes the best measured setting as
-a preset file of the same format, which ``env``, ``launch`` and the study templates accept.
+a preset file of the same format, which ``env`` and ``launch`` accept.
 """
 
 from __future__ import annotations
