@@ -121,8 +121,7 @@ def cmd_env(args) -> int:
     if args.format != "sh":  # sh prints them as comments
         _tell(node)
     print(env.lines(node, args.format, preset_ref=ref, nodes=args.nodes, rank=args.local_rank,
-                    command=args.command, cores_per_rank=args.threads_per_rank,
-                    oversubscribe=args.oversubscribe, topology=topo))
+                    command=args.command, oversubscribe=args.oversubscribe, topology=topo))
     return 0
 
 

@@ -43,6 +43,15 @@ def to_dict(obj) -> Dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+def plain(obj):
+    """Tuples to lists, recursively, so a config dumps as plain YAML."""
+    if isinstance(obj, dict):
+        return {k: plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
 def apply_overrides(data: Dict[str, Any], overrides) -> Dict[str, Any]:
     """Apply ``key.sub=value`` strings; values are parsed as YAML scalars (1, 0.5, true, [a, b])."""
     data = dict(data)

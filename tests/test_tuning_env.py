@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import HELPERS, run_cli
+from knl_train import dist
 from knl_train.errors import UserError
 from knl_train.tuning import env, launch, preset, topology
 from knl_train.tuning.launch import LaunchPlan
@@ -30,23 +31,23 @@ def knl4():
 
 
 # ---- local rank --------------------------------------------------------------------------------
-@pytest.mark.parametrize("var", env.LOCAL_RANK_VARS)
+@pytest.mark.parametrize("var", dist.LOCAL_RANK_VARS)
 def test_local_rank_from_each_launcher(var):
-    assert env.local_rank(4, {var: "3"}) == 3
+    assert dist.local_rank(4, {var: "3"}) == 3
 
 
 def test_an_mpi_launchers_local_rank_wins_over_slurms():
     # Hydra and horovodrun inside a Slurm job start per-node proxies with srun: SLURM_LOCALID=0.
-    assert env.local_rank(4, {"SLURM_LOCALID": "0", "MPI_LOCALRANKID": "3"}) == 3
-    assert env.local_rank(4, {"SLURM_LOCALID": "0", "HOROVOD_LOCAL_RANK": "2"}) == 2
-    assert env.local_rank(4, {"SLURM_LOCALID": "1"}) == 1
+    assert dist.local_rank(4, {"SLURM_LOCALID": "0", "MPI_LOCALRANKID": "3"}) == 3
+    assert dist.local_rank(4, {"SLURM_LOCALID": "0", "HOROVOD_LOCAL_RANK": "2"}) == 2
+    assert dist.local_rank(4, {"SLURM_LOCALID": "1"}) == 1
 
 
 def test_local_rank_under_aprun_and_without_a_launcher():
-    assert env.local_rank(4, {"ALPS_APP_PE": "6"}) == 2
-    assert env.local_rank(1, {}) == 0
+    assert dist.local_rank(4, {"ALPS_APP_PE": "6"}) == 2
+    assert dist.local_rank(1, {}) == 0
     with pytest.raises(UserError, match="cannot tell this rank's local rank.*SLURM_LOCALID"):
-        env.local_rank(2, {})
+        dist.local_rank(2, {})
 
 
 # ---- launcher lines ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from knl_train import configs
 from knl_train.errors import UserError
 from knl_train.io import write_json_atomic, write_text_atomic
 from knl_train.train.config import TrainConfig
+from knl_train.tuning.env import count_var
 
 
 def default_intra_threads(local_size: int, data_threads: int = 0) -> int:
@@ -33,9 +34,9 @@ def default_intra_threads(local_size: int, data_threads: int = 0) -> int:
 
 def thread_counts(cfg: TrainConfig, local_size: int) -> Tuple[int, int]:
     """(intra, inter) per rank: the config, else the launcher preset's, else automatic."""
-    intra = cfg.threads.intra_op or _env_int("TF_NUM_INTRAOP_THREADS") \
+    intra = cfg.threads.intra_op or count_var("TF_NUM_INTRAOP_THREADS") \
         or default_intra_threads(local_size, with_data_threads(cfg).data.threads)
-    inter = cfg.threads.inter_op or _env_int("TF_NUM_INTEROP_THREADS") or 1
+    inter = cfg.threads.inter_op or count_var("TF_NUM_INTEROP_THREADS") or 1
     return intra, inter
 
 
@@ -43,19 +44,8 @@ def with_data_threads(cfg: TrainConfig) -> TrainConfig:
     """``data.threads`` 0: the launcher preset's (KNL_TRAIN_DATA_THREADS), else 1."""
     if cfg.data.threads:
         return cfg
-    threads = _env_int("KNL_TRAIN_DATA_THREADS") or 1
+    threads = count_var("KNL_TRAIN_DATA_THREADS") or 1
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, threads=threads))
-
-
-def _env_int(name: str) -> int:
-    raw = os.environ.get(name, "")
-    try:
-        value = int(raw) if raw else 0
-    except ValueError:
-        raise UserError(f"{name}={raw!r} is not a whole number of threads") from None
-    if value < 0:
-        raise UserError(f"{name}={raw!r}: thread counts must be >= 0")
-    return value
 
 
 def _horovod_environment(cfg: TrainConfig) -> dict:
@@ -127,7 +117,7 @@ def run(cfg: TrainConfig, resume: str = "auto") -> dict:
     epochs = -(-total_updates // updates_per_epoch)
 
     run_dir = Path(cfg.run_dir)
-    resolved = _plain(configs.to_dict(cfg))
+    resolved = configs.plain(configs.to_dict(cfg))
     start = _agree_on_start(world, run_dir, resume, global_batch, passes, resolved)
     if start and start["step"] >= total_updates:
         return _already_complete(world, run_dir, start, log)
@@ -309,12 +299,3 @@ def _already_complete(world, run_dir: Path, start: dict, log) -> dict:
         return json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return {"complete": True, "step": start["step"]}
-
-
-def _plain(obj):
-    """Tuples to lists, so the resolved config is plain YAML."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj

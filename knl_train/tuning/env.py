@@ -16,6 +16,7 @@ import shutil
 import sys
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
+from knl_train.dist import local_rank
 from knl_train.errors import UserError
 from knl_train.tuning import plan as planning
 from knl_train.tuning.plan import NodePlan, RankPlan, cpulist
@@ -26,36 +27,19 @@ CORES_VAR = "KNL_TRAIN_CORES_PER_RANK"
 OVERSUBSCRIBE_VAR = "KNL_TRAIN_OVERSUBSCRIBE"
 APPLIED_VAR = "KNL_TRAIN_APPLIED"
 PLAN_VARS = (PRESET_VAR, RANKS_VAR, CORES_VAR, OVERSUBSCRIBE_VAR, APPLIED_VAR)
-# Local rank as Open MPI, Hydra (MPICH, Intel MPI), Cray PMI, horovodrun and srun set it. The
-# MPI launchers' come first: started inside a Slurm job, Hydra and horovodrun launch one proxy
-# per node with srun, so every rank also inherits that proxy's SLURM_LOCALID=0.
-LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK",
-                   "HOROVOD_LOCAL_RANK", "SLURM_LOCALID")
 # Threading variables a plan may set; an inherited one the plan does not set would fight it.
 PLANNED_VARS = ("KMP_AFFINITY", "KMP_HW_SUBSET", "OMP_PLACES", "OMP_PROC_BIND", "GOMP_CPU_AFFINITY",
                 "HOROVOD_THREAD_AFFINITY")
 FORMATS = ("sh", "mpirun", "srun", "aprun", "impi", "json")
 
 
-def local_rank(ranks_per_node: int, environ: Mapping[str, str] = os.environ) -> int:
-    for var in LOCAL_RANK_VARS:
-        if environ.get(var, "").isdigit():
-            return int(environ[var])
-    # aprun gives only the global rank; -N places ranks on nodes in blocks.
-    if environ.get("ALPS_APP_PE", "").isdigit():
-        return int(environ["ALPS_APP_PE"]) % ranks_per_node
-    if ranks_per_node == 1:
-        return 0
-    raise UserError(f"cannot tell this rank's local rank: none of {', '.join(LOCAL_RANK_VARS)} "
-                    "is set. Start ranks with mpirun, srun, mpiexec.hydra or knl-train launch.")
-
-
-def _int_var(environ, name: str, default: int = 0) -> int:
-    raw = environ.get(name, "")
+def count_var(name: str, environ: Optional[Mapping[str, str]] = None) -> int:
+    """A count from the environment (threads, ranks, cores): a whole number >= 0; 0 if unset."""
+    raw = (os.environ if environ is None else environ).get(name, "").strip()
     if not raw:
-        return default
+        return 0
     if not raw.isdigit():
-        raise UserError(f"{name}={raw!r} must be a whole number")
+        raise UserError(f"{name}={raw!r} is not a whole number >= 0")
     return int(raw)
 
 
@@ -79,8 +63,8 @@ def apply(environ=None, *, via_exec: bool = False) -> Optional[Tuple[NodePlan, R
     ref = environ.get(PRESET_VAR, "")
     if not ref or environ.get(APPLIED_VAR) == "1":
         return None
-    R = _int_var(environ, RANKS_VAR)
-    node = node_plan(ref, R, cores_per_rank=_int_var(environ, CORES_VAR),
+    R = count_var(RANKS_VAR, environ)
+    node = node_plan(ref, R, cores_per_rank=count_var(CORES_VAR, environ),
                      oversubscribe=environ.get(OVERSUBSCRIBE_VAR) == "1")
     me = local_rank(node.ranks_per_node, environ)
     if me >= node.ranks_per_node:
@@ -146,12 +130,11 @@ def exec_command(command: Sequence[str]) -> None:
 
 
 # ---- printing ----------------------------------------------------------------------------------
-def exports(node: NodePlan, preset_ref: str, cores_per_rank: int = 0,
-            oversubscribe: bool = False) -> Dict[str, str]:
+def exports(node: NodePlan, preset_ref: str, oversubscribe: bool = False) -> Dict[str, str]:
     """What a launcher line passes to every rank."""
     # The cores per rank always go along: launcher and ranks then agree on the runs of cores.
     out = {PRESET_VAR: preset_ref, RANKS_VAR: str(node.ranks_per_node),
-           CORES_VAR: str(cores_per_rank or node.cores_per_rank)}
+           CORES_VAR: str(node.cores_per_rank)}
     if oversubscribe:
         out[OVERSUBSCRIBE_VAR] = "1"
     return out
@@ -172,7 +155,7 @@ def _hex_mask(cpus: Sequence[int]) -> str:
 
 def lines(node: NodePlan, fmt: str, *, preset_ref: str, nodes: int = 1, rank: int = 0,
           command: Sequence[str] = (), exec_prefix: Sequence[str] = ("knl-train", "exec", "--"),
-          cores_per_rank: int = 0, oversubscribe: bool = False, topology=None) -> str:
+          oversubscribe: bool = False, topology=None) -> str:
     """The plan as shell exports (one rank), a launcher line, or JSON."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -182,7 +165,7 @@ def lines(node: NodePlan, fmt: str, *, preset_ref: str, nodes: int = 1, rank: in
     q = shlex.quote
     R, T = node.ranks_per_node, node.cores_per_rank
     np_total = nodes * R
-    xs = exports(node, preset_ref, cores_per_rank, oversubscribe)
+    xs = exports(node, preset_ref, oversubscribe)
     tail = " ".join(q(a) for a in (*exec_prefix, *command))
     if fmt == "json":
         return json.dumps(_as_json(node, preset_ref, nodes, topology, xs), indent=2)

@@ -125,7 +125,7 @@ def exports(plan: LaunchPlan, node) -> dict:
         return {}
     from knl_train.tuning import env
     ref = env.preset_ref(plan.preset, node)
-    return env.exports(node, ref, node.cores_per_rank, plan.oversubscribe)
+    return env.exports(node, ref, plan.oversubscribe)
 
 
 def openmpi_options(ranks_per_node: int, cores_per_rank: int, oversubscribe: bool,

@@ -134,7 +134,7 @@ class Preset:
         return set(self.match.flags) <= set(topology.flags)
 
     def to_yaml(self) -> str:
-        data = _plain(dataclasses.asdict(self))
+        data = configs.plain(dataclasses.asdict(self))
         data.pop("path")
         if data["measured"] is None:
             data.pop("measured")
@@ -145,14 +145,6 @@ class Preset:
                             l.ranks_per_node or l.ranks_per_socket, **l.settings}
                            for l in self.layouts]
         return yaml.safe_dump(data, sort_keys=False, width=100)
-
-
-def _plain(obj):
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
 
 
 def _from_data(data: Dict[str, Any], where: str, path: str = "") -> Preset:

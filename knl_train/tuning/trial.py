@@ -25,6 +25,7 @@ import sys
 import time
 
 from knl_train.errors import UserError
+from knl_train.tuning.env import count_var
 
 PRECISIONS = ("fp32", "mixed_bf16")
 THREAD_VARS = {"intra_op": "TF_NUM_INTRAOP_THREADS", "inter_op": "TF_NUM_INTEROP_THREADS"}
@@ -33,21 +34,6 @@ REPORTED_ENV = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "TF_ENABLE_O
                 "OMP_NUM_THREADS", "KMP_BLOCKTIME", "KMP_AFFINITY", "OMP_PLACES", "OMP_PROC_BIND",
                 "KNL_TRAIN_ITEX", "KNL_TRAIN_DATA_THREADS", "HOROVOD_FUSION_THRESHOLD",
                 "HOROVOD_CYCLE_TIME", "HOROVOD_THREAD_AFFINITY")
-
-
-def env_threads(kind: str, environ=None) -> int:
-    """The thread count the environment asks for (0: none, keep TF's default)."""
-    name = THREAD_VARS[kind]
-    raw = (os.environ if environ is None else environ).get(name, "").strip()
-    if not raw:
-        return 0
-    try:
-        value = int(raw)
-    except ValueError:
-        raise UserError(f"{name}={raw!r} is not a whole number of threads") from None
-    if value < 0:
-        raise UserError(f"{name}={raw!r}: thread counts must be >= 0")
-    return value
 
 
 def parse_args(argv=None):
@@ -73,7 +59,7 @@ def run(args):
     from knl_train.tuning import itex
     if itex.requested():
         itex.enable()  # before TF is imported below
-    intra, inter = env_threads("intra_op"), env_threads("inter_op")
+    intra, inter = (count_var(THREAD_VARS[k]) for k in ("intra_op", "inter_op"))
 
     from knl_train.dist import horovod as dist  # imports TF (and ITEX's plugin if enabled)
     import numpy as np
