@@ -43,6 +43,42 @@ if [ "${1:-}" = "--check" ]; then
     if up_to_date; then say "environment is up to date ($VENV)"; exit 0; fi
     say "environment needs 'make env' ($VENV)"; exit 1
 fi
+# ---- Slurm for the scheduler tests (tests/helpers/slurm_cluster.py) -----------------------
+# Runs even on the fast path (Slurm is not part of the stamp), so it must cost nothing once
+# Slurm is there. Only root with apt installs it; elsewhere the Slurm tests are skipped.
+have_slurm() {
+    local t
+    for t in slurmctld slurmd sbatch; do
+        # /usr/sbin is often not on a non-root PATH, and the daemons live there.
+        have "$t" || [ -x "/usr/sbin/$t" ] || return 1
+    done
+}
+ensure_slurm() {
+    have_slurm && return 0
+    is_root && have apt-get || return 0
+    local rcd=/usr/sbin/policy-rc.d pkgs=(slurmctld slurmd slurm-client) ok=0
+    say "installing Slurm with apt for the scheduler tests: ${pkgs[*]}"
+    # Unconfigured daemons would fail to start on a systemd host; 101 = "not allowed".
+    if [ ! -e "$rcd" ]; then
+        trap "rm -f '$rcd'" EXIT
+        printf '#!/bin/sh\nexit 101\n' > "$rcd"
+        chmod +x "$rcd"
+    else
+        rcd=""
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    # Try the cached package lists first; update only if they do not know the packages.
+    if apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 \
+             && apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null 2>&1; }; then
+        ok=1
+    fi
+    if [ -n "$rcd" ]; then rm -f "$rcd"; trap - EXIT; fi
+    [ "$ok" = 1 ] || printf '[make env] warning: could not install Slurm with apt (offline?); the Slurm tests will be skipped\n' >&2
+    return 0
+}
+ensure_slurm
+
 if up_to_date; then
     say "environment is up to date ($VENV)"
     exit 0

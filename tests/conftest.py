@@ -152,3 +152,27 @@ def background():
 
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ---- real Slurm clusters (tests/helpers/slurm_cluster.py; skipped when Slurm is absent) ----
+def _slurm_cluster(tmp_path_factory, name, nodes):
+    if str(HELPERS) not in sys.path:
+        sys.path.insert(0, str(HELPERS))
+    from slurm_cluster import SlurmCluster, available
+    reason = available()
+    if reason:
+        pytest.skip(reason)
+    with SlurmCluster(tmp_path_factory.mktemp(name), nodes) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real single-node Slurm cluster (node "localhost", partition "debug"); see cluster.env()."""
+    yield from _slurm_cluster(tmp_path_factory, "slurm1", ("localhost",))
+
+
+@pytest.fixture(scope="session")
+def slurm2(tmp_path_factory):
+    """A real fake 2-node Slurm cluster (nodes n1, n2: two slurmd on this host)."""
+    yield from _slurm_cluster(tmp_path_factory, "slurm2", ("n1", "n2"))

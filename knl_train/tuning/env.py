@@ -149,8 +149,14 @@ def preset_ref(arg: str, node: NodePlan) -> str:
     return os.path.abspath(arg)
 
 
-def _hex_mask(cpus: Sequence[int]) -> str:
+def hex_mask(cpus: Sequence[int]) -> str:
+    """A CPU set as the hex mask srun's mask_cpu and Intel MPI's domains take."""
     return hex(sum(1 << c for c in cpus))
+
+
+def cpu_masks(node: NodePlan) -> str:
+    """One mask per local rank, comma-separated (srun --cpu-bind=mask_cpu:...)."""
+    return ",".join(hex_mask(r.cpus) for r in node.ranks)
 
 
 def lines(node: NodePlan, fmt: str, *, preset_ref: str, nodes: int = 1, rank: int = 0,
@@ -187,7 +193,7 @@ def lines(node: NodePlan, fmt: str, *, preset_ref: str, nodes: int = 1, rank: in
         args = ["mpirun", "-np", str(np_total), *launch.openmpi_options(R, T, oversubscribe, xs)]
         return " ".join(q(a) for a in args) + " " + tail
     if fmt == "srun":
-        masks = ",".join(_hex_mask(r.cpus) for r in node.ranks)
+        masks = cpu_masks(node)
         export = ",".join(["ALL", *(f"{k}={v}" for k, v in xs.items())])
         args = ["srun", f"--nodes={nodes}", f"--ntasks={np_total}", f"--ntasks-per-node={R}",
                 f"--cpus-per-task={node.cpus_per_task}", f"--cpu-bind=mask_cpu:{masks}",
@@ -208,7 +214,7 @@ def lines(node: NodePlan, fmt: str, *, preset_ref: str, nodes: int = 1, rank: in
 
 def pin_domains(node: NodePlan) -> str:
     """Intel MPI's I_MPI_PIN_DOMAIN: one CPU mask per local rank."""
-    return "[" + ",".join(_hex_mask(r.cpus) for r in node.ranks) + "]"
+    return "[" + cpu_masks(node) + "]"
 
 
 def _as_json(node: NodePlan, preset_ref: str, nodes: int, topology, xs) -> dict:

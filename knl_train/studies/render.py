@@ -1,0 +1,286 @@
+"""Render a study: one job script per point, the resolved configs and ``manifest.json``.
+
+Templates are Jinja2 (``jobs/templates``, or a directory of the user's own first). Every value
+from the spec reaches a script either validated (directive lines) or shell-quoted (commands).
+The study directory appears whole or not at all: it is built beside its final name and renamed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+import shlex
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import yaml
+
+from knl_train import configs
+from knl_train.errors import UserError
+from knl_train.io import default_mode, write_json_atomic
+from knl_train.studies import jobsdata
+from knl_train.studies.spec import Point, Study
+
+MANIFEST = "manifest.json"
+PRESET_FILE = "preset.yaml"
+# What every rank needs from the launcher; Open MPI forwards only what -x names.
+FORWARDED = ("KNL_TRAIN_PRESET", "KNL_TRAIN_RANKS_PER_NODE", "KNL_TRAIN_CORES_PER_RANK",
+             "KNL_TRAIN_PROGRESS", "PATH")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    files: Dict[str, str]       # relative path -> text
+    manifest: dict
+
+
+def environment(templates: Optional[str] = None):
+    import jinja2
+    dirs = [str(Path(templates).resolve())] if templates else []
+    if templates and not Path(templates).is_dir():
+        raise UserError(f"templates directory {templates} does not exist")
+    dirs.append(str(jobsdata.directory("templates")))
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(dirs), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                             autoescape=False)
+    env.filters["q"] = lambda v: shlex.quote(str(v))
+    return env
+
+
+def render(study: Study, *, command: Optional[str] = None) -> Rendered:
+    """Every file of the study directory, as text, and its manifest (nothing written)."""
+    from knl_train.studies import schedulers
+    import jinja2
+    spec, site = study.spec, study.site
+    backend = schedulers.get(site.scheduler)
+    template_name = f"{site.scheduler}.{backend.script_name.split('.')[-1]}.j2"
+    env = environment(spec.templates and str(_from_spec(study, spec.templates)))
+    try:
+        template = env.get_template(template_name)
+    except jinja2.TemplateNotFound:
+        raise UserError(f"template {template_name} not found in {', '.join(env.loader.searchpath)}") from None
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"template {e.filename or e.name}, line {e.lineno}: {e.message}") from None
+    command = command or site.command or _this_knl_train()
+    uid = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+    base_config = _base_config(study)
+    files = {"train.yaml": yaml.safe_dump(base_config, sort_keys=False),
+             "study.yaml": yaml.safe_dump(configs.plain(configs.to_dict(spec)), sort_keys=False)}
+    if study.preset_ref.endswith((".yaml", ".yml")):
+        files[PRESET_FILE] = Path(study.preset_ref).read_text(encoding="utf-8")
+    points = []
+    for p in study.points:
+        sets = _point_sets(study, p, base_config)
+        token = f"knl-train:{uid}:{p.id}"
+        context = {
+            "study": spec, "site": site, "point": p, "scaling": spec.scaling, "repeats": spec.repeats,
+            "array": spec.array, "token": token, "account": spec.account or site.account,
+            "qos": spec.qos or site.qos, "command": command, "preset_name": study.node.preset.name,
+            "plan_comments": _plan_comments(study), "exports": _exports(study),
+            "launcher": launcher(study, p), "numactl": _numactl(study), "sets": sets,
+        }
+        try:
+            text = template.render(**context)
+        except jinja2.UndefinedError as e:
+            raise UserError(f"template {template_name}: {e.message}; the variables are: "
+                            f"{', '.join(sorted(context))}") from None
+        problems = backend.check(text)
+        if problems:
+            raise UserError(f"the {site.scheduler} script for {p.id} ({template_name}) is wrong:\n  "
+                            + "\n  ".join(problems))
+        script = f"{p.directory}/{backend.script_name}"
+        files[script] = text
+        points.append(_manifest_point(p, script, token, spec.repeats))
+    manifest = {
+        "version": 1, "study": spec.name, "uid": uid, "scheduler": site.scheduler, "site": site.name,
+        "launcher": site.launcher, "preset": study.node.preset.name, "preset_ref": study.preset_ref,
+        "scaling": spec.scaling, "repeats": spec.repeats, "array": spec.array, "chain": spec.chain,
+        "warmup_steps": spec.warmup_steps, "images_per_epoch": spec.images_per_epoch,
+        "project_epochs": spec.project_epochs, "memory_mode": study.memory_mode,
+        "spec_path": str(study.spec_path), "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "knl_train": _version(), "notes": list(study.notes), "points": points,
+    }
+    return Rendered(files=files, manifest=manifest)
+
+
+def write(rendered: Rendered, out, *, force: bool = False) -> Path:
+    """Write the study directory whole: built under a temporary name, then renamed into place."""
+    out = Path(out).resolve()
+    old = None
+    if out.exists():
+        submitted = _submitted_jobs(out)
+        if not force:
+            raise UserError(f"{out} already exists; choose another --out, or pass --force to replace it"
+                            + (f" (it holds {submitted} submitted job(s))" if submitted else ""))
+        if submitted:
+            raise UserError(f"{out} holds {submitted} submitted job(s); --force will not replace a study "
+                            "whose jobs may still run. Render into a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp.chmod(default_mode(directory=True))
+        for rel, text in rendered.files.items():
+            path = tmp / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            if rel.endswith((".sbatch", ".pbs")):
+                path.chmod(0o755)
+        write_json_atomic(tmp / MANIFEST, rendered.manifest)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{secrets.token_hex(3)}")
+            os.rename(out, old)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def dry_run_text(rendered: Rendered) -> str:
+    parts = []
+    for rel, text in rendered.files.items():
+        if rel.endswith((".sbatch", ".pbs")):
+            parts.append(f"==> {rel} <==\n{text}")
+    m = rendered.manifest
+    parts.append(f"# {len(m['points'])} point(s) for {m['scheduler']} ({m['site']}); nothing written (--dry-run)")
+    return "\n".join(parts)
+
+
+# ---- pieces ------------------------------------------------------------------------------------
+def launcher(study: Study, p: Point) -> str:
+    """The launcher's part of the command line, shell-quoted (with $PBS_NODEFILE left to the shell)."""
+    from knl_train.tuning import env as tuning_env, launch
+    site, node = study.site, study.node
+    q = shlex.quote
+    pbs_hosts: List[str] = []
+    if site.launcher == "srun":
+        args = ["srun", f"--nodes={p.nodes}", f"--ntasks={p.ranks}", f"--ntasks-per-node={p.ranks_per_node}",
+                # Explicit: srun 22.05-23.02 does not inherit the job's --cpus-per-task.
+                f"--cpus-per-task={p.cpus_per_task}", f"--cpu-bind=mask_cpu:{tuning_env.cpu_masks(node)}",
+                "--distribution=block:block", "--kill-on-bad-exit=1"]
+        args += [f"--mpi={site.srun_mpi}"] if site.srun_mpi else []
+        args += ["--export=ALL"]
+    elif site.launcher == "mpirun":
+        args = ["mpirun", "-np", str(p.ranks), *launch.openmpi_options(p.ranks_per_node, p.cores_per_rank,
+                                                                       False, {})]
+        for name in (*FORWARDED, *site.env):
+            args += ["-x", name]
+        args += list(site.mpirun_args)
+        if site.scheduler == "pbs":
+            pbs_hosts = ["--hostfile", '"$PBS_NODEFILE"']
+    elif site.launcher == "impi":
+        args = ["mpiexec.hydra", "-n", str(p.ranks), "-ppn", str(p.ranks_per_node)]
+        if site.scheduler == "pbs":
+            pbs_hosts = ["-f", '"$PBS_NODEFILE"']
+    else:  # ibrun (TACC): takes the task count from the job; pinning from I_MPI_PIN_DOMAIN
+        args = ["ibrun"]
+    return " ".join([*(q(a) for a in args), *pbs_hosts])
+
+
+def _exports(study: Study) -> List[Tuple[str, str]]:
+    from knl_train.tuning import env as tuning_env
+    node, site = study.node, study.site
+    preset = '"$STUDY_DIR/preset.yaml"' if study.preset_ref.endswith((".yaml", ".yml")) \
+        else shlex.quote(study.preset_ref)
+    out = [("KNL_TRAIN_PRESET", preset),
+           ("KNL_TRAIN_RANKS_PER_NODE", str(node.ranks_per_node)),
+           ("KNL_TRAIN_CORES_PER_RANK", str(node.cores_per_rank)),
+           ("KNL_TRAIN_PROGRESS", "lines")]
+    if site.launcher in ("impi", "ibrun"):
+        out.append(("I_MPI_PIN_DOMAIN", shlex.quote(tuning_env.pin_domains(node))))
+    out += [(k, shlex.quote(v)) for k, v in site.env.items()]
+    return out
+
+
+def _numactl(study: Study) -> str:
+    # knl-train exec applies the same policy; rendering it shows where each rank's memory goes.
+    return " ".join(shlex.quote(a) for a in study.node.numactl) + " " if study.node.numactl else ""
+
+
+def _plan_comments(study: Study) -> List[str]:
+    from knl_train.tuning.plan import cpulist
+    node = study.node
+    lines = [f"local rank {r.local_rank}: CPUs {cpulist(r.cpus)} (compute {cpulist(r.compute_cpus)}"
+             f"{', spare ' + cpulist(r.spare_cpus) if r.spare_cpus else ''}), intra-op {r.intra_op}, "
+             f"inter-op {r.inter_op}" for r in node.ranks]
+    if study.memory_mode:
+        lines.append(f"MCDRAM mode: {study.memory_mode}"
+                     + (f"; memory policy {' '.join(node.numactl)}" if node.numactl else ""))
+    return lines
+
+
+def _base_config(study: Study) -> dict:
+    """The training config every point starts from; batch, length and run_dir come per point."""
+    data = configs.plain(configs.to_dict(study.train_config))
+    for key in ("per_rank_batch", "global_batch", "steps"):
+        data[key] = None
+    data["run_dir"] = "run"
+    src = data.get("data") or {}
+    if src.get("format") != "synthetic" and src.get("path") and not os.path.isabs(src["path"]):
+        # Jobs start in their point's directory: a relative dataset path means the directory
+        # the study was rendered from.
+        src["path"] = os.path.abspath(src["path"])
+    return data
+
+
+def _point_sets(study: Study, p: Point, base: dict) -> List[str]:
+    from knl_train.train.config import TrainConfig
+    spec = study.spec
+    sets = ([f"per_rank_batch={p.per_rank_batch}"] if spec.scaling == "weak"
+            else [f"global_batch={p.global_batch}"])
+    sets += [f"steps={p.steps}"] if p.steps is not None else [f"epochs={p.epochs}"]
+    sets += [f"log_every={spec.log_every}"]
+    # The point's config must load: catch it here, not in a job hours from now.
+    data = configs.apply_overrides(base, sets)
+    cfg = configs.from_dict(TrainConfig, data)
+    try:
+        global_batch, _ = cfg.batch_sizes(p.ranks)
+    except ValueError as e:
+        raise UserError(f"point {p.id}: {e}") from None
+    if global_batch != p.global_batch:
+        raise UserError(f"point {p.id}: the training config gives global batch {global_batch}, "
+                        f"the study {p.global_batch}")
+    return sets
+
+
+def _manifest_point(p: Point, script: str, token: str, repeats: int) -> dict:
+    return {"id": p.id, "nodes": p.nodes, "ranks_per_node": p.ranks_per_node, "ranks": p.ranks,
+            "cores_per_rank": p.cores_per_rank, "cpus_per_task": p.cpus_per_task,
+            "global_batch": p.global_batch, "per_rank_batch": p.per_rank_batch, "steps": p.steps,
+            "epochs": p.epochs, "walltime": p.walltime, "queue": p.queue,
+            "constraints": list(p.constraints), "job_name": p.job_name, "script": script,
+            "run_dirs": [f"{p.directory}/run-{r}" for r in range(repeats)], "token": token,
+            "job": {"id": None, "state": "rendered"}}
+
+
+def _submitted_jobs(out: Path) -> int:
+    import json
+    try:
+        m = json.loads((out / MANIFEST).read_text())
+        return sum(1 for p in m.get("points", []) if (p.get("job") or {}).get("id"))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def _from_spec(study: Study, path: str) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else study.spec_path.parent / p
+
+
+def _this_knl_train() -> str:
+    beside = Path(sys.executable).parent / "knl-train"
+    return str(beside) if os.access(beside, os.X_OK) else "knl-train"
+
+
+def _version() -> str:
+    from knl_train import __version__
+    return __version__

@@ -1,0 +1,366 @@
+"""Collect a scaling study's results and write its report (CSV, Markdown, PNG).
+
+Definitions follow jobs_and_schedulers.md 2.6: X is throughput (images/s), the median over
+repeats of each repeat's median per-step rate after the warm-up; the baseline is the smallest
+node count with data (N0, X0); speed-up X/X0; efficiency (X/N)/(X0/N0).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from knl_train.errors import UserError
+from knl_train.io import write_json_atomic, write_text_atomic
+from knl_train.studies import manifest as manifest_file
+from knl_train.studies.manifest import integer as _integer, number as _number
+
+EFFICIENCY_GATE = 0.75
+GATE_SOURCE = ("CSC requires at least 75 % parallel efficiency for access to Mahti's large "
+               "partition ([CSCfi/csc-user-guide PR #684]"
+               "(https://github.com/CSCfi/csc-user-guide/pull/684))")
+BASE_COLUMNS = ("nodes", "ranks", "global_batch", "images_per_sec", "images_per_sec_min",
+                "images_per_sec_max", "repeats", "speedup", "efficiency", "epoch_seconds")
+
+
+# ---- collect ---------------------------------------------------------------------------------
+
+def _job_note(point: dict) -> str:
+    job = point.get("job")
+    if not isinstance(job, dict):
+        return "no job recorded in the manifest"
+    state = job.get("state")
+    if state:
+        return f"job {job['id']} {state}" if job.get("id") else f"job {state}"
+    return f"job {job['id']} state unknown" if job.get("id") else "job state unknown"
+
+
+def _step_rates(path: Path, rel: str, warmup: int, resumed: Optional[int]) -> List[float]:
+    """Per-step images/s from metrics.jsonl, warm-up left out; ValueError names a bad line."""
+    rates = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise ValueError(f"{rel} line {n} is not JSON") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{rel} line {n} is not a JSON object")
+            if rec.get("kind") != "step":
+                continue
+            step, ips = rec.get("step"), rec.get("images_per_sec")
+            if not _integer(step) or not _number(ips) or ips <= 0:
+                raise ValueError(f"{rel} line {n}: a step record needs an integer 'step' and a "
+                                 "positive 'images_per_sec'")
+            # A record's rate covers the interval since the previous record; with a record
+            # per step, step > warm-up means the interval starts after it. A resumed run
+            # rebuilds its graph, so its first steps after the checkpoint are warm-up too.
+            if step <= warmup or (resumed and resumed < step <= resumed + warmup):
+                continue
+            rates.append(float(ips))
+    return rates
+
+
+def _repeat(study_dir: Path, rel: str, point: dict, warmup: int) -> dict:
+    """One run directory's throughput, or why it has none."""
+    run_dir = study_dir / rel
+    out = {"run_dir": rel}
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        return {**out, "status": "missing", "reason": f"no summary.json; {_job_note(point)}"}
+    srel = f"{rel}/summary.json"
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return {**out, "status": "problem", "reason": f"{srel} is damaged: {e}"}
+    if not isinstance(summary, dict):
+        return {**out, "status": "problem", "reason": f"{srel} is not a JSON object"}
+    bad = [k for k, ok in (("images_per_sec", _number(summary.get("images_per_sec"))
+                            and summary.get("images_per_sec", 0) > 0),
+                           ("world_size", _integer(summary.get("world_size"))),
+                           ("global_batch", _integer(summary.get("global_batch"))))
+           if not ok]
+    if bad:
+        return {**out, "status": "problem",
+                "reason": f"{srel}: missing or invalid {', '.join(bad)}"}
+    # A run with other ranks or another batch measured something else than this point.
+    mismatch = [f"{k} {summary[k]} != point {want}"
+                for k, want in (("world_size", point["ranks"]),
+                                ("global_batch", point["global_batch"]))
+                if summary[k] != want]
+    if mismatch:
+        return {**out, "status": "problem", "reason": f"{srel}: {'; '.join(mismatch)}"}
+    metrics = run_dir / "metrics.jsonl"
+    rates: List[float] = []
+    if metrics.is_file():
+        resumed = summary.get("resumed_from_step")
+        try:
+            rates = _step_rates(metrics, f"{rel}/metrics.jsonl", warmup,
+                                resumed if _integer(resumed) else None)
+        except (OSError, UnicodeDecodeError) as e:
+            return {**out, "status": "problem", "reason": f"{rel}/metrics.jsonl: {e}"}
+        except ValueError as e:
+            return {**out, "status": "problem", "reason": str(e)}
+    if rates:
+        return {**out, "status": "ok", "images_per_sec": statistics.median(rates),
+                "source": "metrics", "steps_used": len(rates)}
+    # The whole-run rate includes the warm-up: a fallback, marked so the report can say so.
+    return {**out, "status": "ok", "images_per_sec": float(summary["images_per_sec"]),
+            "source": "summary", "steps_used": 0}
+
+
+def collect(study_dir) -> dict:
+    """Every point's repeats and median throughput; written to DIR/results.json."""
+    study_dir = Path(study_dir)
+    manifest = manifest_file.load(study_dir)
+    warmup = int(manifest["warmup_steps"])
+    points = []
+    for p in manifest["points"]:
+        repeats = [_repeat(study_dir, rel, p, warmup) for rel in p["run_dirs"]]
+        values = [r["images_per_sec"] for r in repeats if r["status"] == "ok"]
+        point = {k: p.get(k) for k in ("id", "nodes", "ranks_per_node", "ranks", "global_batch",
+                                       "per_rank_batch", "steps", "job")}
+        point.update({"repeats": repeats, "values": values, "n": len(values),
+                      "images_per_sec": statistics.median(values) if values else None,
+                      "images_per_sec_min": min(values) if values else None,
+                      "images_per_sec_max": max(values) if values else None})
+        points.append(point)
+    results = {"version": 1, "study_dir": str(study_dir),
+               **{k: manifest.get(k) for k in ("study", "scheduler", "scaling",
+                                               "images_per_epoch", "project_epochs",
+                                               "warmup_steps", "repeats")},
+               "points": points}
+    write_json_atomic(study_dir / "results.json", results)
+    return results
+
+
+# ---- table -----------------------------------------------------------------------------------
+
+def projection_column(results: dict) -> str:
+    """The projected-time column's name, e.g. time_90_epochs_hours."""
+    return f"time_{results['project_epochs']:g}_epochs_hours"
+
+
+def columns(results: dict) -> List[str]:
+    return [*BASE_COLUMNS, projection_column(results)]
+
+
+def _sorted_points(results: dict) -> List[dict]:
+    return sorted(results["points"], key=lambda p: (p["nodes"], p["ranks"]))
+
+
+def efficiency(scaling: str, x: float, n: int, x0: float, n0: int) -> float:
+    """Parallel efficiency of X at N nodes against X0 at N0."""
+    if scaling == "weak":
+        # Per-node throughput kept: equals T(N0)/T(N) at a fixed per-node workload.
+        return (x / n) / (x0 / n0)
+    # Speed-up over the ideal N/N0; in times T_min*N_min/(T_N*N). Same number as weak, but
+    # here the global batch is fixed, so it is the time-to-solution efficiency.
+    return x * n0 / (x0 * n)
+
+
+def table(results: dict) -> List[dict]:
+    """One row per point with data, by node count; baseline = smallest node count with data."""
+    have = [p for p in _sorted_points(results) if p["n"]]
+    if not have:
+        return []
+    base = have[0]
+    n0, x0 = base["nodes"], base["images_per_sec"]
+    per_epoch, epochs = results["images_per_epoch"], results["project_epochs"]
+    proj = projection_column(results)
+    rows = []
+    for p in have:
+        x, n = p["images_per_sec"], p["nodes"]
+        rows.append({"nodes": n, "ranks": p["ranks"], "global_batch": p["global_batch"],
+                     "images_per_sec": x, "images_per_sec_min": p["images_per_sec_min"],
+                     "images_per_sec_max": p["images_per_sec_max"], "repeats": p["n"],
+                     "speedup": x / x0, "efficiency": efficiency(results["scaling"], x, n, x0, n0),
+                     "epoch_seconds": per_epoch / x,
+                     proj: epochs * per_epoch / x / 3600})
+    return rows
+
+
+def missing(results: dict) -> List[dict]:
+    """Points without any usable repeat, each with the reasons of its repeats."""
+    out = []
+    for p in _sorted_points(results):
+        if p["n"]:
+            continue
+        reasons = [f"{r['run_dir']}: {r['reason']}" for r in p["repeats"]]
+        out.append({"id": p["id"], "nodes": p["nodes"], "ranks": p["ranks"],
+                    "reasons": reasons or ["no run directories in the manifest"]})
+    return out
+
+
+# ---- report ----------------------------------------------------------------------------------
+
+def _hms(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _below_gate(row: dict) -> bool:
+    # A tolerance so an efficiency of exactly 75 % computed in floating point is not flagged.
+    return row["efficiency"] < EFFICIENCY_GATE - 1e-9
+
+
+def csv_text(results: dict, rows: List[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns(results), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        # repr keeps every digit of a float, so the CSV reads back to the same numbers.
+        w.writerow({k: repr(v) if isinstance(v, float) else v for k, v in r.items()})
+    return buf.getvalue()
+
+
+def markdown(results: dict, rows: List[dict]) -> str:
+    base = rows[0]
+    proj = projection_column(results)
+    epochs = results["project_epochs"]
+    kind = results["scaling"]
+    held = ("per-rank batch fixed, global batch grows with the ranks" if kind == "weak"
+            else "global batch fixed")
+    eff_def = ("(X/N)/(X0/N0)" if kind == "weak" else "X·N0/(X0·N), i.e. T(N0)·N0/(T(N)·N)")
+    repeats = results.get("repeats")
+    lines = [f"# Scaling study {results['study']}: {kind} scaling", "",
+             f"Baseline: {base['nodes']} node(s), {base['ranks']} ranks, "
+             f"{base['images_per_sec']:.1f} images/s (the smallest node count with data).", "",
+             f"X = images/s: the median of per-step images/s after {results['warmup_steps']} "
+             f"warm-up step(s), then the median over {repeats if repeats else 'the'} repeat(s) "
+             f"(min-max shown). {kind.capitalize()} scaling ({held}): speed-up X/X0, "
+             f"efficiency {eff_def}. Epoch = {results['images_per_epoch']:,} images; "
+             f"projected time for {epochs:g} epochs.", "",
+             f"| nodes | ranks | global batch | images/s | min-max | repeats | speed-up "
+             f"| efficiency | epoch time | {epochs:g} epochs (h) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['nodes']} | {r['ranks']} | {r['global_batch']} | "
+                     f"{r['images_per_sec']:.1f} | {r['images_per_sec_min']:.1f}-"
+                     f"{r['images_per_sec_max']:.1f} | {r['repeats']} | {r['speedup']:.2f} | "
+                     f"{100 * r['efficiency']:.1f} % | {_hms(r['epoch_seconds'])} | "
+                     f"{r[proj]:.2f} |")
+    low = [r for r in rows if _below_gate(r)]
+    lines += ["", f"## Below {100 * EFFICIENCY_GATE:.0f} % efficiency", "",
+              f"{GATE_SOURCE}.", ""]
+    lines += ([f"- {r['nodes']} node(s): {100 * r['efficiency']:.1f} %" for r in low]
+              or [f"None: every point reaches {100 * EFFICIENCY_GATE:.0f} %."])
+    batches = {p["global_batch" if kind == "strong" else "per_rank_batch"]
+               for p in results["points"] if p["n"]}
+    notes = []
+    if len(batches) > 1:
+        notes.append(f"The {'global' if kind == 'strong' else 'per-rank'} batch differs between "
+                     f"points ({', '.join(map(str, sorted(batches, key=str)))}): this is not a "
+                     f"clean {kind}-scaling series.")
+    for p in _sorted_points(results):
+        fallback = [r["run_dir"] for r in p["repeats"] if r.get("source") == "summary"]
+        if fallback:
+            notes.append(f"{p['nodes']} node(s): no step records after the warm-up in "
+                         f"{', '.join(fallback)}; used summary.json's whole-run images/s, "
+                         "which includes the warm-up.")
+    gone = missing(results)
+    partial = [(p, r) for p in _sorted_points(results) if p["n"]
+               for r in p["repeats"] if r["status"] != "ok"]
+    lines += ["", "## Missing points and repeats", ""]
+    if not gone and not partial:
+        lines.append("None: every repeat has a usable summary.json.")
+    for m in gone:
+        lines.append(f"- point {m['id']} ({m['nodes']} node(s)), no data:")
+        lines += [f"  - {why}" for why in m["reasons"]]
+    for p, r in partial:
+        lines.append(f"- point {p['id']} ({p['nodes']} node(s)), repeat {r['run_dir']} "
+                     f"{r['status']}: {r['reason']}")
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: dict, rows: List[dict], path: Path) -> None:
+    """Images/s (log-log, min-max bars, ideal line) and efficiency against nodes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    nodes = [r["nodes"] for r in rows]
+    x = [r["images_per_sec"] for r in rows]
+    err = [[r["images_per_sec"] - r["images_per_sec_min"] for r in rows],
+           [r["images_per_sec_max"] - r["images_per_sec"] for r in rows]]
+    eff = [100 * r["efficiency"] for r in rows]
+    n0, x0 = nodes[0], x[0]
+    ticks = sorted(set(nodes))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    try:
+        left.plot(ticks, [x0 * n / n0 for n in ticks], color="gray", linestyle=":",
+                  label="ideal X0·N/N0")
+        left.errorbar(nodes, x, yerr=err, fmt="o-", color="tab:blue", capsize=4,
+                      label="measured (median, min-max)")
+        left.set_yscale("log")
+        left.set_ylabel("images/s")
+        left.set_title(f"{results['study']}: throughput ({results['scaling']} scaling)",
+                       fontsize=10)
+        left.legend(fontsize=8)
+        right.axhline(100, color="gray", linestyle=":", label="ideal 100 %")
+        right.axhline(100 * EFFICIENCY_GATE, color="tab:red", linestyle="--",
+                      label=f"{100 * EFFICIENCY_GATE:.0f} % gate")
+        right.plot(nodes, eff, "o-", color="tab:blue", label="measured")
+        right.set_ylim(0, max(110, max(eff) * 1.1))
+        right.set_ylabel("parallel efficiency (%)")
+        right.set_title(f"{results['study']}: efficiency ({results['scaling']} scaling)",
+                        fontsize=10)
+        right.legend(fontsize=8, loc="lower left")
+        for ax in (left, right):
+            ax.set_xscale("log", base=2)
+            # The node counts themselves as ticks, not powers of two the study did not run.
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticklabels([str(n) for n in ticks])
+            ax.set_xlim(ticks[0] / 1.3, ticks[-1] * 1.3)
+            ax.set_xlabel("nodes")
+            ax.grid(True, which="major", alpha=0.3)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+        os.close(fd)
+        try:
+            fig.savefig(tmp, dpi=110)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    finally:
+        plt.close(fig)
+
+
+def report(study_dir, out=None) -> Dict[str, Path]:
+    """Collect afresh, then write scaling.csv, scaling.md and scaling.png; returns their paths."""
+    study_dir = Path(study_dir)
+    results = collect(study_dir)
+    rows = table(results)
+    if not rows:
+        problems = sum(r["status"] == "problem" for p in results["points"] for r in p["repeats"])
+        extra = (f" ({problems} repeat(s) have a summary.json that could not be used: see "
+                 f"{study_dir / 'results.json'})" if problems else "")
+        raise UserError(f"no point of study {results['study']} has a summary.json yet{extra}; "
+                        f"run `knl-train study status {study_dir}` to see the jobs")
+    out = Path(out) if out is not None else study_dir / "report"
+    paths = {"results": study_dir / "results.json", "csv": out / "scaling.csv",
+             "md": out / "scaling.md", "png": out / "scaling.png"}
+    write_text_atomic(paths["csv"], csv_text(results, rows))
+    write_text_atomic(paths["md"], markdown(results, rows))
+    try:
+        chart(results, rows, paths["png"])
+    except ImportError as e:
+        warnings.warn(f"matplotlib is not available ({e}): {paths['png']} not drawn")
+        del paths["png"]
+    return paths

@@ -1,0 +1,348 @@
+"""Scaling-study report: collect, table, CSV/Markdown/PNG from hand-made run directories."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from knl_train.errors import UserError
+from knl_train.studies import report as rep
+
+IMAGES = 1_281_167
+SLOW = 5.0          # the warm-up step's rate: far below every real rate
+
+
+def step_rates(r: float):
+    """Nine steady per-step rates with median r, asymmetric to a slow first step.
+
+    With the slow step counted, the median of the ten would be r - 0.5.
+    """
+    return [r - 4, r + 4, r - 3, r + 3, r, r - 2, r + 2, r - 1, r + 1]
+
+
+def write_run(run_dir: Path, *, ranks: int, batch: int, rates=None, summary_ips=None,
+              warmup_rates=(SLOW,), extra: dict | None = None):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    step = 0
+    for ips in list(warmup_rates) + list(rates or []):
+        step += 1
+        lines.append({"kind": "step", "step": step, "images_per_sec": ips,
+                      "step_seconds": batch / ips, "loss": 6.9})
+        if step == 1:
+            lines.append({"kind": "trust", "step": 1, "layer": "conv1", "ratio": 0.01})
+    lines.append({"kind": "epoch", "epoch": 1, "step": step, "images_per_sec": 1.0,
+                  "epoch_seconds": 99.0})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    summary = {"images_per_sec": summary_ips if summary_ips is not None else 1.0,
+               "world_size": ranks, "global_batch": batch, "steps": step, **(extra or {})}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def make_study(root: Path, scaling: str, points, *, warmup=1, epochs=90, repeats=2):
+    """points: (nodes, global_batch, job_state, [per-repeat median rate or None])."""
+    manifest_points = []
+    for i, (nodes, gb, state, rates) in enumerate(points, 1):
+        pid = f"n{i:04d}"
+        ranks = 2 * nodes
+        run_dirs = [f"points/{pid}/run-{r}" for r in range(len(rates))]
+        manifest_points.append({
+            "id": pid, "nodes": nodes, "ranks_per_node": 2, "ranks": ranks,
+            "global_batch": gb, "per_rank_batch": gb // ranks, "steps": 10,
+            "run_dirs": run_dirs, "job": {"id": str(100 + i), "state": state}})
+        for rel, r in zip(run_dirs, rates):
+            if r is not None:
+                write_run(root / rel, ranks=ranks, batch=gb, rates=step_rates(r),
+                          warmup_rates=[SLOW] * warmup)
+    manifest = {"version": 1, "study": f"{scaling}-resnet", "scheduler": "slurm",
+                "scaling": scaling, "images_per_epoch": IMAGES, "project_epochs": epochs,
+                "warmup_steps": warmup, "repeats": repeats, "points": manifest_points}
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def weak_study(tmp_path):
+    # Per-node rate 400 at 1 node; efficiencies 1.0, 0.9, 0.8, 0.7 at 1, 2, 4, 8 nodes.
+    # Repeats X-10 and X+10: the median of two is X.
+    return make_study(tmp_path / "weak", "weak", [
+        (1, 64, "completed", [390, 410]),
+        (2, 128, "completed", [710, 730]),
+        (4, 256, "completed", [1270, 1290]),
+        (8, 512, "completed", [2230, 2250]),
+    ])
+
+
+def strong_study(tmp_path):
+    # 1 node never ran; baseline is 2 nodes at 300 images/s; efficiencies 1.0, 0.9, 0.8.
+    return make_study(tmp_path / "strong", "strong", [
+        (2, 256, "completed", [300, 300]),
+        (1, 256, "failed", [None, None]),
+        (4, 256, "completed", [530, 540, 550]),
+        (8, 256, "completed", [960, 960]),
+    ], warmup=2, repeats=3)
+
+
+# ---- collect and table -------------------------------------------------------------------
+
+def test_weak_table_values(tmp_path):
+    rows = rep.table(rep.collect(weak_study(tmp_path)))
+    assert list(rows[0]) == ["nodes", "ranks", "global_batch", "images_per_sec",
+                             "images_per_sec_min", "images_per_sec_max", "repeats", "speedup",
+                             "efficiency", "epoch_seconds", "time_90_epochs_hours"]
+    assert [r["nodes"] for r in rows] == [1, 2, 4, 8]
+    assert [r["ranks"] for r in rows] == [2, 4, 8, 16]
+    assert [r["global_batch"] for r in rows] == [64, 128, 256, 512]
+    assert [r["images_per_sec"] for r in rows] == pytest.approx([400, 720, 1280, 2240])
+    assert [r["images_per_sec_min"] for r in rows] == pytest.approx([390, 710, 1270, 2230])
+    assert [r["images_per_sec_max"] for r in rows] == pytest.approx([410, 730, 1290, 2250])
+    assert [r["repeats"] for r in rows] == [2, 2, 2, 2]
+    assert [r["speedup"] for r in rows] == pytest.approx([1.0, 1.8, 3.2, 5.6])
+    assert [r["efficiency"] for r in rows] == pytest.approx([1.0, 0.9, 0.8, 0.7])
+    assert rows[0]["epoch_seconds"] == pytest.approx(3202.9175)          # 1281167 / 400
+    assert rows[0]["time_90_epochs_hours"] == pytest.approx(80.0729375)  # 90 epochs / 3600
+    assert rows[1]["epoch_seconds"] == pytest.approx(IMAGES / 720)
+    assert rows[3]["time_90_epochs_hours"] == pytest.approx(90 * IMAGES / 2240 / 3600)
+
+
+def test_warmup_steps_excluded_from_each_repeat(tmp_path):
+    results = rep.collect(weak_study(tmp_path))
+    first = results["points"][0]
+    assert [r["images_per_sec"] for r in first["repeats"]] == [390.0, 410.0]  # not 389.5
+    assert all(r["source"] == "metrics" and r["steps_used"] == 9 for r in first["repeats"])
+    assert first["values"] == [390.0, 410.0]
+    assert (first["n"], first["images_per_sec"]) == (2, 400.0)
+    # Two warm-up steps in the strong study: both slow steps are left out.
+    strong = rep.collect(strong_study(tmp_path))
+    assert strong["points"][2]["values"] == [530.0, 540.0, 550.0]
+
+
+def test_strong_scaling_baseline_is_smallest_node_count_with_data(tmp_path):
+    results = rep.collect(strong_study(tmp_path))
+    rows = rep.table(results)
+    assert [r["nodes"] for r in rows] == [2, 4, 8]
+    assert [r["images_per_sec"] for r in rows] == pytest.approx([300, 540, 960])
+    assert [r["speedup"] for r in rows] == pytest.approx([1.0, 1.8, 3.2])
+    assert [r["efficiency"] for r in rows] == pytest.approx([1.0, 0.9, 0.8])
+    assert [r["repeats"] for r in rows] == [2, 3, 2]
+    assert rows[1]["images_per_sec_min"] == 530 and rows[1]["images_per_sec_max"] == 550
+    gone = rep.missing(results)
+    assert gone == [{"id": "n0002", "nodes": 1, "ranks": 2, "reasons": [
+        "points/n0002/run-0: no summary.json; job 102 failed",
+        "points/n0002/run-1: no summary.json; job 102 failed"]}]
+
+
+def test_missing_repeat_reported_with_job_state(tmp_path):
+    root = make_study(tmp_path / "s", "weak", [
+        (1, 64, "completed", [400, 400]),
+        (2, 128, "timeout", [720, None]),
+    ])
+    results = rep.collect(root)
+    point = results["points"][1]
+    assert point["n"] == 1 and point["images_per_sec"] == 720.0
+    assert point["repeats"][1] == {"run_dir": "points/n0002/run-1", "status": "missing",
+                                   "reason": "no summary.json; job 102 timeout"}
+    # Unknown state: job without state, and no job at all.
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["points"][1]["job"] = {"id": "7", "state": None}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert (rep.collect(root)["points"][1]["repeats"][1]["reason"]
+            == "no summary.json; job 7 state unknown")
+    del manifest["points"][1]["job"]
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    assert (rep.collect(root)["points"][1]["repeats"][1]["reason"]
+            == "no summary.json; no job recorded in the manifest")
+    md = rep.report(root)["md"].read_text()
+    assert ("- point n0002 (2 node(s)), repeat points/n0002/run-1 missing: no summary.json; "
+            "no job recorded in the manifest") in md
+
+
+def test_fallback_to_summary_without_steps_after_warmup(tmp_path):
+    root = make_study(tmp_path / "s", "weak", [(1, 64, "completed", [400, 400])])
+    # Repeat 1 logged only the warm-up step: its whole-run rate is all there is.
+    write_run(root / "points/n0001/run-1", ranks=2, batch=64, rates=[], summary_ips=380.5)
+    results = rep.collect(root)
+    r0, r1 = results["points"][0]["repeats"]
+    assert (r0["source"], r0["images_per_sec"]) == ("metrics", 400.0)
+    assert r1 == {"run_dir": "points/n0001/run-1", "status": "ok", "images_per_sec": 380.5,
+                  "source": "summary", "steps_used": 0}
+    assert results["points"][0]["images_per_sec"] == pytest.approx((400 + 380.5) / 2)
+    # No metrics.jsonl at all: the same fallback.
+    (root / "points/n0001/run-1/metrics.jsonl").unlink()
+    assert rep.collect(root)["points"][0]["repeats"][1]["source"] == "summary"
+    md = rep.report(root)["md"].read_text()
+    assert "used summary.json's whole-run images/s" in md and "points/n0001/run-1" in md
+
+
+def test_world_size_mismatch_excluded_as_problem(tmp_path):
+    root = make_study(tmp_path / "s", "weak", [(1, 64, "completed", [390, 410]),
+                                                (2, 128, "completed", [720, 720])])
+    write_run(root / "points/n0001/run-1", ranks=4, batch=64, rates=step_rates(9999))
+    write_run(root / "points/n0002/run-0", ranks=4, batch=100, rates=step_rates(9999))
+    results = rep.collect(root)
+    p1, p2 = results["points"]
+    assert p1["values"] == [390.0] and p1["n"] == 1 and p1["images_per_sec"] == 390.0
+    assert p1["repeats"][1] == {"run_dir": "points/n0001/run-1", "status": "problem",
+                                "reason": "points/n0001/run-1/summary.json: world_size 4 != "
+                                          "point 2"}
+    assert p2["repeats"][0]["reason"] == ("points/n0002/run-0/summary.json: global_batch 100 "
+                                          "!= point 128")
+    assert rep.table(results)[1]["efficiency"] == pytest.approx((720 / 2) / 390)
+
+
+def test_damaged_files_are_problems_naming_the_file(tmp_path):
+    root = make_study(tmp_path / "s", "weak", [(1, 64, "completed", [400, 400, 400, 400])],
+                      repeats=4)
+    (root / "points/n0001/run-0/summary.json").write_text('{"images_per_sec": 4')
+    with open(root / "points/n0001/run-1/metrics.jsonl", "a") as f:
+        f.write('{"kind": "step", "step": 11, "images_per')
+    with open(root / "points/n0001/run-2/metrics.jsonl", "a") as f:
+        f.write('{"kind": "step", "step": 12, "images_per_sec": "fast"}\n')
+    summary = json.loads((root / "points/n0001/run-3/summary.json").read_text())
+    del summary["world_size"]
+    (root / "points/n0001/run-3/summary.json").write_text(json.dumps(summary))
+    reasons = [r.get("reason") for r in rep.collect(root)["points"][0]["repeats"]]
+    assert reasons[0].startswith("points/n0001/run-0/summary.json is damaged: ")
+    assert reasons[1] == "points/n0001/run-1/metrics.jsonl line 13 is not JSON"
+    assert reasons[2] == ("points/n0001/run-2/metrics.jsonl line 13: a step record needs an "
+                          "integer 'step' and a positive 'images_per_sec'")
+    assert reasons[3] == "points/n0001/run-3/summary.json: missing or invalid world_size"
+    with pytest.raises(UserError, match=r"no point of study weak-resnet has a summary.json "
+                                        r"yet \(4 repeat\(s\) have a summary.json that could "
+                                        r"not be used"):
+        rep.report(root)
+
+
+def test_resumed_run_warms_up_again(tmp_path):
+    root = make_study(tmp_path / "s", "weak", [(1, 64, "completed", [400])], repeats=1)
+    # Steps 2-5 before the checkpoint at 5, a slow restart step 6, then steps 7-11.
+    write_run(root / "points/n0001/run-0", ranks=2, batch=64,
+              rates=[400, 400, 400, 400, SLOW, 410, 410, 410, 410, 410],
+              extra={"resumed_from_step": 5})
+    point = rep.collect(root)["points"][0]
+    assert point["repeats"][0]["steps_used"] == 9
+    # 400 x4 and 410 x5: median 410; with the restart step counted it would be 405.
+    assert point["images_per_sec"] == 410.0
+
+
+# ---- files -------------------------------------------------------------------------------
+
+def test_results_json_is_valid_and_matches(tmp_path):
+    root = weak_study(tmp_path)
+    results = rep.collect(root)
+    on_disk = json.loads((root / "results.json").read_text())
+    assert on_disk == results
+    assert on_disk["scaling"] == "weak" and on_disk["images_per_epoch"] == IMAGES
+    assert [p["images_per_sec"] for p in on_disk["points"]] == [400.0, 720.0, 1280.0, 2240.0]
+    assert not list(root.glob(".results.json.*"))      # no temporary file left behind
+
+
+def test_report_csv_round_trips_the_table(tmp_path):
+    root = weak_study(tmp_path)
+    paths = rep.report(root)
+    assert paths["csv"] == root / "report" / "scaling.csv"
+    rows = rep.table(rep.collect(root))
+    with open(paths["csv"], newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == rep.columns(rep.collect(root))
+        back = list(reader)
+    assert len(back) == len(rows) == 4
+    for got, want in zip(back, rows):
+        for k, v in want.items():
+            assert (int(got[k]) if isinstance(v, int) else float(got[k])) == v, k
+
+
+def test_report_markdown(tmp_path):
+    root = weak_study(tmp_path)
+    md = rep.report(root)["md"].read_text()
+    assert md.startswith("# Scaling study weak-resnet: weak scaling\n")
+    assert "Baseline: 1 node(s), 2 ranks, 400.0 images/s" in md
+    assert "median of per-step images/s after 1 warm-up step(s)" in md
+    assert "over 2 repeat(s)" in md
+    # 1 node: 400 images/s, epoch 3202.9 s = 0:53:23, 90 epochs = 80.07 h.
+    assert "| 1 | 2 | 64 | 400.0 | 390.0-410.0 | 2 | 1.00 | 100.0 % | 0:53:23 | 80.07 |" in md
+    # 2 nodes: 1281167/720 = 1779.4 s = 0:29:39; 44.485 h.
+    assert "| 2 | 4 | 128 | 720.0 | 710.0-730.0 | 2 | 1.80 | 90.0 % | 0:29:39 | 44.48 |" in md
+    assert "| 8 | 16 | 512 | 2240.0 | 2230.0-2250.0 | 2 | 5.60 | 70.0 % | 0:09:32 | 14.30 |" in md
+    below = md.split("## Below 75 % efficiency")[1].split("##")[0]
+    assert "csc-user-guide PR #684" in below
+    assert "- 8 node(s): 70.0 %" in below
+    assert "- 4 node(s)" not in below and "- 2 node(s)" not in below
+    assert "None: every repeat has a usable summary.json." in md
+
+
+def test_report_markdown_strong_with_missing_point(tmp_path):
+    root = strong_study(tmp_path)
+    md = rep.report(root)["md"].read_text()
+    assert md.startswith("# Scaling study strong-resnet: strong scaling\n")
+    assert "Baseline: 2 node(s), 4 ranks, 300.0 images/s" in md
+    assert "after 2 warm-up step(s)" in md and "over 3 repeat(s)" in md
+    assert "| 4 | 8 | 256 | 540.0 | 530.0-550.0 | 3 | 1.80 | 90.0 % |" in md
+    assert "None: every point reaches 75 %." in md
+    assert ("- point n0002 (1 node(s)), no data:\n"
+            "  - points/n0002/run-0: no summary.json; job 102 failed\n"
+            "  - points/n0002/run-1: no summary.json; job 102 failed") in md
+
+
+def test_report_png(tmp_path):
+    root = weak_study(tmp_path)
+    png = rep.report(root)["png"]
+    assert png == root / "report" / "scaling.png"
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 20_000
+    assert not list(png.parent.glob(".scaling.png.*"))
+
+
+def test_report_out_dir_and_projection_column(tmp_path):
+    root = make_study(tmp_path / "s", "weak", [(1, 64, "completed", [400, 400])], epochs=30)
+    paths = rep.report(root, out=tmp_path / "elsewhere")
+    assert set(paths) == {"results", "csv", "md", "png"}
+    assert all(p.parent == tmp_path / "elsewhere" for k, p in paths.items() if k != "results")
+    header = paths["csv"].read_text().splitlines()[0]
+    assert header.endswith(",epoch_seconds,time_30_epochs_hours")
+    assert rep.table(rep.collect(root))[0]["time_30_epochs_hours"] == pytest.approx(
+        30 * IMAGES / 400 / 3600)
+    assert "| 30 epochs (h) |" in paths["md"].read_text()
+
+
+def test_report_without_matplotlib_skips_png(tmp_path, monkeypatch):
+    root = weak_study(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)     # import raises ImportError
+    with pytest.warns(UserWarning, match="matplotlib is not available"):
+        paths = rep.report(root)
+    assert "png" not in paths and not (root / "report" / "scaling.png").exists()
+    assert paths["csv"].is_file() and paths["md"].is_file()
+
+
+# ---- errors ------------------------------------------------------------------------------
+
+def test_missing_manifest_is_a_user_error(tmp_path):
+    with pytest.raises(UserError) as e:
+        rep.collect(tmp_path / "nowhere")
+    msg = str(e.value)
+    assert str(tmp_path / "nowhere" / "manifest.json") in msg
+    assert "knl-train study render" in msg
+
+
+def test_damaged_manifest_is_a_user_error(tmp_path):
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"manifest.json is damaged"):
+        rep.collect(tmp_path)
+
+
+def test_no_data_at_all_is_a_user_error(tmp_path):
+    root = make_study(tmp_path / "s", "strong", [(1, 64, "queued", [None]),
+                                                  (2, 64, "running", [None])])
+    with pytest.raises(UserError) as e:
+        rep.report(root)
+    assert str(e.value) == (f"no point of study strong-resnet has a summary.json yet; run "
+                            f"`knl-train study status {root}` to see the jobs")
+    # collect still recorded why, for `study status`-style inspection.
+    results = json.loads((root / "results.json").read_text())
+    assert [p["repeats"][0]["reason"] for p in results["points"]] == [
+        "no summary.json; job 101 queued", "no summary.json; job 102 running"]
