@@ -65,6 +65,11 @@ def submit(study_dir, *, attempts: int = 5, base_delay: float = 2.0, resubmit: b
                 job_id = schedulers.submit_with_retry(
                     backend, script, cwd=script.parent, after=after, env=env, attempts=attempts,
                     base_delay=base_delay, sleep=sleep, log=log, job_name=p["job_name"], token=p.get("token"))
+            except schedulers.RetriesExhausted as e:
+                # The last attempt may have queued the job: stay "submitting", so the next run
+                # looks for it before submitting again.
+                _record(study_dir, m, job, error=str(e).splitlines()[0])
+                raise
             except UserError as e:
                 # The scheduler answered with a refusal: nothing is queued for this point.
                 _record(study_dir, m, job, state="submit-failed", error=str(e).splitlines()[0])
@@ -124,7 +129,7 @@ def status(study_dir, *, env=None) -> List[PointStatus]:
                 by_id = {p["id"]: p for p in m["points"]}
                 for p in fresh["points"]:
                     mine = (by_id.get(p["id"]) or {}).get("job") or {}
-                    if (p.get("job") or {}).get("id") == mine.get("id"):
+                    if mine.get("id") and (p.get("job") or {}).get("id") == mine.get("id"):
                         p["job"] = mine
                 manifest_file.save(study_dir, fresh)
         except UserError:

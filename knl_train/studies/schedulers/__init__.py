@@ -54,6 +54,10 @@ class TransientError(Exception):
     """A submission or query failure worth retrying (busy or unreachable scheduler, timeout)."""
 
 
+class RetriesExhausted(UserError):
+    """Every attempt failed transiently: the last one may still have queued the job."""
+
+
 class Scheduler(abc.ABC):
     """The interface every backend implements; see the module docstring."""
 
@@ -173,7 +177,7 @@ def submit_with_retry(scheduler: Scheduler, script: Path, *, cwd: Path,
             return scheduler.submit(script, cwd=cwd, after=after, env=env)
         except TransientError as e:
             last = e
-    raise UserError(f"submitting {script} failed {attempts} times with transient "
+    raise RetriesExhausted(f"submitting {script} failed {attempts} times with transient "
                     f"{scheduler.name} errors; last: {last}\nThe scheduler looks busy or "
                     f"unreachable: wait a while and submit again.")
 
