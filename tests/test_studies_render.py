@@ -419,10 +419,6 @@ def test_force_refused_once_a_job_was_submitted(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["study"]
 
 
-@pytest.mark.xfail(strict=True, reason="render.write(force=True) replaces (and deletes) any existing path "
-                   "whose manifest.json records no job: a directory that is not a study at all is rmtree'd, "
-                   "and a regular file is renamed to .NAME.old-XXXXXX and left there (rmtree on a file fails "
-                   "silently under ignore_errors)")
 @pytest.mark.parametrize("kind", ["directory", "file"])
 def test_force_refuses_a_path_that_is_not_a_study(tmp_path, kind):
     spec_path = write_spec(tmp_path)
@@ -455,9 +451,6 @@ def test_template_errors_leave_no_study_directory(tmp_path, body, words):
     assert os.listdir(parent) == []
 
 
-@pytest.mark.xfail(strict=True, reason="render.render() catches jinja2.UndefinedError only while rendering; "
-                   "templates loaded lazily by {% include %} raise TemplateSyntaxError / TemplateNotFound "
-                   "there, which escape cmd_study_render as a traceback with exit status 1")
 @pytest.mark.parametrize("files", [
     {"_body.sh.j2": "{% if %}\n"},                                   # the shipped sbatch includes it
     {"slurm.sbatch.j2": '#!/bin/bash\n#SBATCH --job-name=x\n{% include "site-extra.sh.j2" %}\n'},
@@ -475,9 +468,6 @@ def test_errors_in_included_templates_are_clean(tmp_path, files):
     clean_error(proc)
 
 
-@pytest.mark.xfail(strict=True, reason="render.write() lets OSError from out.parent.mkdir / tempfile.mkdtemp "
-                   "escape: an --out whose parent cannot be created (a file in the way, no permission) ends "
-                   "in a traceback with exit status 1 instead of a knl-train error")
 def test_out_that_cannot_be_created_is_a_clean_error(tmp_path):
     (tmp_path / "afile").write_text("in the way")
     proc = run_cli("study", "render", STUDIES / "resnet50-skx-strong.yaml", "--out", tmp_path / "afile" / "study")

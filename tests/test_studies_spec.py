@@ -232,10 +232,16 @@ def test_cori_constraints_by_mode(tmp_path):
 # ---- walltime -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text, minutes", [
     ("00:30:00", 30), ("02:00:00", 120), ("1-00:00:00", 1440), ("1-02:03:04", 1440 + 123 + 4 / 60),
+    ("30:00", 30), ("1-02", 1440 + 120),  # M:S and D-H, as Slurm and PBS read them
     ("45", 45), ("10 + 2 * 3", 16), ("max(5, 2 ** 3)", 8), ("ceil(7 / 2)", 4),
 ])
 def test_walltime_minutes(text, minutes):
     assert study_spec.walltime_minutes(text, {}) == pytest.approx(minutes)
+
+
+def test_walltime_with_an_absurd_power_fails_at_once():
+    with pytest.raises(UserError, match="walltime"):
+        study_spec.walltime_minutes("9 ** 9 ** 9", {})
 
 
 @pytest.mark.parametrize("minutes, text", [(30, "00:30:00"), (16, "00:16:00"), (0.2, "00:01:00"),

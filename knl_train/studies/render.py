@@ -89,6 +89,10 @@ def render(study: Study, *, command: Optional[str] = None) -> Rendered:
         except jinja2.UndefinedError as e:
             raise UserError(f"template {template_name}: {e.message}; the variables are: "
                             f"{', '.join(sorted(context))}") from None
+        except jinja2.TemplateSyntaxError as e:
+            raise UserError(f"template {e.filename or e.name}, line {e.lineno}: {e.message}") from None
+        except jinja2.TemplateError as e:  # e.g. an included template that does not exist
+            raise UserError(f"template {template_name}: {e.message or e}") from None
         problems = backend.check(text)
         if problems:
             raise UserError(f"the {site.scheduler} script for {p.id} ({template_name}) is wrong:\n  "
@@ -112,7 +116,10 @@ def write(rendered: Rendered, out, *, force: bool = False) -> Path:
     """Write the study directory whole: built under a temporary name, then renamed into place."""
     out = Path(out).resolve()
     old = None
-    if out.exists():
+    if out.exists() or out.is_symlink():
+        if not (out.is_dir() and (out / MANIFEST).is_file()):
+            raise UserError(f"{out} exists and is not a study directory; choose another --out "
+                            "(--force only replaces an earlier rendering)")
         submitted = _submitted_jobs(out)
         if not force:
             raise UserError(f"{out} already exists; choose another --out, or pass --force to replace it"
@@ -120,8 +127,12 @@ def write(rendered: Rendered, out, *, force: bool = False) -> Path:
         if submitted:
             raise UserError(f"{out} holds {submitted} submitted job(s); --force will not replace a study "
                             "whose jobs may still run. Render into a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise UserError(f"cannot create the study directory {out}: {e.strerror or e}; "
+                        "choose an --out in a directory you can write") from None
     try:
         tmp.chmod(default_mode(directory=True))
         for rel, text in rendered.files.items():

@@ -331,18 +331,24 @@ def job_name(study: str, nodes: int, scheduler: str) -> str:
 
 # ---- walltime ----------------------------------------------------------------------------------------
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d{1,2}))?(?::(\d{1,2}))?$")
+# Powers in floats: an absurd exponent overflows at once instead of computing a huge integer.
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-        ast.FloorDiv: operator.floordiv, ast.Pow: operator.pow, ast.Mod: operator.mod}
+        ast.FloorDiv: operator.floordiv, ast.Pow: lambda a, b: float(a) ** float(b), ast.Mod: operator.mod}
 _FUNCS = {"min": min, "max": max, "ceil": math.ceil, "log2": math.log2, "sqrt": math.sqrt}
 
 
 def walltime_minutes(text, variables: Dict[str, float]) -> float:
-    """Minutes from "HH:MM:SS" (also D-HH:MM:SS, HH:MM) or an arithmetic formula in minutes."""
+    """Minutes from "HH:MM:SS" (also MM:SS, D-HH, D-HH:MM:SS) or an arithmetic formula in minutes."""
     text = str(text).strip()
     m = _TIME.match(text)
     if m and (":" in text or "-" in text):
         days, a, b, c = m.groups()
-        h, mi, s = (int(a), int(b or 0), int(c or 0)) if c is not None else (int(a), int(b or 0), 0)
+        if c is not None:           # H:M:S
+            h, mi, s = int(a), int(b), int(c)
+        elif days is not None:      # D-H or D-H:M, as Slurm reads them
+            h, mi, s = int(a), int(b or 0), 0
+        else:                       # M:S, as Slurm and PBS both read two fields
+            h, mi, s = 0, int(a), int(b or 0)
         return int(days or 0) * 1440 + h * 60 + mi + s / 60
     try:
         tree = ast.parse(text, mode="eval")
