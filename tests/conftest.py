@@ -150,6 +150,19 @@ def background():
         job.kill()
 
 
+def write_study_spec(tmp_path, drop=(), **fields) -> Path:
+    """A small valid study spec (skx-2s, weak, 1-2 nodes) with ``fields`` on top, as a file."""
+    import yaml
+    data = {"name": "t", "site": "skx-2s", "nodes": [1, 2], "scaling": "weak",
+            "train": {"config": str(ROOT / "jobs" / "train" / "resnet50-synthetic.yaml")}, "steps": 20}
+    data.update(fields)
+    for key in drop:
+        del data[key]
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, clean_env, run_cli
+from conftest import ROOT, write_study_spec as write_spec, clean_env, run_cli
 from knl_train.errors import UserError
 from knl_train.studies import jobsdata, manifest as study_manifest, render, schedulers
 from knl_train.studies import spec as study_spec
@@ -39,18 +39,6 @@ TOKEN = re.compile(r"--comment=knl-train:\d{8}T\d{6}-[0-9a-f]{6}:(n\d{4,})")
 
 
 # ---- helpers -----------------------------------------------------------------------------------
-def write_spec(tmp_path, drop=(), **fields) -> Path:
-    """A small valid study spec (skx-2s, weak, 1-2 nodes) with ``fields`` on top, as a file."""
-    data = {"name": "t", "site": "skx-2s", "nodes": [1, 2], "scaling": "weak",
-            "train": {"config": str(TRAIN / "resnet50-synthetic.yaml")}, "steps": 20}
-    data.update(fields)
-    for key in drop:
-        del data[key]
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
 def rendered(path):
     study = study_spec.load(path)
     return study, render.render(study, command="knl-train")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, write_study_spec as write_spec, run_cli
 from knl_train.errors import UserError
 from knl_train.studies import spec as study_spec
 from knl_train.studies.schedulers import pbs
@@ -15,18 +14,6 @@ from knl_train.studies.schedulers import pbs
 TRAIN = ROOT / "jobs" / "train" / "resnet50-synthetic.yaml"
 STUDIES = ROOT / "jobs" / "studies"
 SITES = ("cori-knl", "generic-pbs", "generic-slurm", "skx-2s", "stampede2-knl")
-
-
-def write_spec(tmp_path, drop=(), **fields):
-    """A small valid study spec (skx-2s, weak, 1-2 nodes) with ``fields`` on top, as a file."""
-    data = {"name": "t", "site": "skx-2s", "nodes": [1, 2], "scaling": "weak",
-            "train": {"config": str(TRAIN)}, "steps": 20}
-    data.update(fields)
-    for key in drop:
-        del data[key]
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
 
 
 def load(tmp_path, drop=(), **fields):

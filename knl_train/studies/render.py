@@ -28,9 +28,7 @@ from knl_train.studies.spec import Point, Study
 
 MANIFEST = "manifest.json"
 PRESET_FILE = "preset.yaml"
-# What every rank needs from the launcher; Open MPI forwards only what -x names.
-FORWARDED = ("KNL_TRAIN_PRESET", "KNL_TRAIN_RANKS_PER_NODE", "KNL_TRAIN_CORES_PER_RANK",
-             "KNL_TRAIN_PROGRESS", "PATH")
+PROGRESS_VAR = "KNL_TRAIN_PROGRESS"
 
 
 @dataclass(frozen=True)
@@ -183,8 +181,10 @@ def launcher(study: Study, p: Point) -> str:
     elif site.launcher == "mpirun":
         args = ["mpirun", "-np", str(p.ranks), *launch.openmpi_options(p.ranks_per_node, p.cores_per_rank,
                                                                        False, {})]
-        for name in (*FORWARDED, *site.env):
+        # Open MPI forwards only what -x names: every variable the script exports, and PATH.
+        for name, _ in _exports(study):
             args += ["-x", name]
+        args += ["-x", "PATH"]
         args += list(site.mpirun_args)
         if site.scheduler == "pbs":
             pbs_hosts = ["--hostfile", '"$PBS_NODEFILE"']
@@ -200,12 +200,10 @@ def launcher(study: Study, p: Point) -> str:
 def _exports(study: Study) -> List[Tuple[str, str]]:
     from knl_train.tuning import env as tuning_env
     node, site = study.node, study.site
+    # A preset file travels with the study; its path is found at run time.
     preset = '"$STUDY_DIR/preset.yaml"' if study.preset_ref.endswith((".yaml", ".yml")) \
         else shlex.quote(study.preset_ref)
-    out = [("KNL_TRAIN_PRESET", preset),
-           ("KNL_TRAIN_RANKS_PER_NODE", str(node.ranks_per_node)),
-           ("KNL_TRAIN_CORES_PER_RANK", str(node.cores_per_rank)),
-           ("KNL_TRAIN_PROGRESS", "lines")]
+    out = list(tuning_env.exports(node, preset).items()) + [(PROGRESS_VAR, "lines")]
     if site.launcher in ("impi", "ibrun"):
         out.append(("I_MPI_PIN_DOMAIN", shlex.quote(tuning_env.pin_domains(node))))
     out += [(k, shlex.quote(v)) for k, v in site.env.items()]

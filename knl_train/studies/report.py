@@ -10,15 +10,13 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import statistics
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from knl_train.errors import UserError
-from knl_train.io import write_json_atomic, write_text_atomic
+from knl_train.io import save_figure_atomic, write_json_atomic, write_text_atomic
 from knl_train.studies import manifest as manifest_file
 from knl_train.studies.manifest import integer as _integer, number as _number
 
@@ -328,15 +326,7 @@ def chart(results: dict, rows: List[dict], path: Path) -> None:
             ax.set_xlabel("nodes")
             ax.grid(True, which="major", alpha=0.3)
         fig.tight_layout()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-        os.close(fd)
-        try:
-            fig.savefig(tmp, dpi=110)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_figure_atomic(fig, path)
     finally:
         plt.close(fig)
 

@@ -33,7 +33,7 @@ class Queue:
     memory_mode: Optional[Literal["cache", "flat"]] = None
 
     def __post_init__(self):
-        _safe("queues[].name", self.name)
+        safe_value("queues[].name", self.name)
         if self.max_nodes is not None and self.max_nodes < self.min_nodes:
             raise ValueError(f"queue {self.name}: max_nodes {self.max_nodes} < min_nodes {self.min_nodes}")
 
@@ -86,14 +86,14 @@ class Site:
             raise ValueError(f"launcher {self.launcher} needs scheduler slurm (got {self.scheduler})")
         for name in ("account", "qos", "srun_mpi"):
             if getattr(self, name) is not None:
-                _safe(name, getattr(self, name))
+                safe_value(name, getattr(self, name))
         for c in self.constraints:
-            _safe("constraints", c)
+            safe_value("constraints", c)
         for mode, cons in self.memory_modes.items():
             if mode not in ("cache", "flat"):
                 raise ValueError(f"memory_modes: unknown mode {mode!r}; use cache or flat")
             for c in cons:
-                _safe(f"memory_modes.{mode}", c)
+                safe_value(f"memory_modes.{mode}", c)
         for k in self.env:
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", str(k)):
                 raise ValueError(f"env: {k!r} is not a variable name")
@@ -111,7 +111,7 @@ class Site:
         return tuple(sorted(set(self.memory_modes) | {q.memory_mode for q in self.queues if q.memory_mode}))
 
 
-def _safe(name: str, value: str) -> None:
+def safe_value(name: str, value: str) -> None:
     if not isinstance(value, str) or not SAFE_VALUE.match(value):
         raise ValueError(f"{name}: {value!r} has characters a directive line cannot carry safely; "
                          "use letters, digits and _ . : @ + = / , & | [ ] -")

@@ -106,9 +106,9 @@ class StudySpec:
             raise ValueError("array: true needs repeats >= 2 (a job array of one task is a plain job)")
         for name in ("account", "queue", "qos"):
             if getattr(self, name) is not None:
-                site_profiles._safe(name, getattr(self, name))
+                site_profiles.safe_value(name, getattr(self, name))
         for c in self.constraints or ():
-            site_profiles._safe("constraints", c)
+            site_profiles.safe_value("constraints", c)
         if not isinstance(self.train.set, dict):
             raise ValueError("train.set must be a mapping of dotted config keys to values")
 

@@ -28,14 +28,13 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from knl_train.errors import UserError
-from knl_train.io import write_json_atomic, write_text_atomic
+from knl_train.io import save_figure_atomic, write_json_atomic, write_text_atomic
 from knl_train.tuning import itex as itex_mod
 from knl_train.tuning import preset as presets
 from knl_train.tuning.plan import kept_spare_cores
@@ -605,14 +604,8 @@ def chart(record: dict, path: Path) -> None:
     ax.set_title(f"{w['model']} {w['image_size']} px, batch {w['batch']}/node on "
                  f"{record['machine']['host']}", fontsize=10)
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        save_figure_atomic(fig, path)
     finally:
         plt.close(fig)
 
