@@ -205,7 +205,7 @@ if ! hvd_ok; then
     "${PIP[@]}" install cloudpickle psutil pyyaml packaging cffi
 fi
 
-# ---- ITEX, beside the venv so that runs opt in (KNL_TRAIN_ITEX=1; knl_train/tuning/itex.py) ----
+# ---- ITEX, beside the venv so that runs opt in (KNL_TRAIN_ITEX=1; knl_train/runtime/itex.py) ----
 # Pins come from setup.cfg's [itex] extra: the ITEX package goes to the side directory with its
 # CPU library (same version + ".0", the CPU build suffix); its other pins go into the venv.
 ITEX_DIR=$VENV/opt/itex/site-packages

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from conftest import ROOT
-from knl_train import configs
+from knl_train import yamlconfig
 from knl_train.errors import UserError
 from knl_train.train import config as train_config
 from knl_train.train.config import DataConfig, OptimizerConfig, ScheduleConfig, TrainConfig
@@ -69,7 +69,7 @@ def test_list_override_becomes_a_tuple():
 
 def test_apply_overrides_does_not_mutate_its_input():
     data = {"optimizer": {"momentum": 0.9}}
-    out = configs.apply_overrides(data, ["optimizer.momentum=0.5", "a.b.c=1"])
+    out = yamlconfig.apply_overrides(data, ["optimizer.momentum=0.5", "a.b.c=1"])
     assert data == {"optimizer": {"momentum": 0.9}}
     assert out == {"optimizer": {"momentum": 0.5}, "a": {"b": {"c": 1}}}
 

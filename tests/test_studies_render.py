@@ -26,7 +26,8 @@ import yaml
 
 from conftest import ROOT, write_study_spec as write_spec, clean_env, run_cli
 from knl_train.errors import UserError
-from knl_train.studies import jobsdata, manifest as study_manifest, render, schedulers
+from knl_train import resources
+from knl_train.studies import manifest as study_manifest, render, schedulers
 from knl_train.studies import spec as study_spec
 from knl_train.studies.schedulers import pbs, slurm
 
@@ -101,7 +102,7 @@ def clean_error(proc, *words):
 def custom_template(directory: Path, marker: str = "# my-site-template") -> Path:
     """The shipped slurm.sbatch.j2 (which includes the shipped _body.sh.j2) with a marker line."""
     directory.mkdir(parents=True, exist_ok=True)
-    shipped = (jobsdata.directory("templates") / "slurm.sbatch.j2").read_text()
+    shipped = (resources.jobs_dir("templates") / "slurm.sbatch.j2").read_text()
     assert '{% include "_body.sh.j2" %}' in shipped
     first, rest = shipped.split("\n", 1)
     (directory / "slurm.sbatch.j2").write_text(f"{first}\n{marker}\n{rest}")
@@ -549,8 +550,8 @@ def test_installed_package_finds_its_templates(tmp_path):
     (work / "s.yaml").write_text(yaml.safe_dump(data))
     env = clean_env()
     env["PYTHONPATH"] = str(site)
-    proc = subprocess.run([sys.executable, "-c", "import knl_train; from knl_train.studies import jobsdata; "
-                           "print(knl_train.__file__); print(jobsdata.directory('templates'))"],
+    proc = subprocess.run([sys.executable, "-c", "import knl_train; from knl_train import resources; "
+                           "print(knl_train.__file__); print(resources.jobs_dir('templates'))"],
                           cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     module, templates = proc.stdout.split()

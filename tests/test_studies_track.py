@@ -1,4 +1,4 @@
-"""Study submit / status / wait (knl_train.studies.track) against a FAKE scheduler backend.
+"""Study submit / status / wait (knl_train.studies.jobs) against a FAKE scheduler backend.
 
 The fake is a small in-process :class:`~knl_train.studies.schedulers.Scheduler` installed with
 monkeypatch on ``schedulers.get`` (the module ``track`` calls through). Study directories are
@@ -20,9 +20,9 @@ import pytest
 
 from knl_train.errors import UserError
 from knl_train.studies import manifest as manifest_file
-from knl_train.studies import render, schedulers, spec, track
+from knl_train.studies import render, schedulers, spec, jobs as study_jobs
 from knl_train.studies.schedulers import JobState, TransientError
-from knl_train.studies.track import PointStatus
+from knl_train.studies.jobs import PointStatus
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "studies"
 IDS = ["n0001", "n0002", "n0004"]
@@ -134,7 +134,7 @@ def fake(monkeypatch):
         return f
 
     monkeypatch.setattr(schedulers, "get", get)
-    assert track.schedulers.get is get
+    assert study_jobs.schedulers.get is get
     return f
 
 
@@ -168,7 +168,7 @@ def write_record(study: Path, pid: str, key: str, *, state: str, exit_code=None,
 
 
 def submit_all(study: Path, fake: FakeScheduler) -> list:
-    out = track.submit(study, log=lambda s: None)
+    out = study_jobs.submit(study, log=lambda s: None)
     assert [r["job_id"] for r in out] == ["1001", "1002", "1003"]
     return out
 
@@ -198,7 +198,7 @@ def test_submit_records_ids_in_point_order(make_study, fake):
 
     fake.on_submit = on_submit
     logs = []
-    out = track.submit(study, env={"SLURM_CONF": "/x"}, log=logs.append)
+    out = study_jobs.submit(study, env={"SLURM_CONF": "/x"}, log=logs.append)
     assert out == [{"id": "n0001", "job_id": "1001", "new": True},
                    {"id": "n0002", "job_id": "1002", "new": True},
                    {"id": "n0004", "job_id": "1003", "new": True}]
@@ -226,7 +226,7 @@ def test_second_submit_submits_nothing(make_study, fake):
     study = make_study()
     submit_all(study, fake)
     before = read(study)
-    again = track.submit(study, log=lambda s: None)
+    again = study_jobs.submit(study, log=lambda s: None)
     assert len(fake.submits) == 3
     assert fake.finds == []
     assert again == [{"id": "n0001", "job_id": "1001", "new": False},
@@ -238,7 +238,7 @@ def test_second_submit_submits_nothing(make_study, fake):
 def test_chain_waits_for_the_previous_job(make_study, fake):
     study = make_study("chain")
     logs = []
-    track.submit(study, log=logs.append)
+    study_jobs.submit(study, log=logs.append)
     assert [s.after for s in fake.submits] == [None, "1001", "1002"]
     assert [j["after"] for j in jobs(study)] == [None, "1001", "1002"]
     assert logs[1] == "n0002: 2 node(s), job 1002 (after 1001)"
@@ -249,7 +249,7 @@ def test_chain_continues_after_an_adopted_job(make_study, fake):
     set_job(study, "n0001", {"id": "500", "state": "submitted"})
     set_job(study, "n0002", {"id": None, "state": "submitting"})
     fake.found = "77"
-    out = track.submit(study, log=lambda s: None)
+    out = study_jobs.submit(study, log=lambda s: None)
     assert [r["job_id"] for r in out] == ["500", "77", "1001"]
     assert [s.script.parent.name for s in fake.submits] == ["n0004"]
     assert fake.submits[0].after == "77"
@@ -261,7 +261,7 @@ def test_interrupted_submission_is_adopted(make_study, fake):
     set_job(study, "n0002", {"id": None, "state": "submitting"})
     fake.found = "77"
     logs = []
-    out = track.submit(study, log=logs.append)
+    out = study_jobs.submit(study, log=logs.append)
     assert out == [{"id": "n0001", "job_id": "1001", "new": True},
                    {"id": "n0002", "job_id": "77", "new": False},
                    {"id": "n0004", "job_id": "1002", "new": True}]
@@ -277,7 +277,7 @@ def test_interrupted_submission_not_found_is_resubmitted_on_slurm(make_study, fa
     study = make_study()
     p2 = point(study, "n0002")
     set_job(study, "n0002", {"id": None, "state": "submitting"})
-    out = track.submit(study, log=lambda s: None)
+    out = study_jobs.submit(study, log=lambda s: None)
     assert out[1] == {"id": "n0002", "job_id": "1002", "new": True}
     assert fake.finds == [(p2["job_name"], p2["token"])]
     assert [s.script.parent.name for s in fake.submits] == IDS
@@ -291,7 +291,7 @@ def test_interrupted_submission_on_pbs_needs_resubmit(make_study, fake):
     study = make_study()
     set_job(study, "n0002", {"id": None, "state": "submitting"})
     with pytest.raises(UserError) as e:
-        track.submit(study, log=lambda s: None)
+        study_jobs.submit(study, log=lambda s: None)
     msg = str(e.value)
     assert msg.startswith("n0002: an earlier submission was cut off")
     assert "track_test_n2" in msg
@@ -300,7 +300,7 @@ def test_interrupted_submission_on_pbs_needs_resubmit(make_study, fake):
     assert [(j["id"], j["state"]) for j in jobs(study)] == [
         ("1001", "submitted"), (None, "submitting"), (None, "rendered")]
 
-    out = track.submit(study, resubmit=True, log=lambda s: None)
+    out = study_jobs.submit(study, resubmit=True, log=lambda s: None)
     assert out == [{"id": "n0001", "job_id": "1001", "new": False},
                    {"id": "n0002", "job_id": "1002", "new": True},
                    {"id": "n0004", "job_id": "1003", "new": True}]
@@ -313,19 +313,19 @@ def test_permanent_failure_keeps_earlier_ids_and_rerun_resumes(make_study, fake)
     fake.outcomes = [None, UserError("sbatch rejected job.sbatch (exit 1):\n"
                                      "sbatch: error: Invalid account or account/partition")]
     with pytest.raises(UserError, match="Invalid account"):
-        track.submit(study, log=lambda s: None)
+        study_jobs.submit(study, log=lambda s: None)
     got = jobs(study)
     assert got[0]["id"] == "1001" and got[0]["state"] == "submitted"
     assert got[1]["id"] is None and got[1]["state"] == "submit-failed"
     assert got[1]["error"] == "sbatch rejected job.sbatch (exit 1):"
     assert got[2] == {"id": None, "state": "rendered"}
 
-    rows = track.status(study)
+    rows = study_jobs.status(study)
     assert [(r.state, r.job_id, r.source) for r in rows] == [
         ("unknown", "1001", ""), ("submit-failed", None, "manifest"), ("rendered", None, "manifest")]
     assert rows[1].reason == "sbatch rejected job.sbatch (exit 1):"
 
-    out = track.submit(study, log=lambda s: None)
+    out = study_jobs.submit(study, log=lambda s: None)
     assert out == [{"id": "n0001", "job_id": "1001", "new": False},
                    {"id": "n0002", "job_id": "1002", "new": True},
                    {"id": "n0004", "job_id": "1003", "new": True}]
@@ -347,7 +347,7 @@ def test_transient_errors_are_retried_and_find_is_asked_between(make_study, fake
         sleeps.append(d)
         fake.events.append("sleep")
 
-    out = track.submit(study, base_delay=0.01, sleep=sleep, log=logs.append)
+    out = study_jobs.submit(study, base_delay=0.01, sleep=sleep, log=logs.append)
     assert out[0] == {"id": "n0001", "job_id": "1001", "new": True}
     assert [j["id"] for j in jobs(study)] == ["1001", "1002", "1003"]
     assert sleeps == [0.01, 0.02]
@@ -362,7 +362,7 @@ def test_transient_retry_adopts_a_job_the_failed_attempt_queued(make_study, fake
     study = make_study()
     fake.outcomes = [TransientError("Socket timed out on send/recv")]
     fake.found = "4242"
-    out = track.submit(study, base_delay=0.0, sleep=lambda d: None, log=lambda s: None)
+    out = study_jobs.submit(study, base_delay=0.0, sleep=lambda d: None, log=lambda s: None)
     assert out[0] == {"id": "n0001", "job_id": "4242", "new": True}
     assert [j["id"] for j in jobs(study)] == ["4242", "1001", "1002"]
     assert [s.script.parent.name for s in fake.submits] == ["n0001", "n0002", "n0004"]
@@ -373,13 +373,13 @@ def test_exhausted_transient_retries_are_looked_up_on_rerun(make_study, fake):
     study = make_study()
     fake.outcomes = [TransientError("Socket timed out on send/recv")] * 2
     with pytest.raises(UserError, match="failed 2 times with transient"):
-        track.submit(study, attempts=2, base_delay=0.0, sleep=lambda d: None, log=lambda s: None)
+        study_jobs.submit(study, attempts=2, base_delay=0.0, sleep=lambda d: None, log=lambda s: None)
     # The last attempt may have queued the job: the point stays "submitting", to be looked up.
     assert point(study, "n0001")["job"]["state"] == "submitting"
     # The last timed-out sbatch did queue the job: find now knows it.
     fake.found = "555"
     submits_before = len(fake.submits)
-    track.submit(study, log=lambda s: None)
+    study_jobs.submit(study, log=lambda s: None)
     assert point(study, "n0001")["job"]["id"] == "555"
     assert [s.script.parent.name for s in fake.submits[submits_before:]] == ["n0002", "n0004"]
 
@@ -390,22 +390,22 @@ def test_submit_refuses_while_the_study_is_locked(make_study, fake):
     with manifest_file.locked(study):
         with pytest.raises(UserError, match=r"another knl-train study command is changing .*"
                                             r"wait for it to finish"):
-            track.submit(study, log=lambda s: None)
+            study_jobs.submit(study, log=lambda s: None)
     assert fake.submits == []
     assert read(study) == before
-    assert [r["new"] for r in track.submit(study, log=lambda s: None)] == [True] * 3
+    assert [r["new"] for r in study_jobs.submit(study, log=lambda s: None)] == [True] * 3
 
 
 # ---- status ----------------------------------------------------------------------------------------
 def test_status_asks_once_for_all_submitted_ids(make_study, fake):
     study = make_study()
-    rows = track.status(study)
+    rows = study_jobs.status(study)
     assert fake.status_calls == []
     assert [(r.id, r.state, r.job_id, r.source, r.exit_code) for r in rows] == [
         (i, "rendered", None, "manifest", None) for i in IDS]
     assert rows[0].finished and rows[0].repeats == 1 and rows[0].nodes == 1
     set_job(study, "n0004", {"id": "9", "state": "submitted"})
-    track.status(study)
+    study_jobs.status(study)
     assert fake.status_calls == [["9"]]
 
 
@@ -416,7 +416,7 @@ def test_scheduler_finished_state_wins_over_the_record(make_study, fake):
                    "1002": JobState("cancelled", 0, "CANCELLED by 0", "sacct")}
     write_record(study, "n0001", "1001", state="finished", exit_code=143, end=END)
     write_record(study, "n0002", "1002", state="finished", exit_code=143, end=END)
-    rows = by_id(track.status(study))
+    rows = by_id(study_jobs.status(study))
     r = rows["n0001"]
     assert (r.state, r.exit_code, r.reason, r.source, r.job_id) == (
         "timeout", 143, "TIMEOUT", "sacct", "1001")   # the code comes from the record
@@ -430,7 +430,7 @@ def test_job_record_speaks_when_the_scheduler_forgot(make_study, fake, code, sta
     study = make_study()
     submit_all(study, fake)
     write_record(study, "n0001", "1001", state="finished", exit_code=code, end=END)
-    r = track.status(study)[0]
+    r = study_jobs.status(study)[0]
     assert (r.state, r.exit_code, r.source) == (state, code, "job record")
     assert r.reason == f"ended {END}"
     job = jobs(study)[0]
@@ -442,7 +442,7 @@ def test_started_record_without_end_is_unknown(make_study, fake):
     study = make_study()
     submit_all(study, fake)
     write_record(study, "n0001", "1001", state="started", start=START)
-    r = track.status(study)[0]
+    r = study_jobs.status(study)[0]
     assert (r.state, r.exit_code, r.source) == ("unknown", None, "job record")
     assert r.reason.startswith(f"started {START}, no end record, and slurm no longer knows the job")
     assert jobs(study)[0]["state"] == "submitted"   # "unknown" is never written
@@ -454,7 +454,7 @@ def test_records_of_other_jobs_are_ignored(make_study, fake):
     write_record(study, "n0001", "10010", state="finished", exit_code=0, end=END)
     write_record(study, "n0001", "999", state="finished", exit_code=0, end=END)
     (study / "points" / "n0001" / "job-1001.json.tmp1").write_text("{}")
-    r = track.status(study)[0]
+    r = study_jobs.status(study)[0]
     assert (r.state, r.source, r.reason) == ("unknown", "", "slurm does not know the job")
 
 
@@ -462,7 +462,7 @@ def test_unreadable_record_is_skipped(make_study, fake):
     study = make_study()
     submit_all(study, fake)
     (study / "points" / "n0001" / "job-1001.json").write_text("{not json")
-    r = track.status(study)[0]
+    r = study_jobs.status(study)[0]
     assert (r.state, r.source) == ("unknown", "")
 
 
@@ -477,23 +477,23 @@ def test_array_needs_every_task_record(make_study, fake):
                  start="2026-01-02T03:04:09Z")
 
     fake.states = {"1001": JobState("running", None, "", "squeue")}
-    r = track.status(study)[0]
+    r = study_jobs.status(study)[0]
     assert (r.state, r.exit_code, r.source, r.repeats) == ("running", None, "squeue", 3)
     assert jobs(study)[0]["state"] == "running"
 
     fake.states = {"1001": JobState("pending", None, "Dependency", "squeue")}
-    r = track.status(study)[0]
+    r = study_jobs.status(study)[0]
     assert (r.state, r.reason, r.source) == ("pending", "Dependency", "squeue")
 
     fake.states = {}
-    r = track.status(study)[0]
+    r = study_jobs.status(study)[0]
     assert (r.state, r.source) == ("unknown", "job record")
     assert r.reason.startswith("started 2026-01-02T03:04:06Z, no end record")
     assert jobs(study)[0]["state"] == "pending"     # unknown does not overwrite
 
     write_record(study, "n0001", "1001_2", state="finished", exit_code=0, array_index=2,
                  start="2026-01-02T03:04:09Z", end="2026-01-02T03:10:00Z")
-    r = track.status(study)[0]
+    r = study_jobs.status(study)[0]
     assert (r.state, r.exit_code, r.source) == ("completed", 0, "job record")
     assert r.reason == "ended 2026-01-02T03:10:00Z"
     assert (jobs(study)[0]["state"], jobs(study)[0]["exit_code"]) == ("completed", 0)
@@ -505,7 +505,7 @@ def test_array_worst_task_exit_fails_the_point(make_study, fake):
     for task, code in enumerate([0, 7, 0]):
         write_record(study, "n0002", f"1002_{task}", state="finished", exit_code=code, end=END,
                      array_index=task)
-    r = track.status(study)[1]
+    r = study_jobs.status(study)[1]
     assert (r.state, r.exit_code, r.source) == ("failed", 7, "job record")
 
 
@@ -513,7 +513,7 @@ def test_unsubmitted_and_cut_off_points(make_study, fake):
     study = make_study()
     set_job(study, "n0002", {"id": None, "state": "submitting"})
     set_job(study, "n0004", {"id": None, "state": "submit-failed", "error": "sbatch rejected x"})
-    rows = track.status(study)
+    rows = study_jobs.status(study)
     assert [(r.state, r.reason, r.source) for r in rows] == [
         ("rendered", "", "manifest"), ("submit-failed", "", "manifest"),
         ("submit-failed", "sbatch rejected x", "manifest")]
@@ -531,7 +531,7 @@ def test_runs_done_counts_summaries(make_study, fake):
             (d / "summary.json").write_text("{}")
     (study / "points" / "n0004" / "run-0").mkdir()
     (study / "points" / "n0004" / "run-0" / "summary.json").mkdir()   # not a file
-    rows = track.status(study)
+    rows = study_jobs.status(study)
     assert [(r.runs_done, r.repeats) for r in rows] == [(0, 3), (2, 3), (0, 3)]
 
 
@@ -540,7 +540,7 @@ def test_manifest_keeps_the_last_known_finished_state(make_study, fake):
     submit_all(study, fake)
     fake.states = {"1002": JobState("failed", 2, "FAILED", "sacct")}
     rec = write_record(study, "n0001", "1001", state="finished", exit_code=0, end=END)
-    rows = track.status(study)
+    rows = study_jobs.status(study)
     assert [(r.state, r.exit_code) for r in rows] == [("completed", 0), ("failed", 2), ("unknown", None)]
     after = jobs(study)
     assert [(j["state"], j.get("exit_code")) for j in after] == [
@@ -549,7 +549,7 @@ def test_manifest_keeps_the_last_known_finished_state(make_study, fake):
 
     fake.states = {}
     rec.unlink()
-    rows = track.status(study)
+    rows = study_jobs.status(study)
     assert [(r.state, r.exit_code, r.source) for r in rows] == [
         ("completed", 0, "manifest"), ("failed", 2, "manifest"), ("unknown", None, "")]
     assert rows[0].reason == f"last seen {checked}"
@@ -562,10 +562,10 @@ def test_status_under_a_submit_lock_reports_but_does_not_write(make_study, fake)
     fake.states = {"1001": JobState("running", None, "", "squeue")}
     before = read(study)
     with manifest_file.locked(study):
-        rows = track.status(study)
+        rows = study_jobs.status(study)
     assert rows[0].state == "running"
     assert read(study) == before
-    track.status(study)
+    study_jobs.status(study)
     assert jobs(study)[0]["state"] == "running"
 
 
@@ -580,7 +580,7 @@ def test_status_keeps_what_a_concurrent_submit_wrote_for_a_submitted_point(make_
 
     fake.on_status = concurrent_submit
     fake.states = {"1001": JobState("running", None, "", "squeue")}
-    track.status(study)
+    study_jobs.status(study)
     got = jobs(study)
     assert got[0]["state"] == "running"
     assert (got[2]["id"], got[2]["state"]) == ("2000", "submitted")
@@ -597,7 +597,7 @@ def test_status_keeps_a_concurrent_submitting_marker(make_study, fake):
 
     fake.on_status = interrupted_submit
     fake.states = {"1001": JobState("running", None, "", "squeue")}
-    track.status(study)
+    study_jobs.status(study)
     got = jobs(study)
     assert got[0]["state"] == "running"
     assert got[2]["state"] == "submitting"
@@ -629,7 +629,7 @@ def test_wait_returns_when_all_finished_and_reports_changes(make_study, fake):
                    states("running", "pending", "pending"),
                    states("completed", "completed", "failed", codes=(0, 0, 2))]
     clock, changes = Clock(), []
-    rows = track.wait(study, timeout=1000, sleep=clock.sleep, clock=clock.now,
+    rows = study_jobs.wait(study, timeout=1000, sleep=clock.sleep, clock=clock.now,
                       on_change=lambda rows: changes.append([r.state for r in rows]))
     assert [(r.state, r.exit_code) for r in rows] == [("completed", 0), ("completed", 0), ("failed", 2)]
     assert changes == [["pending"] * 3, ["running", "pending", "pending"],
@@ -642,7 +642,7 @@ def test_wait_returns_when_all_finished_and_reports_changes(make_study, fake):
 def test_wait_returns_at_once_when_nothing_is_running(make_study, fake):
     study = make_study()
     clock = Clock()
-    rows = track.wait(study, timeout=0, sleep=clock.sleep, clock=clock.now)
+    rows = study_jobs.wait(study, timeout=0, sleep=clock.sleep, clock=clock.now)
     assert [r.state for r in rows] == ["rendered"] * 3
     assert clock.sleeps == []
 
@@ -654,7 +654,7 @@ def test_wait_timeout_names_the_unfinished_points(make_study, fake):
     fake.states = states("pending", "running")
     clock, changes = Clock(), []
     with pytest.raises(UserError) as e:
-        track.wait(study, timeout=10, sleep=clock.sleep, clock=clock.now, on_change=changes.append)
+        study_jobs.wait(study, timeout=10, sleep=clock.sleep, clock=clock.now, on_change=changes.append)
     assert str(e.value) == (f"still waiting after 10 s: n0001 pending, n0002 running; run "
                             f"`knl-train study status {study}` later")
     assert clock.sleeps == pytest.approx([1.0, 1.5, 2.25, 3.375, 1.875])   # the last one to the deadline
@@ -669,7 +669,7 @@ def test_wait_backoff_is_capped_at_30_seconds(make_study, fake):
     fake.script = [states("pending", "pending", "pending")] * 11 + [
         states("completed", "completed", "completed", codes=(0, 0, 0))]
     clock = Clock()
-    track.wait(study, timeout=10_000, sleep=clock.sleep, clock=clock.now)
+    study_jobs.wait(study, timeout=10_000, sleep=clock.sleep, clock=clock.now)
     expected = [1.0]
     while len(expected) < 11:
         expected.append(min(expected[-1] * 1.5, 30.0))
@@ -682,20 +682,20 @@ def test_table_lines():
     rows = [PointStatus("n0001", 1, "1001", "completed", 0, "ended 2026-01-02T03:05:00Z", "job record", 3, 3),
             PointStatus("n0002", 2, None, "rendered", None, "", "manifest", 0, 3),
             PointStatus("n0004", 16, "123456", "failed", 143, "NonZeroExitCode", "sacct", 1, 3)]
-    assert track.table(rows).splitlines() == [
+    assert study_jobs.table(rows).splitlines() == [
         "point  nodes  job     state      exit  runs  source      reason",
         "n0001  1      1001    completed  0     3/3   job record  ended 2026-01-02T03:05:00Z",
         "n0002  2      -       rendered         0/3   manifest",
         "n0004  16     123456  failed     143   1/3   sacct       NonZeroExitCode",
     ]
-    assert track.table([]) == "point  nodes  job  state  exit  runs  source  reason"
+    assert study_jobs.table([]) == "point  nodes  job  state  exit  runs  source  reason"
 
 
 def test_table_of_a_real_status(make_study, fake):
     study = make_study()
     submit_all(study, fake)
     write_record(study, "n0002", "1002", state="finished", exit_code=0, end=END)
-    lines = track.table(track.status(study)).splitlines()
+    lines = study_jobs.table(study_jobs.status(study)).splitlines()
     assert len(lines) == 4
     assert lines[0].split() == ["point", "nodes", "job", "state", "exit", "runs", "source", "reason"]
     assert lines[1].split()[:4] == ["n0001", "1", "1001", "unknown"]

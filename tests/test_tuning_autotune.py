@@ -10,7 +10,8 @@ import statistics
 import pytest
 
 from knl_train.errors import UserError
-from knl_train.tuning import autotune, itex, preset, topology
+from knl_train.runtime import itex
+from knl_train.tuning import autotune, preset, topology
 from knl_train.tuning.autotune import Candidate, Machine, Space
 
 TWO_CORES = Machine(cores=2, itex="optional", host="box", cpu="test CPU")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import HELPERS, run_cli
-from knl_train import dist
+from knl_train.runtime import bootstrap, rankenv
 from knl_train.errors import UserError
 from knl_train.tuning import env, launch, preset, topology
 from knl_train.tuning.launch import LaunchPlan
@@ -31,23 +31,23 @@ def knl4():
 
 
 # ---- local rank --------------------------------------------------------------------------------
-@pytest.mark.parametrize("var", dist.LOCAL_RANK_VARS)
+@pytest.mark.parametrize("var", rankenv.LOCAL_RANK_VARS)
 def test_local_rank_from_each_launcher(var):
-    assert dist.local_rank(4, {var: "3"}) == 3
+    assert rankenv.local_rank(4, {var: "3"}) == 3
 
 
 def test_an_mpi_launchers_local_rank_wins_over_slurms():
     # Hydra and horovodrun inside a Slurm job start per-node proxies with srun: SLURM_LOCALID=0.
-    assert dist.local_rank(4, {"SLURM_LOCALID": "0", "MPI_LOCALRANKID": "3"}) == 3
-    assert dist.local_rank(4, {"SLURM_LOCALID": "0", "HOROVOD_LOCAL_RANK": "2"}) == 2
-    assert dist.local_rank(4, {"SLURM_LOCALID": "1"}) == 1
+    assert rankenv.local_rank(4, {"SLURM_LOCALID": "0", "MPI_LOCALRANKID": "3"}) == 3
+    assert rankenv.local_rank(4, {"SLURM_LOCALID": "0", "HOROVOD_LOCAL_RANK": "2"}) == 2
+    assert rankenv.local_rank(4, {"SLURM_LOCALID": "1"}) == 1
 
 
 def test_local_rank_under_aprun_and_without_a_launcher():
-    assert dist.local_rank(4, {"ALPS_APP_PE": "6"}) == 2
-    assert dist.local_rank(1, {}) == 0
+    assert rankenv.local_rank(4, {"ALPS_APP_PE": "6"}) == 2
+    assert rankenv.local_rank(1, {}) == 0
     with pytest.raises(UserError, match="cannot tell this rank's local rank.*SLURM_LOCALID"):
-        dist.local_rank(2, {})
+        rankenv.local_rank(2, {})
 
 
 # ---- launcher lines ----------------------------------------------------------------------------
@@ -175,11 +175,11 @@ def test_apply_sets_the_environment_and_notes_what_it_overrode(monkeypatch, caps
     monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: bound.setdefault("cpus", tuple(cpus)))
     environ = {"KNL_TRAIN_PRESET": "skx-8160", "KNL_TRAIN_RANKS_PER_NODE": "2",
                "OMPI_COMM_WORLD_LOCAL_RANK": "0", "OMP_NUM_THREADS": "48"}
-    node, rank = env.apply(environ)
+    node, rank = bootstrap.apply(environ)
     assert environ["OMP_NUM_THREADS"] == "22" and environ["KNL_TRAIN_APPLIED"] == "1"
     assert bound["cpus"] == rank.cpus  # the launcher did not bind: the rank binds itself
     assert "overrides OMP_NUM_THREADS=48 (now 22)" in capsys.readouterr().err
-    assert env.apply(environ) is None  # once
+    assert bootstrap.apply(environ) is None  # once
 
 
 def test_apply_drops_inherited_threading_variables_the_plan_does_not_set(monkeypatch):
@@ -189,7 +189,7 @@ def test_apply_drops_inherited_threading_variables_the_plan_does_not_set(monkeyp
     environ = {"KNL_TRAIN_PRESET": "generic", "KNL_TRAIN_RANKS_PER_NODE": "2",
                "OMPI_COMM_WORLD_LOCAL_RANK": "1", "HOROVOD_THREAD_AFFINITY": "5,6",
                "OMP_PLACES": "{0}", "GOMP_CPU_AFFINITY": "0-1"}
-    env.apply(environ)
+    bootstrap.apply(environ)
     assert environ["KMP_AFFINITY"] == "granularity=fine,proclist=[1],explicit"
     for name in ("HOROVOD_THREAD_AFFINITY", "OMP_PLACES", "GOMP_CPU_AFFINITY"):
         assert name not in environ
@@ -197,7 +197,7 @@ def test_apply_drops_inherited_threading_variables_the_plan_does_not_set(monkeyp
 
 def test_apply_without_a_preset_does_nothing():
     environ = {"OMP_NUM_THREADS": "3"}
-    assert env.apply(environ) is None and environ == {"OMP_NUM_THREADS": "3"}
+    assert bootstrap.apply(environ) is None and environ == {"OMP_NUM_THREADS": "3"}
 
 
 # ---- the real thing ------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def test_two_real_ranks_get_exactly_the_planned_cores_threads_and_environment(tm
 @needs_openmpi
 def test_with_itex_openmp_threads_land_on_the_planned_cpus(tmp_path):
     """ITEX's libiomp5 reads KMP_AFFINITY: its threads are bound one per planned compute CPU."""
-    from knl_train.tuning import itex
+    from knl_train.runtime import itex
     if itex.side_version() is None and itex.site_version() is None:
         pytest.skip("ITEX is not installed (make env installs it beside the venv)")
     cpus = sorted(os.sched_getaffinity(0))

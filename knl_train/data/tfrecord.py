@@ -81,7 +81,7 @@ def to_tfrecord(src, out, *, shards: int, workers: int = 1, label_offset: int = 
                     bar.update(n)
     meta = {"classes": list(classes), "label_offset": label_offset,
             "splits": {p: {"shards": n, "examples": len(s)} for p, (s, n) in splits.items()}}
-    from knl_train.io import write_json_atomic
+    from knl_train.atomic import write_json_atomic
     write_json_atomic(out / METADATA, meta)
     return meta
 

@@ -7,7 +7,7 @@ from typing import Callable, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from knl_train.io import append_jsonl
+from knl_train.atomic import append_jsonl
 
 
 class TrustRatioMonitor(tf.keras.callbacks.Callback):

@@ -18,11 +18,11 @@ import dataclasses
 import difflib
 import functools
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import yaml
 
+from knl_train import resources
 from knl_train.errors import UserError
 from knl_train.optim import schedules
 from knl_train.optim.lars import VARIANTS
@@ -265,7 +265,7 @@ def _has_field(obj, path: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _load() -> Dict[str, Recipe]:
-    text = resources.files("knl_train.optim").joinpath(RECIPES_FILE).read_text(encoding="utf-8")
+    text = resources.path("knl_train.optim", RECIPES_FILE).read_text(encoding="utf-8")
     data = yaml.safe_load(text)
     if not isinstance(data, Mapping) or not isinstance(data.get("recipes"), Mapping):
         raise RecipeError(f"{RECIPES_FILE}: expected a top-level 'recipes' mapping")

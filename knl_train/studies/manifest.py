@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from knl_train.errors import UserError
-from knl_train.io import write_json_atomic
+from knl_train.atomic import write_json_atomic
 
 NAME = "manifest.json"
 

@@ -20,10 +20,10 @@ from typing import Dict, List, Optional, Tuple
 
 import yaml
 
-from knl_train import configs
+from knl_train import yamlconfig
 from knl_train.errors import UserError
-from knl_train.io import default_mode, write_json_atomic
-from knl_train.studies import jobsdata
+from knl_train.atomic import default_mode, write_json_atomic
+from knl_train import resources
 from knl_train.studies.spec import Point, Study
 
 MANIFEST = "manifest.json"
@@ -42,7 +42,7 @@ def environment(templates: Optional[str] = None):
     dirs = [str(Path(templates).resolve())] if templates else []
     if templates and not Path(templates).is_dir():
         raise UserError(f"templates directory {templates} does not exist")
-    dirs.append(str(jobsdata.directory("templates")))
+    dirs.append(str(resources.jobs_dir("templates")))
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(dirs), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
                              autoescape=False)
@@ -68,7 +68,7 @@ def render(study: Study, *, command: Optional[str] = None) -> Rendered:
     uid = f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
     base_config = _base_config(study)
     files = {"train.yaml": yaml.safe_dump(base_config, sort_keys=False),
-             "study.yaml": yaml.safe_dump(configs.plain(configs.to_dict(spec)), sort_keys=False)}
+             "study.yaml": yaml.safe_dump(yamlconfig.plain(yamlconfig.to_dict(spec)), sort_keys=False)}
     if study.preset_ref.endswith((".yaml", ".yml")):
         files[PRESET_FILE] = Path(study.preset_ref).read_text(encoding="utf-8")
     points = []
@@ -229,7 +229,7 @@ def _plan_comments(study: Study) -> List[str]:
 
 def _base_config(study: Study) -> dict:
     """The training config every point starts from; batch, length and run_dir come per point."""
-    data = configs.plain(configs.to_dict(study.train_config))
+    data = yamlconfig.plain(yamlconfig.to_dict(study.train_config))
     for key in ("per_rank_batch", "global_batch", "steps"):
         data[key] = None
     data["run_dir"] = "run"
@@ -249,8 +249,8 @@ def _point_sets(study: Study, p: Point, base: dict) -> List[str]:
     sets += [f"steps={p.steps}"] if p.steps is not None else [f"epochs={p.epochs}"]
     sets += [f"log_every={spec.log_every}"]
     # The point's config must load: catch it here, not in a job hours from now.
-    data = configs.apply_overrides(base, sets)
-    cfg = configs.from_dict(TrainConfig, data)
+    data = yamlconfig.apply_overrides(base, sets)
+    cfg = yamlconfig.from_dict(TrainConfig, data)
     try:
         global_batch, _ = cfg.batch_sizes(p.ranks)
     except ValueError as e:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from knl_train.errors import UserError
-from knl_train.io import save_figure_atomic, write_json_atomic, write_text_atomic
+from knl_train.atomic import save_figure_atomic, write_json_atomic, write_text_atomic
 from knl_train.studies import manifest as manifest_file
 from knl_train.studies.manifest import integer as _integer, number as _number
 

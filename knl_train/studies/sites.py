@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Literal, Optional, Tuple
 
-from knl_train import configs
+from knl_train import yamlconfig
 from knl_train.errors import UserError
-from knl_train.studies import jobsdata
+from knl_train import resources
 
 # Scheduler names, account, queue, QoS and constraint values go into directive lines, which
 # the schedulers parse themselves (not a shell): allow only what such names are made of.
@@ -118,13 +118,13 @@ def safe_value(name: str, value: str) -> None:
 
 
 def names() -> Tuple[str, ...]:
-    return tuple(sorted(p.stem for p in jobsdata.directory("sites").glob("*.yaml")))
+    return tuple(sorted(p.stem for p in resources.jobs_dir("sites").glob("*.yaml")))
 
 
 def load(ref: str, base: Optional[Path] = None) -> Site:
     """A built-in site by name, or a site YAML file (relative paths from ``base``)."""
     if ref in names():
-        path = jobsdata.directory("sites") / f"{ref}.yaml"
+        path = resources.jobs_dir("sites") / f"{ref}.yaml"
     elif ref.endswith((".yaml", ".yml")) or "/" in ref:
         path = Path(ref) if base is None or Path(ref).is_absolute() else base / ref
         if not path.is_file():
@@ -134,14 +134,14 @@ def load(ref: str, base: Optional[Path] = None) -> Site:
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise UserError(f"unknown site {ref!r}{hint}; sites: {', '.join(names())}, "
                         "or the path of a site YAML file")
-    data = configs.load_yaml(path)
+    data = yamlconfig.load_yaml(path)
     data.setdefault("name", path.stem)
     data["path"] = str(path.resolve())
     data["memory_modes"] = {k: tuple(v) if isinstance(v, (list, tuple)) else (v,)
                             for k, v in (data.get("memory_modes") or {}).items()}
     data["env"] = {str(k): str(v) for k, v in (data.get("env") or {}).items()}
     try:
-        site = configs.from_dict(Site, data)
+        site = yamlconfig.from_dict(Site, data)
     except UserError as e:
         raise UserError(f"site profile {path}: {e}") from None
     if site.topology.endswith(".json") and not Path(site.topology).is_absolute():

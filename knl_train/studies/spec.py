@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
-from knl_train import configs
+from knl_train import yamlconfig
 from knl_train.errors import UserError
 from knl_train.studies import sites as site_profiles
 from knl_train.studies.sites import Site
@@ -154,7 +154,7 @@ class Study:
 def load(path) -> Study:
     """Read and validate a study spec; every error names the field and says what to do."""
     path = Path(path)
-    data = configs.load_yaml(path)
+    data = yamlconfig.load_yaml(path)
     if isinstance(data.get("nodes"), dict):
         data["nodes"] = _geometric(data["nodes"])
     if isinstance(data.get("constraints"), str):
@@ -163,7 +163,7 @@ def load(path) -> Study:
         if key not in data:
             raise UserError(f"study {path}: {key!r} is required (see jobs/studies/ for examples)")
     try:
-        spec = configs.from_dict(StudySpec, data)
+        spec = yamlconfig.from_dict(StudySpec, data)
     except UserError as e:
         raise UserError(f"study {path}: {e}") from None
     return expand(spec, path)

@@ -25,9 +25,9 @@ import tensorflow as tf
 
 from knl_train.dist import guard
 from knl_train.dist import horovod as dist
-from knl_train.dist import under_launcher
+from knl_train.runtime.rankenv import under_launcher
 from knl_train.errors import UserError
-from knl_train.io import append_jsonl
+from knl_train.atomic import append_jsonl
 
 
 def progress_mode() -> str:

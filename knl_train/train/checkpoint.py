@@ -18,7 +18,7 @@ from typing import Optional
 import tensorflow as tf
 
 from knl_train.errors import UserError
-from knl_train.io import write_json_atomic
+from knl_train.atomic import write_json_atomic
 
 LATEST = "latest.json"
 STATE = "state.json"

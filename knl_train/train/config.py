@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Tuple
 
-from knl_train import configs
+from knl_train import yamlconfig
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ class TrainConfig:
         return self.global_batch, self.global_batch // (world_size * k)
 
     def hash(self) -> str:
-        blob = json.dumps(configs.to_dict(self), sort_keys=True).encode()
+        blob = json.dumps(yamlconfig.to_dict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -221,11 +221,11 @@ def load(path: Optional[str], overrides=()) -> TrainConfig:
 
     Precedence: recipe < YAML < --set.
     """
-    data = configs.load_yaml(path) if path else {}
-    data = configs.apply_overrides(data, overrides)
+    data = yamlconfig.load_yaml(path) if path else {}
+    data = yamlconfig.apply_overrides(data, overrides)
     if data.get("recipe"):
         data = _with_recipe(data)
-    return configs.from_dict(TrainConfig, data)
+    return yamlconfig.from_dict(TrainConfig, data)
 
 
 def _with_recipe(data: dict) -> dict:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from knl_train.errors import UserError
-from knl_train.io import write_text_atomic
+from knl_train.atomic import write_text_atomic
 from knl_train.train.checkpoint import latest_state
 
 MODES = ("auto", "resume", "fresh")

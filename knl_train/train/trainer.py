@@ -12,11 +12,11 @@ from typing import Optional, Tuple
 
 import yaml
 
-from knl_train import configs
+from knl_train import yamlconfig
 from knl_train.errors import UserError
-from knl_train.io import write_json_atomic, write_text_atomic
+from knl_train.atomic import write_json_atomic, write_text_atomic
 from knl_train.train.config import TrainConfig
-from knl_train.tuning.env import count_var
+from knl_train.runtime.rankenv import count_var
 
 
 def default_intra_threads(local_size: int, data_threads: int = 0) -> int:
@@ -34,9 +34,9 @@ def default_intra_threads(local_size: int, data_threads: int = 0) -> int:
 
 def thread_counts(cfg: TrainConfig, local_size: int) -> Tuple[int, int]:
     """(intra, inter) per rank: the config, else the launcher preset's, else automatic."""
-    intra = cfg.threads.intra_op or count_var("TF_NUM_INTRAOP_THREADS") \
+    intra = cfg.threads.intra_op or count_var("intra_op") \
         or default_intra_threads(local_size, with_data_threads(cfg).data.threads)
-    inter = cfg.threads.inter_op or count_var("TF_NUM_INTEROP_THREADS") or 1
+    inter = cfg.threads.inter_op or count_var("inter_op") or 1
     return intra, inter
 
 
@@ -44,7 +44,7 @@ def with_data_threads(cfg: TrainConfig) -> TrainConfig:
     """``data.threads`` 0: the launcher preset's (KNL_TRAIN_DATA_THREADS), else 1."""
     if cfg.data.threads:
         return cfg
-    threads = count_var("KNL_TRAIN_DATA_THREADS") or 1
+    threads = count_var("data_threads") or 1
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, threads=threads))
 
 
@@ -87,7 +87,8 @@ def run(cfg: TrainConfig, resume: str = "auto") -> dict:
     tf.config.threading.set_intra_op_parallelism_threads(intra)
     tf.config.threading.set_inter_op_parallelism_threads(inter)
 
-    from knl_train import models, stack
+    from knl_train import models
+    from knl_train.runtime import versions
     from knl_train.data.pipeline import check_global_batch, user_errors
     from knl_train.data.source import open_source
     from knl_train.optim import build_optimizer
@@ -98,7 +99,7 @@ def run(cfg: TrainConfig, resume: str = "auto") -> dict:
     from knl_train.train.checkpoint import CheckpointManager
     from knl_train.train.signals import StopRequest
 
-    stack.check_keras()
+    versions.check_keras()
     log = print if world.is_root else (lambda *a, **k: None)
     if cfg.deterministic:
         tf.config.experimental.enable_op_determinism()
@@ -117,7 +118,7 @@ def run(cfg: TrainConfig, resume: str = "auto") -> dict:
     epochs = -(-total_updates // updates_per_epoch)
 
     run_dir = Path(cfg.run_dir)
-    resolved = configs.plain(configs.to_dict(cfg))
+    resolved = yamlconfig.plain(yamlconfig.to_dict(cfg))
     start = _agree_on_start(world, run_dir, resume, global_batch, passes, resolved)
     if start and start["step"] >= total_updates:
         return _already_complete(world, run_dir, start, log)
@@ -167,7 +168,7 @@ def run(cfg: TrainConfig, resume: str = "auto") -> dict:
     # Identical weights, slots and step counter on every rank: rank 0's.
     dist.broadcast_from_root(model.variables + optimizer.variables())
 
-    from knl_train.tuning import itex
+    from knl_train.runtime import itex
     log(f"knl-train: {world.size} ranks ({world.controller}), {intra} compute threads/rank, "
         f"ITEX {'on' if itex.active() else 'off'}, "
         f"model {cfg.model} ({model.count_params():,} params, {cfg.precision}), {len(classes)} classes, "
@@ -252,7 +253,7 @@ def run(cfg: TrainConfig, resume: str = "auto") -> dict:
         "intra_op_threads": intra, "inter_op_threads": inter,
         "wall_seconds": time.perf_counter() - t_start,
         "config_hash": cfg.hash(),
-        "versions": stack.versions() if world.is_root else {},
+        "versions": versions.versions() if world.is_root else {},
     }
     if world.is_root:
         write_json_atomic(run_dir / "summary.json", summary)

@@ -1,6 +1,6 @@
 """``knl-train tune``: measure thread and rank settings on this node, keep the fastest as a preset.
 
-Every trial is a short synthetic training run (``knl_train.tuning.trial``) started through the
+Every trial is a short synthetic training run (``knl_train.autotune.trial``) started through the
 launcher with a one-off preset, exactly as a job using the tuned preset would start; the TF
 baseline runs with no preset at all (one rank, TF's own thread defaults). Repeats go round-robin
 over the candidates being compared, so a slow spell of this (often shared, often virtual) node
@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from knl_train.errors import UserError
-from knl_train.io import save_figure_atomic, write_json_atomic, write_text_atomic
-from knl_train.tuning import itex as itex_mod
+from knl_train.atomic import save_figure_atomic, write_json_atomic, write_text_atomic
+from knl_train.runtime import itex as itex_mod
 from knl_train.tuning import preset as presets
 from knl_train.tuning.plan import kept_spare_cores
 from knl_train.tuning.preset import Match, Node, Preset, Settings
-from knl_train.tuning.trial import PRECISIONS
+from knl_train.autotune.trial import PRECISIONS
 
 
 STRATEGIES = ("greedy", "grid")
@@ -387,7 +387,7 @@ class Runner:
 
     def command(self, c: Candidate, out: Path) -> Tuple[str, ...]:
         w = self.workload
-        return (sys.executable, "-m", "knl_train.tuning.trial", "--model", w.model,
+        return (sys.executable, "-m", "knl_train.autotune.trial", "--model", w.model,
                 "--image-size", str(w.image_size), "--batch", str(w.batch // c.ranks),
                 "--classes", str(w.classes), "--warmup", str(w.warmup), "--steps", str(w.steps),
                 "--precision", c.precision, "--out", str(out))

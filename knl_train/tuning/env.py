@@ -16,31 +16,12 @@ import shutil
 import sys
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
-from knl_train.dist import local_rank
+from knl_train.runtime.rankenv import RankEnv
 from knl_train.errors import UserError
 from knl_train.tuning import plan as planning
 from knl_train.tuning.plan import NodePlan, RankPlan, cpulist
 
-PRESET_VAR = "KNL_TRAIN_PRESET"
-RANKS_VAR = "KNL_TRAIN_RANKS_PER_NODE"
-CORES_VAR = "KNL_TRAIN_CORES_PER_RANK"
-OVERSUBSCRIBE_VAR = "KNL_TRAIN_OVERSUBSCRIBE"
-APPLIED_VAR = "KNL_TRAIN_APPLIED"
-PLAN_VARS = (PRESET_VAR, RANKS_VAR, CORES_VAR, OVERSUBSCRIBE_VAR, APPLIED_VAR)
-# Threading variables a plan may set; an inherited one the plan does not set would fight it.
-PLANNED_VARS = ("KMP_AFFINITY", "KMP_HW_SUBSET", "OMP_PLACES", "OMP_PROC_BIND", "GOMP_CPU_AFFINITY",
-                "HOROVOD_THREAD_AFFINITY")
 FORMATS = ("sh", "mpirun", "srun", "aprun", "impi", "json")
-
-
-def count_var(name: str, environ: Optional[Mapping[str, str]] = None) -> int:
-    """A count from the environment (threads, ranks, cores): a whole number >= 0; 0 if unset."""
-    raw = (os.environ if environ is None else environ).get(name, "").strip()
-    if not raw:
-        return 0
-    if not raw.isdigit():
-        raise UserError(f"{name}={raw!r} is not a whole number >= 0")
-    return int(raw)
 
 
 def node_plan(preset_ref: str, ranks_per_node: int = 0, *, cores_per_rank: int = 0,
@@ -52,92 +33,12 @@ def node_plan(preset_ref: str, ranks_per_node: int = 0, *, cores_per_rank: int =
                          cores_per_rank=cores_per_rank, oversubscribe=oversubscribe)
 
 
-def apply(environ=None, *, via_exec: bool = False) -> Optional[Tuple[NodePlan, RankPlan]]:
-    """Apply this rank's settings if a launcher asked for a preset: (node plan, rank plan) or None.
-
-    Sets the environment (the preset wins over inherited values, with a note), the CPU affinity
-    when the launcher did not bind or bound elsewhere, and turns ITEX on if asked. Must run
-    before TensorFlow is imported; running it twice is harmless.
-    """
-    environ = os.environ if environ is None else environ
-    ref = environ.get(PRESET_VAR, "")
-    if not ref or environ.get(APPLIED_VAR) == "1":
-        return None
-    R = count_var(RANKS_VAR, environ)
-    node = node_plan(ref, R, cores_per_rank=count_var(CORES_VAR, environ),
-                     oversubscribe=environ.get(OVERSUBSCRIBE_VAR) == "1")
-    me = local_rank(node.ranks_per_node, environ)
-    if me >= node.ranks_per_node:
-        raise UserError(f"local rank {me} but the plan has {node.ranks_per_node} ranks per node: "
-                        f"start at most {node.ranks_per_node} ranks per node, or raise {RANKS_VAR}")
-    rank = node.ranks[me]
-    say = _note if me == 0 else (lambda msg: None)
-    for w in node.warnings:
-        say(f"warning: {w}")
-    overridden = [f"{k}={environ[k]} (now {v})" for k, v in rank.env
-                  if k in environ and environ[k] != v]
-    if overridden:
-        say(f"note: preset {node.preset.name} overrides {', '.join(overridden)}")
-    for name in PLANNED_VARS:
-        if name in environ and name not in rank.environ:
-            del environ[name]
-    environ.update(rank.env)
-    if node.numactl and not via_exec:
-        say(f"warning: the preset's memory policy ({' '.join(node.numactl)}) is applied only by "
-            "'knl-train exec -- COMMAND' (knl-train launch uses it); this run has none")
-    if not node.oversubscribed:
-        _bind(rank, say)
-    environ[APPLIED_VAR] = "1"
-    return node, rank
-
-
-def _bind(rank: RankPlan, say) -> None:
-    current = os.sched_getaffinity(0)
-    if current == set(rank.cpus):
-        return
-    # A launcher binds whole cores; narrowing to the planned hardware threads is expected.
-    if not current >= set(rank.cpus):
-        say(f"warning: the launcher bound local rank {rank.local_rank} to CPUs "
-            f"{cpulist(sorted(current))}; the preset binds it to {cpulist(rank.cpus)}")
-    try:
-        os.sched_setaffinity(0, rank.cpus)
-    except OSError as e:
-        raise UserError(f"cannot bind local rank {rank.local_rank} to CPUs {cpulist(rank.cpus)} "
-                        f"({e}); is the job allowed to use them?") from None
-
-
-def _note(msg: str) -> None:
-    print(f"knl-train: {msg}", file=sys.stderr, flush=True)
-
-
-def exec_command(command: Sequence[str]) -> None:
-    """``knl-train exec -- CMD``: apply this rank's settings, then become CMD."""
-    if not command:
-        raise UserError("nothing to run: knl-train exec -- COMMAND ...")
-    applied = apply(via_exec=True)
-    from knl_train.tuning import itex
-    if itex.requested():
-        itex.enable()
-    argv = list(command)
-    if applied and applied[0].numactl:
-        if not shutil.which("numactl"):
-            raise UserError(f"the preset's memory policy needs numactl ({' '.join(applied[0].numactl)}); "
-                            "install it (apt-get install numactl) or load its module")
-        argv = [*applied[0].numactl, *argv]
-    if not shutil.which(argv[0]):
-        raise UserError(f"{argv[0]}: command not found")
-    os.execvp(argv[0], argv)
-
-
 # ---- printing ----------------------------------------------------------------------------------
 def exports(node: NodePlan, preset_ref: str, oversubscribe: bool = False) -> Dict[str, str]:
     """What a launcher line passes to every rank."""
     # The cores per rank always go along: launcher and ranks then agree on the runs of cores.
-    out = {PRESET_VAR: preset_ref, RANKS_VAR: str(node.ranks_per_node),
-           CORES_VAR: str(node.cores_per_rank)}
-    if oversubscribe:
-        out[OVERSUBSCRIBE_VAR] = "1"
-    return out
+    return RankEnv(preset=preset_ref, ranks_per_node=node.ranks_per_node,
+                   cores_per_rank=node.cores_per_rank, oversubscribe=oversubscribe or None).to_environ()
 
 
 def preset_ref(arg: str, node: NodePlan) -> str:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 from knl_train.errors import UserError
+from knl_train.runtime.rankenv import LAUNCH_VARS
 
 CONTROLLERS = ("mpi", "gloo")
 # Forwarded to remote ranks with -x (local ranks inherit the environment anyway).
@@ -79,10 +80,9 @@ def mpi_flavour(mpirun: str) -> str:
 
 
 def forwarded_env(environ=None) -> List[str]:
-    from knl_train.tuning.env import PLAN_VARS
     environ = os.environ if environ is None else environ
     # A plan's variables left over in the launching shell would change the ranks' plans.
-    return sorted(k for k in environ if k not in PLAN_VARS
+    return sorted(k for k in environ if k not in LAUNCH_VARS
                   and (k in FORWARD_NAMES or k.startswith(FORWARD_PREFIXES)))
 
 

@@ -17,15 +17,14 @@ import dataclasses
 import difflib
 import functools
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Tuple
 
 import yaml
 
-from knl_train import configs
+from knl_train import resources, yamlconfig
 from knl_train.errors import UserError
-from knl_train.io import write_text_atomic
+from knl_train.atomic import write_text_atomic
 
 PACKAGE = "knl_train.tuning.presets"
 
@@ -134,7 +133,7 @@ class Preset:
         return set(self.match.flags) <= set(topology.flags)
 
     def to_yaml(self) -> str:
-        data = configs.plain(dataclasses.asdict(self))
+        data = yamlconfig.plain(dataclasses.asdict(self))
         data.pop("path")
         if data["measured"] is None:
             data.pop("measured")
@@ -170,7 +169,7 @@ def _from_data(data: Dict[str, Any], where: str, path: str = "") -> Preset:
 
 def _checked(cls, data, where: str, field_path: str = ""):
     try:
-        return configs.from_dict(cls, data, field_path)
+        return yamlconfig.from_dict(cls, data, field_path)
     except UserError as e:
         raise UserError(f"{where}: {e}") from None
 
@@ -188,7 +187,7 @@ def _read(text: str, where: str) -> Dict[str, Any]:
 @functools.lru_cache(maxsize=None)
 def _builtin() -> Dict[str, Preset]:
     out = {}
-    for entry in resources.files(PACKAGE).iterdir():
+    for entry in sorted(resources.path(PACKAGE).iterdir()):
         if entry.name.endswith(".yaml"):
             where = f"preset file {entry.name}"
             preset = _from_data(_read(entry.read_text(encoding="utf-8"), where), where)

@@ -33,7 +33,7 @@ from typing import Optional
 
 import tensorflow as tf
 
-from knl_train.dist import launcher_rank
+from knl_train.runtime.rankenv import launcher_rank
 from knl_train.errors import UserError
 
 ENV_VAR = "KNL_TRAIN_LARS_KERNEL"

@@ -1,6 +1,6 @@
 """One autotuner trial on every rank: a short synthetic training run, timed after its warm-up.
 
-    python -m knl_train.tuning.trial --model resnet50 --image-size 128 --batch 16 \\
+    python -m knl_train.autotune.trial --model resnet50 --image-size 128 --batch 16 \\
         --warmup 3 --steps 10 --precision fp32 --out trial.json
 
 Run under ``knl-train launch`` (which applies the candidate's preset: threads, oneDNN, ITEX,
@@ -25,7 +25,7 @@ import sys
 import time
 
 from knl_train.errors import UserError
-from knl_train.tuning.env import count_var
+from knl_train.runtime.rankenv import count_var
 
 PRECISIONS = ("fp32", "mixed_bf16")
 THREAD_VARS = {"intra_op": "TF_NUM_INTRAOP_THREADS", "inter_op": "TF_NUM_INTEROP_THREADS"}
@@ -37,7 +37,7 @@ REPORTED_ENV = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "TF_ENABLE_O
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m knl_train.tuning.trial",
+    p = argparse.ArgumentParser(prog="python -m knl_train.autotune.trial",
                                 description="one timed synthetic training run (per rank)")
     p.add_argument("--model", default="resnet50")
     p.add_argument("--image-size", type=int, default=224)
@@ -56,10 +56,10 @@ def parse_args(argv=None):
 
 def run(args):
     """Train, time, and return (the record, whether this is rank 0)."""
-    from knl_train.tuning import itex
+    from knl_train.runtime import itex
     if itex.requested():
         itex.enable()  # before TF is imported below
-    intra, inter = (count_var(THREAD_VARS[k]) for k in ("intra_op", "inter_op"))
+    intra, inter = (count_var(k) for k in ("intra_op", "inter_op"))
 
     from knl_train.dist import horovod as dist  # imports TF (and ITEX's plugin if enabled)
     import numpy as np
@@ -71,9 +71,10 @@ def run(args):
         tf.config.threading.set_inter_op_parallelism_threads(inter)
     world = dist.init()
 
-    from knl_train import models, stack
+    from knl_train import models
+    from knl_train.runtime import versions
     from knl_train.optim import LARS
-    stack.check_keras()
+    versions.check_keras()
     if args.precision == "mixed_bf16":
         tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
 
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
         print(f"trial: {e}", file=sys.stderr)
         return 2
     if is_root:
-        from knl_train.io import write_json_atomic
+        from knl_train.atomic import write_json_atomic
         write_json_atomic(args.out, record)
         print(f"trial: {record['images_per_sec']:.2f} images/s on {record['ranks']} rank(s)",
               file=sys.stderr)

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 
 from knl_train.errors import UserError
-from knl_train.tuning import itex
+from knl_train.runtime import itex
 
 
 def _dist_version(name: str):

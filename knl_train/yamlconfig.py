@@ -1,13 +1,19 @@
-"""Load frozen dataclass configs from plain dicts (YAML) with field-by-field validation.
+"""YAML into frozen dataclasses, field by field, and the checks every config shares.
 
-Errors name the dotted field (``optimizer.momentum``) and the allowed keys or values.
+Errors name the dotted field (``optimizer.momentum``) and the allowed keys or values. The checks
+(``number``, ``at_least``, ``one_of``, ``did_you_mean``, ``unknown``) raise ``ValueError`` inside
+a dataclass's ``__post_init__`` (``from_dict`` turns it into a ``UserError`` naming the config),
+or ``UserError`` where a name is looked up.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import numbers
 import typing
-from typing import Any, Dict, Mapping
+from typing import Any, Dict, Iterable, Mapping, Optional
 
 import yaml
 
@@ -140,4 +146,58 @@ def _coerce(tp, value, where):
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise UserError(f"{where}: expected a string, got {value!r}")
         return str(value)
+    return value
+
+
+# ---- shared checks ------------------------------------------------------------------------------
+def number(name: str, value, *, minimum: Optional[float] = None, above: Optional[float] = None,
+           maximum: Optional[float] = None, below: Optional[float] = None, integer: bool = False,
+           optional: bool = False):
+    """``value`` as a finite number within the bounds, or ``ValueError`` naming ``name``.
+
+    ``minimum``/``maximum`` are inclusive, ``above``/``below`` exclusive; ``integer`` wants a
+    whole number (returned as int); ``optional`` lets None through.
+    """
+    if value is None and optional:
+        return None
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    for bound, fails, op in ((minimum, lambda b: value < b, ">="), (above, lambda b: value <= b, ">"),
+                             (maximum, lambda b: value > b, "<="), (below, lambda b: value >= b, "<")):
+        if bound is not None and fails(bound):
+            raise ValueError(f"{name} must be {op} {bound:g}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def at_least(obj, bound: float, *names: str) -> None:
+    """Each of ``obj``'s fields ``names`` is None or ``>= bound`` (a dataclass's range check)."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and value < bound:
+            raise ValueError(f"{name} must be >= {bound:g}, got {value}")
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean X?)`` for the closest choice, or ``""``."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def unknown(kind: str, word: str, choices: Iterable[str], alternative: str = "") -> UserError:
+    """The error for a name that is not one of ``choices``: the closest one, then all of them."""
+    choices = sorted(choices)
+    tail = f", {alternative}" if alternative else ""
+    return UserError(f"unknown {kind} {word!r}{did_you_mean(word, choices)}; "
+                     f"{kind}s: {', '.join(choices)}{tail}")
+
+
+def one_of(name: str, value, choices: Iterable[str]):
+    """``value`` if it is one of ``choices``, else ``ValueError`` with the closest and the list."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name}: {value!r} is not allowed{did_you_mean(value, choices)}; "
+                         f"choose one of {', '.join(map(str, choices))}")
     return value

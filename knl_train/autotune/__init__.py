@@ -1,0 +1,1 @@
+"""The autotuner: short measured trials of threading settings on this node."""

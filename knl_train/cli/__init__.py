@@ -1,0 +1,61 @@
+"""``knl-train``: the command line. Each command group is a module here; each command parses,
+makes one library call, and prints."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from knl_train import __version__
+from knl_train.errors import UserError
+from knl_train.cli import data, study, train, tune, tuning
+from knl_train.runtime.rankenv import launcher_rank
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="knl-train", description=(
+        "Large-batch data-parallel CNN training (LARS, Horovod) on CPU clusters."))
+    p.add_argument("--version", action="version", version=f"knl-train {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for group in (train, data, tuning, tune, study):
+        group.add_parsers(sub)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # TF 2.15's C++ start-up chatter (CUDA factory "errors" on CPU-only hosts, the oneDNN
+    # notice) buries the real output; Python-level errors still surface as exceptions.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("ITEX_CPP_MIN_LOG_LEVEL", "1")
+    command: List[str] = []
+    # Commands that run another command take it after "--", untouched by argparse.
+    if argv and argv[0] in tuning.TAKES_COMMAND and "--" in argv:
+        cut = argv.index("--")
+        argv, command = argv[:cut], argv[cut + 1:]
+    args = build_parser().parse_args(argv)
+    if getattr(args, "takes_command", False):
+        args.command = command
+    try:
+        if getattr(args, "applies_preset", False):
+            from knl_train.runtime import bootstrap
+            bootstrap.apply()
+        from knl_train.runtime import itex
+        if itex.requested():
+            itex.enable()
+        return args.fn(args)
+    except UserError as e:
+        if launcher_rank() == 0:
+            print(f"knl-train: error: {e}", file=sys.stderr, flush=True)
+        elif getattr(args, "errors_per_rank", False):
+            # What goes wrong in exec (binding, numactl, a local rank) is often one rank's alone.
+            print(f"knl-train: error (rank {launcher_rank()}): {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""``knl-train study``: render, submit, status, collect, report and check scaling studies."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from knl_train.errors import UserError
+
+
+def cmd_study_render(args) -> int:
+    from knl_train.studies import render, spec
+    if not args.out and not args.dry_run:
+        raise UserError("study render needs --out DIR (the study directory to create), or --dry-run")
+    study = spec.load(args.spec)
+    if args.templates:
+        study = _with_templates(study, args.templates)
+    rendered = render.render(study)
+    for note in study.notes:
+        print(f"knl-train: warning: {note}", file=sys.stderr)
+    if args.dry_run:
+        print(render.dry_run_text(rendered))
+        return 0
+    out = render.write(rendered, args.out, force=args.force)
+    pts = rendered.manifest["points"]
+    print(f"wrote {len(pts)} {rendered.manifest['scheduler']} script(s) for {study.site.name} to {out} "
+          f"({pts[0]['nodes']}-{pts[-1]['nodes']} nodes, {study.node.ranks_per_node} ranks/node, "
+          f"preset {study.node.preset.name}); next: knl-train study submit {out}")
+    return 0
+
+
+def _with_templates(study, templates: str):
+    import dataclasses
+    return dataclasses.replace(study, spec=dataclasses.replace(study.spec, templates=os.path.abspath(templates)))
+
+
+def cmd_study_submit(args) -> int:
+    from knl_train.studies import jobs as study_jobs
+    jobs = study_jobs.submit(args.dir, attempts=args.attempts, base_delay=args.retry_delay, resubmit=args.resubmit,
+                        log=lambda msg: print(msg, flush=True))
+    new = sum(1 for j in jobs if j["new"])
+    print(f"{new} job(s) submitted, {len(jobs) - new} already submitted; follow them with "
+          f"knl-train study status {args.dir}")
+    return 0
+
+
+def cmd_study_status(args) -> int:
+    from knl_train.studies import jobs as study_jobs
+    if args.wait:
+        rows = study_jobs.wait(args.dir, timeout=args.timeout,
+                          on_change=lambda r: print(study_jobs.table(r) + "\n", flush=True))
+    else:
+        rows = study_jobs.status(args.dir)
+    if args.json:
+        import dataclasses
+        print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
+    elif not args.wait:
+        print(study_jobs.table(rows))
+    bad = [r for r in rows if r.state not in ("completed", "pending", "running", "rendered")]
+    return 1 if args.wait and bad else 0
+
+
+def cmd_study_collect(args) -> int:
+    from knl_train.studies import report
+    results = report.collect(args.dir)
+    rows = report.table(results)
+    print(f"{len(rows)} point(s) with data, {len(report.missing(results))} without; "
+          f"wrote {os.path.join(args.dir, 'results.json')}")
+    return 0
+
+
+def cmd_study_report(args) -> int:
+    from knl_train.studies import report
+    paths = report.report(args.dir)
+    print(Path(paths["md"]).read_text())
+    print("wrote " + ", ".join(str(p) for k, p in paths.items() if k != "results"))
+    return 0
+
+
+def cmd_study_check(args) -> int:
+    from knl_train.studies import schedulers
+    bad = 0
+    for path in args.scripts:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror}") from None
+        kind = args.scheduler or ("pbs" if re.search(r"^#PBS", text, re.M) else "slurm")
+        problems = schedulers.get(kind).check(text)
+        for p in problems:
+            print(f"{path}: {p}")
+        if not problems:
+            print(f"{path}: ok ({kind})")
+        bad += bool(problems)
+    return 1 if bad else 0
+
+
+def add_parsers(sub) -> None:
+    st = sub.add_parser("study", help="scaling studies on Slurm or PBS: render, submit, status, collect, report")
+    ssub = st.add_subparsers(dest="study_command", metavar="STUDY_COMMAND", required=True)
+    sr = ssub.add_parser("render", help="write one job script per point and manifest.json")
+    sr.add_argument("spec", help="study spec (YAML); examples in jobs/studies/")
+    sr.add_argument("--out", help="the study directory to create")
+    sr.add_argument("--dry-run", action="store_true", help="print the scripts, write nothing")
+    sr.add_argument("--templates", help="a directory of templates that take precedence over the shipped ones")
+    sr.add_argument("--force", action="store_true", help="replace --out if no job of it was submitted")
+    sr.set_defaults(fn=cmd_study_render)
+    ss = ssub.add_parser("submit", help="submit every point not yet submitted (sbatch / qsub)")
+    ss.add_argument("dir", help="study directory")
+    ss.add_argument("--attempts", type=int, default=5, help="tries per job on transient scheduler errors")
+    ss.add_argument("--retry-delay", type=float, default=2.0,
+                    help="first backoff in seconds (doubles per retry, at most 60)")
+    ss.add_argument("--resubmit", action="store_true",
+                    help="PBS: submit points whose earlier submission was cut off (check qstat first)")
+    ss.set_defaults(fn=cmd_study_submit)
+    sq = ssub.add_parser("status", help="each point's job state (squeue/sacct/qstat and the jobs' own records)")
+    sq.add_argument("dir", help="study directory")
+    sq.add_argument("--wait", action="store_true", help="poll until every job has finished; exit 1 if any failed")
+    sq.add_argument("--timeout", type=float, default=24 * 3600, help="with --wait: give up after this many seconds")
+    sq.add_argument("--json", action="store_true", help="print JSON")
+    sq.set_defaults(fn=cmd_study_status)
+    sc = ssub.add_parser("collect", help="read every point's summary.json and metrics into results.json")
+    sc.add_argument("dir", help="study directory")
+    sc.set_defaults(fn=cmd_study_collect)
+    sp = ssub.add_parser("report", help="scaling table (CSV, Markdown) and plot (PNG) in DIR/report/")
+    sp.add_argument("dir", help="study directory")
+    sp.set_defaults(fn=cmd_study_report)
+    sk = ssub.add_parser("check", help="check job scripts' directives (also your own edits)")
+    sk.add_argument("scripts", nargs="+", help="job scripts")
+    sk.add_argument("--scheduler", choices=("slurm", "pbs"), help="default: from the directives")
+    sk.set_defaults(fn=cmd_study_check)

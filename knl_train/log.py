@@ -1,0 +1,60 @@
+"""The package's one logger: ``knl-train: [warning: ]message`` lines, from rank 0 only.
+
+Every rank of a job runs the same code, so a message said by all of them is said N times: records
+from ranks other than 0 are dropped unless logged with ``extra=EVERY_RANK`` (then they name their
+rank). Warnings and errors carry their level; ``extra=STDOUT`` sends a line to standard output
+(a run's progress, which is the command's output rather than a diagnostic).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from knl_train.runtime.rankenv import launcher_rank
+
+ROOT = "knl_train"
+EVERY_RANK = {"every_rank": True}
+STDOUT = {"stdout": True}
+# The prefix a line carries, by the logger's first name below ``knl_train``.
+_PREFIXES = {"autotune": "tune", "autotune.trial": "trial"}
+
+
+class _Handler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        # Looked up at each line: tests and the CLI swap sys.stdout and sys.stderr.
+        stream = sys.stdout if getattr(record, "stdout", False) else sys.stderr
+        try:
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe must not turn a message into a crash
+            pass
+
+
+class _Format(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        name = record.name[len(ROOT) + 1:] if record.name.startswith(ROOT + ".") else ""
+        prefix = _PREFIXES.get(name) or _PREFIXES.get(name.split(".")[0], "knl-train")
+        rank = launcher_rank()
+        where = f" (rank {rank})" if rank and getattr(record, "every_rank", False) else ""
+        level = f"{record.levelname.lower()}{where}: " if record.levelno >= logging.WARNING else \
+            (f"rank {rank}: " if where else "")
+        return f"{prefix}: {level}{record.getMessage()}"
+
+
+def _rank_zero(record: logging.LogRecord) -> bool:
+    return getattr(record, "every_rank", False) or launcher_rank() == 0
+
+
+def get(name: str) -> logging.Logger:
+    """The logger for module ``name`` (``__name__``), set up on first use."""
+    root = logging.getLogger(ROOT)
+    if not any(isinstance(h, _Handler) for h in root.handlers):
+        handler = _Handler()
+        handler.setFormatter(_Format())
+        handler.addFilter(_rank_zero)
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        # Our lines are written once, here; the application's own logging setup keeps its own.
+        root.propagate = False
+    return logging.getLogger(name if name.startswith(ROOT) else f"{ROOT}.{name}")
