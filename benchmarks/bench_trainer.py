@@ -54,7 +54,7 @@ def bare_worker(overrides, out):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from knl_train.train.config import load
     cfg = load(None, overrides)
-    from knl_train.tuning import itex
+    from knl_train.runtime import itex
     if itex.requested():
         itex.enable()
     from knl_train.dist import horovod as dist

@@ -53,10 +53,10 @@ def versions():
             out[name] = md.version(dist)
         except md.PackageNotFoundError:
             out[name] = None
-    from knl_train import stack
-    from knl_train.tuning import itex
+    from knl_train.runtime import versions
+    from knl_train.runtime import itex
     out["itex"] = itex.side_version() or itex.site_version()
-    out["mpi"] = stack.mpi_library_version()
+    out["mpi"] = versions.mpi_library_version()
     return out
 
 
