@@ -36,9 +36,9 @@ def measure(spec_path: Path) -> dict:
             times.append(time.perf_counter() - t0)
     scripts = [t for k, t in rendered.files.items() if k.endswith((".sbatch", ".pbs"))]
     longest = [max(len(line) for line in s.splitlines()) for s in (scripts[0], scripts[-1])]
-    pts = rendered.manifest["points"]
-    return {"spec": spec_path.name, "points": len(pts), "nodes": f"{pts[0]['nodes']}-{pts[-1]['nodes']}",
-            "scheduler": rendered.manifest["scheduler"], "seconds_median": statistics.median(times),
+    pts = rendered.manifest.points
+    return {"spec": spec_path.name, "points": len(pts), "nodes": f"{pts[0].nodes}-{pts[-1].nodes}",
+            "scheduler": rendered.manifest.scheduler, "seconds_median": statistics.median(times),
             "seconds_min": min(times), "longest_line_first": longest[0], "longest_line_last": longest[1]}
 
 

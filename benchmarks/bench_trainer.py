@@ -57,37 +57,20 @@ def bare_worker(overrides, out):
     from knl_train.runtime import itex
     if itex.requested():
         itex.enable()
-    from knl_train.dist import horovod as dist
-    dist.init()
+    # The trainer's own pieces (train.setup): threads, sizes, schedule, model and optimizer.
     import tensorflow as tf
-    tf.config.threading.set_intra_op_parallelism_threads(cfg.threads.intra_op)
-    tf.config.threading.set_inter_op_parallelism_threads(cfg.threads.inter_op)
-
-    from knl_train import models
-    from knl_train.data.pipeline import check_global_batch
-    from knl_train.data.source import open_source
-    from knl_train.optim import build_optimizer
-    from knl_train.optim.schedules import build_lr_schedule, build_momentum
-
-    data = open_source(cfg.data, seed=cfg.seed)
-    batch = cfg.per_rank_batch
-    steps = check_global_batch(data.num_train, batch)
-    tf.keras.utils.set_random_seed(cfg.seed)
-    s = cfg.schedule
-    schedule = build_lr_schedule(
-        s.kind, steps_per_epoch=steps, epochs=cfg.epochs, peak_lr=s.peak_lr,
-        warmup_epochs=s.warmup_epochs, warmup_start_lr=s.warmup_start_lr, end_lr=s.end_lr,
-        power=s.power, decay_over=s.decay_over, boundary_epochs=s.boundary_epochs,
-        decay_factor=s.decay_factor)
-    momentum = build_momentum(cfg.optimizer.momentum, schedule, cfg.optimizer.momentum_correction)
-    optimizer = dist.distributed_optimizer(build_optimizer(cfg.optimizer, schedule, momentum))
-    classes = len(data.classes)
-    model = models.build(cfg.model, num_classes=classes, image_size=cfg.data.image_size)
-    model.compile(optimizer=optimizer,
-                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="top1"),
-                           tf.keras.metrics.SparseTopKCategoricalAccuracy(min(5, classes),
-                                                                          name="top5")])
+    from knl_train.dist import horovod as dist
+    from knl_train.train import setup
+    cfg = setup.with_data_threads(cfg)
+    world = dist.init()
+    setup.configure_threads(cfg, world)
+    setup.configure_keras(cfg)
+    data, size = setup.data_and_sizes(cfg, world.size)
+    schedule = setup.build_schedule(cfg, updates_per_epoch=size.updates_per_epoch,
+                                    total_updates=size.total_updates,
+                                    global_batch=size.global_batch, passes=size.passes)
+    model, _ = setup.build_model_and_optimizer(cfg, schedule, len(data.classes))
+    batch, steps = size.per_rank, size.updates_per_epoch
 
     class EpochTimer(tf.keras.callbacks.Callback):
         def __init__(self):

@@ -20,6 +20,7 @@ oneDNN-off or blocktime stage; its numbers mean little.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata as md
 import os
 import shutil
@@ -113,16 +114,18 @@ def main(argv=None):
     args.image_size = args.image_size or (64 if args.quick else 128)
 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from knl_train.tuning import autotune
+    from knl_train import autotune
+    from knl_train.autotune.results import OutputFiles
+    from knl_train.cli import tune as tune_cli
     t0 = time.perf_counter()
     machine = host()
     load_before = [round(x, 2) for x in os.getloadavg()]
     work = Path(tempfile.mkdtemp(prefix="bench_tuning."))
     targv = tune_argv(args, work)
     parser = argparse.ArgumentParser(prog="knl-train tune")
-    autotune.add_arguments(parser)
+    tune_cli.add_arguments(parser)
     try:
-        tuner = autotune.run(parser.parse_args(targv), echo=False)
+        result = autotune.run(tune_cli.options_from_args(parser.parse_args(targv)))
     except BaseException:
         print(f"logs kept in {work}", file=sys.stderr)
         raise
@@ -132,11 +135,13 @@ def main(argv=None):
     json_path, md_path = args.out_dir / f"{stem}.json", args.out_dir / f"{stem}.md"
     chart, preset_file = args.out_dir / f"{stem}.png", args.out_dir / f"{stem}.preset.yaml"
     shutil.copyfile(work / "tuning.png", chart)
-    shutil.copyfile(tuner["files"]["preset"], preset_file)
+    shutil.copyfile(result.files.preset, preset_file)
     shutil.rmtree(work, ignore_errors=True)
-    tuner["files"] = {"preset": _shown(preset_file), "chart": _shown(chart),
-                      "results": _shown(json_path), "table": _shown(md_path)}
-    tuner["markdown"] = autotune.markdown(tuner)
+    result = dataclasses.replace(result, files=OutputFiles(
+        preset=Path(_shown(preset_file)), results=Path(_shown(json_path)),
+        table=Path(_shown(md_path)), chart=Path(_shown(chart))))
+    tuner = result.to_dict()
+    tuner["markdown"] = autotune.markdown(result)
 
     rows = tuner["candidates"]
     best = next(r for r in rows if r["id"] == tuner["best"]["id"])

@@ -6,31 +6,28 @@ import datetime
 import json
 import os
 import platform
-import re
 import subprocess
 from pathlib import Path
+
+from knl_train.errors import UserError
+from knl_train.tuning import topology
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def host() -> dict:
     """CPU model and counts, Python, the checkout's commit, and the date."""
-    cpu = platform.processor()
     try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        siblings = Path("/sys/devices/system/cpu/cpu0/topology/thread_siblings_list").read_text()
-        threads_per_core = len(re.split(r"[,-]", siblings.strip()))
-    except OSError:
-        threads_per_core = None
+        node = topology.detect()
+    except UserError:  # no /proc/cpuinfo or sysfs (an unusual container): report what Python knows
+        node = None
     commit = _git("rev-parse", "--short", "HEAD")
     if commit and _git("status", "--porcelain", "--untracked-files=no"):
         commit += "+local changes"
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(),
-            "cpus_available": len(os.sched_getaffinity(0)), "threads_per_core": threads_per_core,
+    return {"cpu": node.model_name if node and node.model_name else platform.processor(),
+            "logical_cpus": len(node.cpus) if node else os.cpu_count(),
+            "cpus_available": len(node.affinity) if node else len(os.sched_getaffinity(0)),
+            "threads_per_core": node.threads_per_core if node else None,
             "python": platform.python_version(), "git_commit": commit,
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 

@@ -16,6 +16,8 @@ from knl_train.runtime.rankenv import launcher_rank
 ROOT = "knl_train"
 EVERY_RANK = {"every_rank": True}
 STDOUT = {"stdout": True}
+# A progress line (a run's "epoch 3/5 ..."), to stdout as it is: scripts match its start.
+PROGRESS = {"stdout": True, "bare": True}
 # The prefix a line carries, by the logger's first name below ``knl_train``.
 _PREFIXES = {"autotune": "tune", "autotune.trial": "trial"}
 
@@ -33,6 +35,8 @@ class _Handler(logging.Handler):
 
 class _Format(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        if getattr(record, "bare", False):
+            return record.getMessage()
         name = record.name[len(ROOT) + 1:] if record.name.startswith(ROOT + ".") else ""
         prefix = _PREFIXES.get(name) or _PREFIXES.get(name.split(".")[0], "knl-train")
         rank = launcher_rank()

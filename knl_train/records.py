@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Optional, Union
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Union
 
 from knl_train.atomic import append_jsonl, write_json_atomic
 
@@ -143,11 +143,13 @@ def read_summary(path) -> RunSummary:
     return RunSummary.from_dict(data)
 
 
-def read_metrics(path, name: Optional[str] = None) -> List[MetricRecord]:
+def read_metrics(path, name: Optional[str] = None,
+                 kinds: Optional[Sequence[str]] = None) -> List[MetricRecord]:
     """Every known record of ``metrics.jsonl`` in order; ``ValueError`` names a bad line.
 
-    Lines of an unknown kind are skipped. A step record must carry an integer ``step`` and a
-    positive ``images_per_sec``, since throughput is measured from them.
+    Lines of an unknown kind, or of a kind not in ``kinds`` (if given), are skipped. A step
+    record must carry an integer ``step`` and a positive ``images_per_sec``, since throughput is
+    measured from them.
     """
     name = name or str(path)
     out: List[MetricRecord] = []
@@ -162,7 +164,7 @@ def read_metrics(path, name: Optional[str] = None) -> List[MetricRecord]:
             if not isinstance(data, dict):
                 raise ValueError(f"{name} line {n} is not a JSON object")
             cls = METRIC_KINDS.get(data.get("kind"))
-            if cls is None:
+            if cls is None or (kinds is not None and cls.kind not in kinds):
                 continue
             if cls is StepRecord and not (is_integer(data.get("step")) and is_number(data.get("images_per_sec"))
                                           and data["images_per_sec"] > 0):

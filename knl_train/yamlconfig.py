@@ -1,9 +1,9 @@
 """YAML into frozen dataclasses, field by field, and the checks every config shares.
 
 Errors name the dotted field (``optimizer.momentum``) and the allowed keys or values. The checks
-(``number``, ``at_least``, ``one_of``, ``did_you_mean``, ``unknown``) raise ``ValueError`` inside
-a dataclass's ``__post_init__`` (``from_dict`` turns it into a ``UserError`` naming the config),
-or ``UserError`` where a name is looked up.
+(``number``, ``in_range``, ``at_least``, ``one_of``, ``did_you_mean``, ``unknown``) raise
+``ValueError`` inside a dataclass's ``__post_init__`` (``from_dict`` turns it into a
+``UserError`` naming the config), or ``UserError`` where a name is looked up.
 """
 
 from __future__ import annotations
@@ -124,6 +124,10 @@ def _coerce(tp, value, where):
     if origin in (tuple, list):
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise UserError(f"{where}: expected a list, got {value!r}")
+        if origin is tuple and args and Ellipsis not in args:  # Tuple[int, Optional[int]]
+            if len(value) != len(args):
+                raise UserError(f"{where}: expected a list of {len(args)} items, got {value!r}")
+            return tuple(_coerce(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(args, value)))
         item_tp = args[0] if args else typing.Any
         return tuple(_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
     if tp is bool:
@@ -172,12 +176,16 @@ def number(name: str, value, *, minimum: Optional[float] = None, above: Optional
     return int(value) if integer else float(value)
 
 
+def in_range(obj, *names: str, **bounds) -> None:
+    """Each of ``obj``'s fields ``names`` is None or a ``number`` within ``bounds`` (``minimum``,
+    ``above``, ``maximum``, ``below``): a dataclass's range check in its ``__post_init__``."""
+    for name in names:
+        number(name, getattr(obj, name), optional=True, **bounds)
+
+
 def at_least(obj, bound: float, *names: str) -> None:
     """Each of ``obj``'s fields ``names`` is None or ``>= bound`` (a dataclass's range check)."""
-    for name in names:
-        value = getattr(obj, name)
-        if value is not None and value < bound:
-            raise ValueError(f"{name} must be >= {bound:g}, got {value}")
+    in_range(obj, *names, minimum=bound)
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str:

@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from knl_train.dist import horovod as dist
 from knl_train.optim import LARS, WarmupPolyDecay
+from knl_train.optim.schedules import PerUpdateSchedule, per_update
 
 
 pytestmark = pytest.mark.usefixtures("hvd")  # Horovod initialised, one rank
@@ -14,27 +15,39 @@ pytestmark = pytest.mark.usefixtures("hvd")  # Horovod initialised, one rank
 
 def test_per_update_schedule_counts_updates_not_micro_batches():
     inner = WarmupPolyDecay(peak_lr=4.0, total_steps=10, warmup_steps=2)
-    sched = dist.PerUpdateSchedule(inner, 3)
+    sched = per_update(inner, 3)
     # Update n is applied at micro-batch 3n + 2.
     for n in range(10):
         assert float(sched(3 * n + 2)) == pytest.approx(float(inner(n)))
-    again = dist.PerUpdateSchedule.from_config(sched.get_config())
+    again = PerUpdateSchedule.from_config(sched.get_config())
     assert float(again(8)) == pytest.approx(float(inner(2)))
     restored = tf.keras.optimizers.schedules.deserialize(tf.keras.optimizers.schedules.serialize(sched))
-    assert isinstance(restored, dist.PerUpdateSchedule) and restored.passes == 3
+    assert isinstance(restored, PerUpdateSchedule) and restored.passes == 3
+    # Without accumulation, and for a constant, there is nothing to wrap.
+    assert per_update(inner, 1) is inner and per_update(0.9, 3) == 0.9
+    with pytest.raises(ValueError, match="passes"):
+        per_update(inner, 0)
 
 
 def test_wrapping_with_accumulation_keeps_every_setting():
     inner = WarmupPolyDecay(peak_lr=4.0, total_steps=10, warmup_steps=2)
     momentum = WarmupPolyDecay(peak_lr=0.9, total_steps=10, warmup_steps=0, end_lr=0.9)
     opt = dist.distributed_optimizer(
-        LARS(inner, momentum=momentum, weight_decay=3e-4, variant="tf_contrib",
-             exclude_from_weight_decay=["bias"]), backward_passes_per_step=2, compression="fp16")
+        LARS(per_update(inner, 2), momentum=per_update(momentum, 2), weight_decay=3e-4,
+             variant="tf_contrib", exclude_from_weight_decay=["bias"]),
+        backward_passes_per_step=2, compression="fp16")
     cfg = opt.get_config()
     assert cfg["variant"] == "tf_contrib" and cfg["weight_decay"] == 3e-4
     assert cfg["exclude_from_weight_decay"] == ["bias"]
     assert cfg["learning_rate"]["class_name"].endswith("PerUpdateSchedule")
     assert cfg["momentum"]["class_name"].endswith("PerUpdateSchedule")
+
+
+def test_wrapping_patches_nothing():
+    # The schedule is finished before the optimizer is built (train.setup.build_schedule).
+    inner = WarmupPolyDecay(peak_lr=4.0, total_steps=10, warmup_steps=2)
+    cfg = dist.distributed_optimizer(LARS(inner), backward_passes_per_step=2).get_config()
+    assert cfg["learning_rate"]["class_name"].endswith("WarmupPolyDecay")
 
 
 @pytest.mark.parametrize("kwargs, match", [({"backward_passes_per_step": 0}, "backward_passes"),

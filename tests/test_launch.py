@@ -1,4 +1,4 @@
-"""Launcher lines (knl_train/tuning/launch.py) and a real 2-rank mpirun with core binding."""
+"""``knl-train launch`` lines (knl_train/tuning/launch.py) and a real 2-rank mpirun with core binding."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import ast
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import run_cli
 from knl_train import cli
 from knl_train.errors import UserError
-from knl_train.tuning import launch
+from knl_train.tuning import launch, launchers, snapshot, topology
 from knl_train.tuning.launch import LaunchPlan
 
 CMD = ("python", "train.py")
@@ -54,7 +55,7 @@ def test_root_gets_allow_run_as_root_on_the_command_line():
 def test_ranks_get_a_grace_period_when_mpirun_is_sent_sigterm():
     line = launch.argv(LaunchPlan(np=2, command=CMD, preset=None), is_root=False, environ={})
     i = line.index("odls_base_sigkill_timeout")
-    assert line[i - 1] == "--mca" and line[i + 1] == str(launch.SIGKILL_GRACE_SECONDS) == "10"
+    assert line[i - 1] == "--mca" and line[i + 1] == str(launchers.SIGKILL_GRACE_SECONDS) == "10"
 
 
 @needs_openmpi
@@ -187,6 +188,23 @@ def test_forwarded_env_defaults_to_os_environ(monkeypatch):
     names = launch.forwarded_env()
     assert "KMP_TEST_FORWARD" in names and "UNRELATED_TEST_VAR" not in names
     assert names == sorted(names)
+
+
+# ---- Hydra (MPICH, Intel MPI) ---------------------------------------------------------------------
+@pytest.mark.skipif(MPIRUN is None, reason="needs an mpirun to name")
+def test_hydra_lines_list_the_forwarded_variables_and_pin_by_domain(monkeypatch, cores):
+    cores(2)
+    skx = snapshot.load(Path(__file__).parent / "fixtures" / "topology" / "skx-8160-2s.json")
+    monkeypatch.setattr(topology, "detect", lambda root="/": skx)
+    monkeypatch.setattr(launch, "mpi_flavour", lambda mpirun: "hydra")
+    environ = {"PATH": "/usr/bin", "OMP_PROC_BIND": "close", "HOME": "/root"}
+    line = launch.argv(LaunchPlan(np=2, command=CMD, preset=None), is_root=True, environ=environ)
+    assert line == [MPIRUN, "-np", "2", "-genvlist", "OMP_PROC_BIND,PATH", *CMD]
+    line = launch.argv(LaunchPlan(np=2, command=CMD, preset="generic"), is_root=True, environ=environ)
+    assert line[:7] == [MPIRUN, "-np", "2", "-genvlist", "OMP_PROC_BIND,PATH", "-ppn", "2"]
+    assert line[line.index("I_MPI_PIN_DOMAIN") - 1] == "-genv"
+    assert ["-genv", "KNL_TRAIN_PRESET", "generic"] == line[line.index("KNL_TRAIN_PRESET") - 1:][:3]
+    assert "--allow-run-as-root" not in line and line[-4:] == ["exec", "--", *CMD]
 
 
 # ---- gloo and hostfiles --------------------------------------------------------------------------

@@ -47,6 +47,9 @@ def big():
 
 def test_registry_lists_every_model():
     assert sorted(models.MODELS) == sorted(ALL)
+    assert models.names() == tuple(sorted(ALL))
+    with pytest.raises(ValueError, match="registered twice"):
+        models.register("resnet20")(lambda num_classes, image_size: None)
 
 
 def test_unknown_model_is_a_user_error_listing_names():
@@ -54,6 +57,8 @@ def test_unknown_model_is_a_user_error_listing_names():
         models.build("vgg16", num_classes=10, image_size=32)
     for name in ALL:
         assert name in str(err.value)
+    with pytest.raises(UserError, match="unknown model 'resnet05' .did you mean resnet50"):
+        models.build("resnet05", num_classes=10, image_size=32)
 
 
 def test_kwargs_pass_through():
@@ -115,8 +120,8 @@ def test_resnet50_v1_5_strides_sit_on_the_3x3_convs(big):
     assert v15.get_layer("conv5_block3_out").output_shape == (None, 7, 7, 2048)
 
 
-@pytest.mark.parametrize("name", BIG)
-def test_big_models_build_at_32px(name):
+@pytest.mark.parametrize("name", models.names())
+def test_every_registered_model_builds_at_32px(name):
     m = models.build(name, num_classes=10, image_size=32)
     assert m.output_shape == (None, 10)
 

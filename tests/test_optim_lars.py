@@ -17,7 +17,7 @@ import tensorflow as tf
 from optim_cases import KERNEL_SHAPE, STEPS, make_data, make_vars, run_optimizer, run_traced
 from knl_train.optim import LARS, WarmupPolyDecay, kernels
 from knl_train.optim.exclusion import RANK_LE_1, ExclusionRule
-from knl_train.optim.lars import VARIANTS, excluded_variables
+from knl_train.optim.lars import VARIANTS
 
 # Hyper-parameters chosen so every term is visible at 1e-12: weight decay is a few percent of
 # the gradient, ε is comparable to the norms, t is far from 1. The learning rate and momentum
@@ -334,11 +334,12 @@ def test_exclusion_rule_semantics():
     assert not ExclusionRule.from_config(["kernel:0$"]).matches(kernel)
 
 
-def test_excluded_variables_lists_names():
+def test_exclusions_name_the_variables():
     kernel = tf.Variable(tf.zeros((2, 3)), name="fc/kernel")
     bias = tf.Variable(tf.zeros(3), name="fc/bias")
     opt = LARS(exclude_from_layer_adaptation=[RANK_LE_1, "fc/k"])
-    ex = excluded_variables(opt, [kernel, bias])
+    ex = {"weight_decay": [v.name for v in (kernel, bias) if not opt.uses_weight_decay(v)],
+          "layer_adaptation": [v.name for v in (kernel, bias) if not opt.uses_adaptation(v)]}
     assert ex == {"weight_decay": [bias.name], "layer_adaptation": [kernel.name, bias.name]}
     # No weight decay at all → no variable uses it.
     assert not LARS(weight_decay=0.0).uses_weight_decay(kernel)

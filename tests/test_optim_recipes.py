@@ -1,6 +1,6 @@
 """Published recipes (knl_train/optim/recipes.py + recipes.yaml): every number against the
-reference notes (lars.md §1, §2.4-§2.6, §5; seeds.md §1, §3), the schedules they build, lookup
-and errors."""
+reference notes (lars.md §1, §2.4-§2.6, §5; seeds.md §1, §3), the schedules they build (through
+``to_config_dict``, as the trainer gets them), lookup and errors."""
 
 from __future__ import annotations
 
@@ -15,13 +15,28 @@ import tensorflow as tf
 from knl_train.errors import UserError
 from knl_train.optim import recipes
 from knl_train.optim.scaling import scale_schedule
-from knl_train.optim.schedules import (WarmupMomentumCorrection, WarmupPolyDecay)
+from knl_train.optim.schedules import (WarmupMomentumCorrection, WarmupPolyDecay, build_lr_schedule,
+                                       build_momentum)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def lrs(schedule, steps):
     return schedule(tf.constant(steps, tf.int64)).numpy().astype(np.float64)
+
+
+def recipe_schedule(name, steps_per_epoch, epochs=None):
+    """(LR schedule, momentum) of recipe ``name`` as the trainer builds them: from the recipe's
+    config values (``to_config_dict``) through the schedule builders. Durations are the
+    recipe's epochs (or ``epochs``): ``round(warmup_epochs · steps_per_epoch)`` warmup steps of
+    ``round(epochs · steps_per_epoch)``; at the published iterations per epoch (e.g. 40 for the
+    4,000-iteration AlexNet-BN 32K runs) these are the published iteration counts."""
+    values = recipes.get(name).to_config_dict()
+    schedule = dict(values["schedule"])
+    lr = build_lr_schedule(schedule.pop("kind"), steps_per_epoch=steps_per_epoch,
+                           epochs=values["epochs"] if epochs is None else epochs, **schedule)
+    optimizer = values["optimizer"]
+    return lr, build_momentum(optimizer["momentum"], lr, optimizer["momentum_correction"])
 
 
 # name: (global_batch, epochs, peak_lr, warmup_epochs, warmup_start_lr, end_lr, power, decay_over,
@@ -120,13 +135,12 @@ def test_alexnet_bn_32k_base_lr_33_on_32_nodes_32_elsewhere():
 
 def test_alexnet_bn_32k_intel_schedule_drops_to_26_73_after_warmup():
     # 4,000 iterations = 100 epochs: 40 iterations per epoch.
-    s = recipes.build_schedule("alexnet_bn_32k_intel_32nodes", steps_per_epoch=40)
+    s, m = recipe_schedule("alexnet_bn_32k_intel_32nodes", steps_per_epoch=40)
     assert isinstance(s, WarmupPolyDecay)
     assert (s.total_steps, s.warmup_steps, s.power, s.decay_over) == (4000, 400, 2.0, "global")
     # lars.md §5: iter 0 -> 1.0, 200 -> 17.0, 399 -> 32.92, 400 -> 26.73, 2000 -> 8.25.
     np.testing.assert_allclose(lrs(s, [0, 200, 399, 400, 2000, 4000]),
                                [1.0, 17.0, 32.92, 26.73, 8.25, 0.0], rtol=1e-6, atol=1e-7)
-    m = recipes.build_momentum("alexnet_bn_32k_intel_32nodes", s)
     assert isinstance(m, WarmupMomentumCorrection) and m.warmup_steps == 400
     np.testing.assert_allclose(lrs(m, [0, 1, 399, 400]), [0.9, 0.972, 0.9 * 32.92 / 32.84, 0.9],
                                rtol=1e-6)
@@ -138,7 +152,7 @@ def test_alexnet_bn_32k_intel_schedule_drops_to_26_73_after_warmup():
 ])
 def test_published_iterations_at_the_published_steps_per_epoch(name, spe):
     r = recipes.get(name)
-    s = recipes.build_schedule(r, steps_per_epoch=spe)
+    s, _ = recipe_schedule(name, steps_per_epoch=spe)
     assert (s.warmup_steps, s.total_steps) == (r.iterations.warmup, r.iterations.total)
     assert lrs(s, [0])[0] == pytest.approx(1.0) and lrs(s, [s.warmup_steps - 1])[0] < r.schedule.peak_lr
 
@@ -171,7 +185,7 @@ def test_tpu_32k_recipe_against_lars_md_example():
 
 def test_mlperf_v07_recipe_against_lars_md_example():
     """lars.md §2.5: B=32768, 90 epochs, 39 steps/epoch, warmup 975 steps, decay over 2536."""
-    s = recipes.build_schedule("resnet50_32k_mlperf_v07_tf2", steps_per_epoch=39)
+    s, _ = recipe_schedule("resnet50_32k_mlperf_v07_tf2", steps_per_epoch=39)
     assert (s.warmup_steps, s.total_steps) == (975, 3510)
     np.testing.assert_allclose(lrs(s, [487, 975, 976]), [15.584, 31.2, 31.175399], rtol=1e-6)
     np.testing.assert_allclose(lrs(s, [1500, 3000]), [19.619189, 1.266866], rtol=4e-3)
@@ -192,14 +206,13 @@ def test_nus_recipes_follow_legw_from_512():
 
 
 def test_codreanu_schedule():
-    s = recipes.build_schedule("resnet50_14k_codreanu_448nodes", steps_per_epoch=100)
+    s, m = recipe_schedule("resnet50_14k_codreanu_448nodes", steps_per_epoch=100)
     assert (s.warmup_steps, s.total_steps, s.power) == (500, 9000, 1.0)
     # 0.1 -> 4.8 in 5 epochs, then linear over the global step: 4.8·(1 − 5/90) right after.
     np.testing.assert_allclose(lrs(s, [0, 250, 500, 4500]),
                                [0.1, 2.45, 4.8 * 85 / 90, 2.4], rtol=1e-6)
-    assert isinstance(recipes.build_momentum("resnet50_14k_codreanu_448nodes", s),
-                      WarmupMomentumCorrection)
-    assert recipes.build_momentum("resnet50_8k_nus", s) == 0.9
+    assert isinstance(m, WarmupMomentumCorrection)
+    assert recipe_schedule("resnet50_8k_nus", steps_per_epoch=100)[1] == 0.9
 
 
 # ---- lookup, selection, config dict -------------------------------------------------------------------------
@@ -232,12 +245,18 @@ def test_every_recipe_cites_its_source():
                 obj = getattr(obj, part)
 
 
+def matching(global_batch, model=None):
+    """Names of the recipes whose source uses them at ``global_batch`` (and for ``model``)."""
+    return tuple(n for n in recipes.names() if recipes.get(n).applies_to(global_batch)
+                 and (model is None or recipes.get(n).model == model))
+
+
 def test_batch_selection():
-    assert set(recipes.matching(32768)) == {
+    assert set(matching(32768)) == {
         "alexnet_bn_32k_intel_32nodes", "alexnet_bn_32k_intel_64nodes", "alexnet_bn_32k_nvcaffe",
         "resnet50_32k_mlperf_v06", "resnet50_32k_mlperf_v07_tf2", "resnet50_32k_nus_legw",
         "resnet50_32k_tpu"}
-    assert recipes.matching(8192, model="resnet50") == ("resnet50_8k_nus", "resnet50_lt16k_tpu")
+    assert matching(8192, model="resnet50") == ("resnet50_8k_nus", "resnet50_lt16k_tpu")
     lt16, mid = recipes.get("resnet50_lt16k_tpu"), recipes.get("resnet50_16k_32k_tpu")
     assert lt16.applies_to(16383) and not lt16.applies_to(16384)
     assert mid.applies_to(16384) and not mid.applies_to(32768)
@@ -259,8 +278,8 @@ def test_to_config_dict():
     assert sgd["name"] == "sgd" and "variant" not in sgd and "trust_coefficient" not in sgd
 
 
-def test_build_schedule_epochs_override():
-    s = recipes.build_schedule("resnet50_8k_nus", steps_per_epoch=10, epochs=45)
+def test_schedule_epochs_override():
+    s, _ = recipe_schedule("resnet50_8k_nus", steps_per_epoch=10, epochs=45)
     assert (s.warmup_steps, s.total_steps) == (25, 450)
 
 
@@ -286,15 +305,20 @@ def _good():
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d.pop("source"), "missing key 'source'"),
-    (lambda d: d.update(lr=1), "unknown key 'lr'"),
-    (lambda d: d["optimizer"].update(variant="nus"), "optimizer.variant 'nus'"),
-    (lambda d: d["schedule"].update(kind="linear"), "schedule.kind 'linear'"),
-    (lambda d: d["schedule"].update(peak_lr=0), "schedule.peak_lr must be > 0"),
+    (lambda d: d.pop("source"), "field 'source' is required"),
+    (lambda d: d.update(lr=1), "unknown config field 'lr'"),
+    (lambda d: d["optimizer"].update(variant="nus"), "optimizer.variant: 'nus'"),
+    (lambda d: d["schedule"].update(kind="linear"), "schedule.kind: 'linear'"),
+    (lambda d: d["schedule"].update(peak_lr=0), "schedule: peak_lr must be > 0"),
     (lambda d: d["schedule"].pop("warmup_epochs"), "schedule.warmup_epochs is required"),
     (lambda d: d.update(inferred=["schedule.lr"]), "'schedule.lr', which is not a recipe field"),
     (lambda d: d.update(global_batch=None), "give global_batch, batch_range or both"),
     (lambda d: d.update(batch_range=[16384, None]), "outside batch_range"),
+    (lambda d: d.update(batch_range=[16384]), "batch_range: expected a list of 2 items"),
+    (lambda d: d.update(name="x"), "unknown key 'name'"),
+    (lambda d: d["optimizer"].update(name="lamb"), "optimizer: name: 'lamb' is not allowed"),
+    (lambda d: d["optimizer"].update(variant=None), "variant is required for LARS"),
+    (lambda d: d["optimizer"].update(momentum=-0.9), "optimizer: momentum must be >= 0"),
 ])
 def test_malformed_recipes_are_rejected(edit, message):
     assert recipes._parse("ok", _good()).schedule.peak_lr == 16.0

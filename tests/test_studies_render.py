@@ -71,12 +71,12 @@ def sbatch_lines(text: str):
 
 def nominal_plan(preset_name: str, memory_mode: str = "cache", ranks_per_node: int = 0):
     """The tuning plan for a preset's nominal node, built here without the study code."""
-    from knl_train.tuning import env as tuning_env, preset as presets, topology
+    from knl_train.tuning import plan as tuning_plan, preset as presets, topology
     n = presets.load(preset_name).node
     topo = topology.synthetic(n.model_name, n.vendor, n.flags, n.sockets, n.cores_per_socket,
                               n.threads_per_core, memory_gb=n.memory_gb, mcdram_gb=n.mcdram_gb,
                               memory_mode=memory_mode)
-    return tuning_env.node_plan(preset_name, ranks_per_node, topology=topo)
+    return tuning_plan.node_plan(preset_name, ranks_per_node, topology=topo)
 
 
 def snapshot(path: Path) -> dict:
@@ -114,7 +114,7 @@ def test_skx_srun_binding_from_the_preset():
     _, r = rendered(STUDIES / "resnet50-skx-strong.yaml")
     plan = nominal_plan("skx-8160")
     assert (plan.ranks_per_node, plan.cpus_per_task) == (2, 48)
-    from knl_train.tuning.env import cpu_masks
+    from knl_train.tuning.launchers import cpu_masks
     masks = cpu_masks(plan)
     assert masks == "0xc00000000000ffffff,0xc00000000000ffffff000000"  # CPUs 0-23,70-71 / 24-47,94-95
     assert len(scripts(r)) == 7
@@ -136,7 +136,7 @@ def test_skx_srun_binding_from_the_preset():
 @pytest.mark.parametrize("mode", ["cache", "flat"])
 def test_cori_knl_constraint_and_numactl(tmp_path, mode):
     _, r = rendered(write_spec(tmp_path, site="cori-knl", memory_mode=mode))
-    from knl_train.tuning.env import cpu_masks
+    from knl_train.tuning.launchers import cpu_masks
     plan = nominal_plan("knl-7250", mode)
     for text in scripts(r).values():
         assert f"#SBATCH --constraint=knl,quad,{mode}" in sbatch_lines(text)
@@ -153,7 +153,7 @@ def test_cori_knl_constraint_and_numactl(tmp_path, mode):
 
 
 def test_stampede2_partitions_and_pinning():
-    from knl_train.tuning.env import pin_domains
+    from knl_train.tuning.launchers import pin_domains
     study, r = rendered(STUDIES / "resnet50-knl-weak.yaml")
     texts = scripts(r)
     assert len(texts) == 12
@@ -278,7 +278,7 @@ def test_golden(name, points):
     study = study_spec.load(STUDIES / f"{name}.yaml")
     r = render.render(study, command="knl-train")
     assert study.points[-1].id == points[-1]
-    tokens = {p["id"]: p["token"] for p in r.manifest["points"]}
+    tokens = {p.id: p.token for p in r.manifest.points}
     ext = "pbs" if study.site.scheduler == "pbs" else "sbatch"
     for pid in points:
         text = r.files[f"points/{pid}/job.{ext}"]
@@ -299,7 +299,7 @@ def test_renders_differ_only_in_the_token():
     """Two renders of one study differ only in the --comment token (nothing else volatile)."""
     path = STUDIES / "resnet50-skx-strong.yaml"
     a, b = (render.render(study_spec.load(path), command="knl-train") for _ in range(2))
-    assert a.manifest["uid"] != b.manifest["uid"]
+    assert a.manifest.uid != b.manifest.uid
     for rel in a.files:
         if rel.endswith(".sbatch"):
             assert a.files[rel] != b.files[rel]
@@ -471,7 +471,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(render, "write_json_atomic", boom)
+    monkeypatch.setattr(study_manifest, "write_json_atomic", boom)
     with pytest.raises(OSError):
         render.write(r, parent / "study")
     assert os.listdir(parent) == []
@@ -479,7 +479,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.undo()
     render.write(r, parent / "study")
     before = snapshot(parent / "study")
-    monkeypatch.setattr(render, "write_json_atomic", boom)
+    monkeypatch.setattr(study_manifest, "write_json_atomic", boom)
     with pytest.raises(OSError):
         render.write(rendered(STUDIES / "alexnet-bn-pbs-weak.yaml")[1], parent / "study", force=True)
     assert snapshot(parent / "study") == before and os.listdir(parent) == ["study"]
@@ -591,7 +591,8 @@ def test_2048_node_scripts_stay_small(tmp_path, site):
 def test_manifest_weak_pbs(tmp_path):
     out = tmp_path / "study"
     ok(run_cli("study", "render", STUDIES / "alexnet-bn-pbs-weak.yaml", "--out", out))
-    m = study_manifest.load(out)
+    m = study_manifest.Manifest.load(out).to_dict()
+    assert m == json.loads((out / "manifest.json").read_text())   # reads back to the same JSON
     assert (m["scheduler"], m["site"], m["launcher"], m["scaling"]) == ("pbs", "generic-pbs", "mpirun", "weak")
     assert (m["warmup_steps"], m["images_per_epoch"], m["project_epochs"], m["repeats"]) == (5, 1281167, 90, 2)
     assert [p["nodes"] for p in m["points"]] == [2 ** k for k in range(10)]
@@ -609,7 +610,8 @@ def test_manifest_weak_pbs(tmp_path):
 def test_manifest_strong_slurm_array(tmp_path):
     out = tmp_path / "study"
     ok(run_cli("study", "render", STUDIES / "resnet50-skx-strong.yaml", "--out", out))
-    m = study_manifest.load(out)
+    m = study_manifest.Manifest.load(out).to_dict()
+    assert m == json.loads((out / "manifest.json").read_text())
     assert (m["scheduler"], m["scaling"], m["array"], m["warmup_steps"]) == ("slurm", "strong", True, 5)
     assert (m["images_per_epoch"], m["project_epochs"]) == (1281167, 90)
     for p in m["points"]:

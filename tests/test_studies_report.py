@@ -217,6 +217,15 @@ def test_damaged_files_are_problems_naming_the_file(tmp_path):
         rep.report(root)
 
 
+def test_only_step_records_are_checked(tmp_path):
+    root = make_study(tmp_path / "s", "weak", [(1, 64, "completed", [400])], repeats=1)
+    # Lines the report does not use may be of another shape (an older or newer writer's).
+    with open(root / "points/n0001/run-0/metrics.jsonl", "a") as f:
+        f.write('{"kind": "epoch", "epoch": 2}\n{"kind": "trust_ratio"}\n')
+    repeat = rep.collect(root)["points"][0]["repeats"][0]
+    assert (repeat["status"], repeat["images_per_sec"], repeat["steps_used"]) == ("ok", 400.0, 9)
+
+
 def test_resumed_run_warms_up_again(tmp_path):
     root = make_study(tmp_path / "s", "weak", [(1, 64, "completed", [400])], repeats=1)
     # Steps 2-5 before the checkpoint at 5, a slow restart step 6, then steps 7-11.

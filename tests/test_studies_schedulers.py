@@ -149,7 +149,7 @@ def test_sbatch_dependency(fakes, script):
         ["sbatch", "--parsable", "--dependency=afterany:123", str(script)]]
 
 
-def test_sbatch_transient_twice_then_success(fakes, script):
+def test_sbatch_transient_twice_then_success(fakes, script, capsys):
     busy = {"rc": 1, "stderr": "sbatch: error: Batch job submission failed: Socket timed out "
                                 "on send/recv operation\n"}
     fakes.add("sbatch", busy, {"rc": 1, "stderr": "sbatch: error: Slurm temporarily unable to "
@@ -157,13 +157,16 @@ def test_sbatch_transient_twice_then_success(fakes, script):
                                                   "sbatch: error: Batch job submission failed: "
                                                   "Resource temporarily unavailable\n"},
               {"stdout": "125\n"})
-    sleeps, logged = [], []
+    sleeps = []
     job_id = submit_with_retry(Slurm(), script, cwd=script.parent, env=fakes.env,
-                               base_delay=2.0, sleep=sleeps.append, log=logged.append)
+                               base_delay=2.0, sleep=sleeps.append)
     assert job_id == "125"
     assert len(fakes.calls("sbatch")) == 3
     assert sleeps == [2.0, 4.0]
+    # Retries are logged as warnings (a message may run over several lines).
+    logged = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("knl-train: warning: ")]
     assert len(logged) == 2 and "Socket timed out" in logged[0]
+    assert all(line.startswith(f"knl-train: warning: sbatch {script}: ") for line in logged)
 
 
 def test_retry_delays_are_capped_and_exhaustion_is_a_user_error(fakes, script):
@@ -323,6 +326,27 @@ def test_qsub_transient_and_permanent(fakes, script):
         Pbs().submit(script, cwd=script.parent, env=fakes.env)
 
 
+def test_qsub_prints_no_job_id(fakes, script):
+    fakes.add("qsub", {"stdout": "\n", "stderr": "qsub: warning: odd\n"})
+    with pytest.raises(UserError, match=r"qsub accepted .* but printed no job id: 'qsub: warning: "
+                                        r"odd'; check the job with qstat"):
+        Pbs().submit(script, cwd=script.parent, env=fakes.env)
+
+
+@pytest.mark.parametrize("backend, stdout, job_id", [
+    (Slurm(), "123\n", "123"), (Slurm(), "sbatch: note\n124;cluster\n", "124"), (Slurm(), "", None),
+    (Slurm(), "Submitted batch job 5\n", None), (Pbs(), "1234.pbs01\n", "1234.pbs01"),
+    (Pbs(), "77[].pbs01\n", "77[].pbs01"), (Pbs(), "", None), (Pbs(), "qsub: error\n", None)])
+def test_parse_job_id(backend, stdout, job_id):
+    assert backend.parse_job_id(stdout) == job_id
+
+
+def test_submit_argv(tmp_path):
+    script = tmp_path / "job"
+    assert Slurm().submit_argv(script, None) == ["sbatch", "--parsable", str(script)]
+    assert Pbs().submit_argv(script, "9.s") == ["qsub", "-W", "depend=afterany:9.s", str(script)]
+
+
 def test_pbs_find_is_unsupported(fakes):
     assert Pbs().find("scal_n0001", "tok", env=fakes.env) is None
 
@@ -401,6 +425,17 @@ def slurm_check(old="", new=""):
     text = SLURM_OK.replace(old, new) if old else SLURM_OK
     assert old == "" or text != SLURM_OK, f"{old!r} not in the template"
     return Slurm().check(text)
+
+
+def test_detect_and_check_script(tmp_path):
+    assert schedulers.detect(SLURM_OK) == "slurm" and schedulers.detect("#!/bin/bash\n#PBS -N x\n") == "pbs"
+    path = tmp_path / "job.sbatch"
+    path.write_text(SLURM_OK)
+    assert schedulers.check_script(path) == ("slurm", [])
+    kind, problems = schedulers.check_script(path, "pbs")
+    assert kind == "pbs" and any(p.startswith("[no-sbatch]") for p in problems)
+    with pytest.raises(UserError, match="cannot read"):
+        schedulers.check_script(tmp_path / "missing")
 
 
 def test_slurm_check_passes():

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT, write_study_spec as write_spec, run_cli
 from knl_train.errors import UserError
-from knl_train.studies import spec as study_spec
+from knl_train.studies import spec as study_spec, walltime
 from knl_train.studies.schedulers import pbs
 
 TRAIN = ROOT / "jobs" / "train" / "resnet50-synthetic.yaml"
@@ -223,18 +223,18 @@ def test_cori_constraints_by_mode(tmp_path):
     ("45", 45), ("10 + 2 * 3", 16), ("max(5, 2 ** 3)", 8), ("ceil(7 / 2)", 4),
 ])
 def test_walltime_minutes(text, minutes):
-    assert study_spec.walltime_minutes(text, {}) == pytest.approx(minutes)
+    assert walltime.minutes(text, {}) == pytest.approx(minutes)
 
 
 def test_walltime_with_an_absurd_power_fails_at_once():
     with pytest.raises(UserError, match="walltime"):
-        study_spec.walltime_minutes("9 ** 9 ** 9", {})
+        walltime.minutes("9 ** 9 ** 9", {})
 
 
 @pytest.mark.parametrize("minutes, text", [(30, "00:30:00"), (16, "00:16:00"), (0.2, "00:01:00"),
                                            (90.01, "01:31:00"), (1563.07, "26:04:00")])
 def test_format_minutes(minutes, text):
-    assert study_spec.format_minutes(minutes) == text
+    assert walltime.format_minutes(minutes) == text
 
 
 def test_walltime_in_points(tmp_path):

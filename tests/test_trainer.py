@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from conftest import HELPERS, KNL_TRAIN, read_jsonl, run_cli
-from knl_train.train import trainer
 from knl_train.train import config as train_config
-from knl_train.train.callbacks import Position
+from knl_train.train import setup
+from knl_train.train.control import Position
 from knl_train.train.checkpoint import latest_state
 from knl_train.train.config import TrainConfig, ThreadsConfig
 
@@ -70,7 +70,7 @@ def uninterrupted(launch, tiny_dataset, tmp_path_factory):
 def test_default_intra_threads(monkeypatch, allowed, cpus, local_size, data_threads, expected):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: allowed)
     monkeypatch.setattr(os, "cpu_count", lambda: cpus)
-    assert trainer.default_intra_threads(local_size, data_threads) == expected
+    assert setup.default_intra_threads(local_size, data_threads) == expected
 
 
 def test_thread_counts_prefer_the_config_then_the_launchers_preset(monkeypatch):
@@ -78,23 +78,23 @@ def test_thread_counts_prefer_the_config_then_the_launchers_preset(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     monkeypatch.delenv("TF_NUM_INTRAOP_THREADS", raising=False)
     monkeypatch.delenv("TF_NUM_INTEROP_THREADS", raising=False)
-    assert trainer.thread_counts(TrainConfig(), 1) == (7, 1)
+    assert setup.thread_counts(TrainConfig(), 1) == (7, 1)
     monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "6")
     monkeypatch.setenv("TF_NUM_INTEROP_THREADS", "2")
-    assert trainer.thread_counts(TrainConfig(), 1) == (6, 2)
-    assert trainer.thread_counts(TrainConfig(threads=ThreadsConfig(intra_op=3, inter_op=1)), 1) == (3, 1)
+    assert setup.thread_counts(TrainConfig(), 1) == (6, 2)
+    assert setup.thread_counts(TrainConfig(threads=ThreadsConfig(intra_op=3, inter_op=1)), 1) == (3, 1)
     monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "many")
-    with pytest.raises(trainer.UserError, match="TF_NUM_INTRAOP_THREADS='many'"):
-        trainer.thread_counts(TrainConfig(), 1)
+    with pytest.raises(setup.UserError, match="TF_NUM_INTRAOP_THREADS='many'"):
+        setup.thread_counts(TrainConfig(), 1)
 
 
 def test_data_threads_come_from_the_config_then_the_launchers_preset(monkeypatch):
     monkeypatch.delenv("KNL_TRAIN_DATA_THREADS", raising=False)
-    assert trainer.with_data_threads(TrainConfig()).data.threads == 1
+    assert setup.with_data_threads(TrainConfig()).data.threads == 1
     monkeypatch.setenv("KNL_TRAIN_DATA_THREADS", "3")
-    assert trainer.with_data_threads(TrainConfig()).data.threads == 3
+    assert setup.with_data_threads(TrainConfig()).data.threads == 3
     cfg = train_config.load(None, ["data.threads=2"])
-    assert trainer.with_data_threads(cfg).data.threads == 2
+    assert setup.with_data_threads(cfg).data.threads == 2
 
 
 def test_position_counts_updates_and_states_the_next_batch():

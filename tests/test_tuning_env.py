@@ -1,4 +1,4 @@
-"""Applying a preset per rank (knl_train/tuning/env.py), its launcher lines, and a real 2-rank check."""
+"""Applying a preset per rank (runtime/bootstrap.py), ``knl-train env`` (tuning/show.py), and a real 2-rank check."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from conftest import HELPERS, run_cli
 from knl_train.runtime import bootstrap, rankenv
 from knl_train.errors import UserError
-from knl_train.tuning import env, launch, preset, topology
+from knl_train.tuning import launch, preset, show, snapshot, topology
 from knl_train.tuning.launch import LaunchPlan
 from knl_train.tuning.plan import cpulist, plan
 
@@ -23,7 +23,7 @@ MPIRUN = shutil.which("mpirun")
 
 
 def snap(name):
-    return topology.load_snapshot(SNAPSHOTS / f"{name}.json")
+    return snapshot.load(SNAPSHOTS / f"{name}.json")
 
 
 def knl4():
@@ -52,7 +52,7 @@ def test_local_rank_under_aprun_and_without_a_launcher():
 
 # ---- launcher lines ----------------------------------------------------------------------------
 def test_sh_exports_one_ranks_settings():
-    text = env.lines(knl4(), "sh", preset_ref="knl-7250", rank=1)
+    text = show.text(knl4(), "sh", preset_ref="knl-7250", rank=1)
     assert "# local rank 1 of 4 per node: CPUs 17-33,85-101,169,237" in text
     assert "export KMP_AFFINITY='granularity=fine,proclist=[17-32,85-100],explicit'" in text
     assert "export OMP_NUM_THREADS=32" in text and "export HOROVOD_THREAD_AFFINITY=16,33,50,67" in text
@@ -60,7 +60,7 @@ def test_sh_exports_one_ranks_settings():
 
 
 def test_mpirun_line_maps_ppr_with_pe_and_passes_only_the_preset():
-    line = env.lines(knl4(), "mpirun", preset_ref="knl-7250", nodes=8, command=["knl-train", "train"])
+    line = show.text(knl4(), "mpirun", preset_ref="knl-7250", nodes=8, command=["knl-train", "train"])
     args = shlex.split(line)
     assert args[:7] == ["mpirun", "-np", "32", "--map-by", "ppr:4:node:PE=17", "--bind-to", "core"]
     assert "KNL_TRAIN_PRESET=knl-7250" in args and "KNL_TRAIN_RANKS_PER_NODE=4" in args
@@ -71,7 +71,7 @@ def test_mpirun_line_maps_ppr_with_pe_and_passes_only_the_preset():
 
 
 def test_srun_line_sets_cpus_per_task_and_binds_each_rank_to_its_mask():
-    args = shlex.split(env.lines(knl4(), "srun", preset_ref="knl-7250", nodes=2))
+    args = shlex.split(show.text(knl4(), "srun", preset_ref="knl-7250", nodes=2))
     assert "--ntasks-per-node=4" in args and "--ntasks=8" in args
     assert "--cpus-per-task=68" in args  # 17 cores x 4 hardware threads
     (bind,) = [a for a in args if a.startswith("--cpu-bind=")]
@@ -83,7 +83,7 @@ def test_srun_line_sets_cpus_per_task_and_binds_each_rank_to_its_mask():
 
 
 def test_aprun_line_lists_each_ranks_cpus():
-    args = shlex.split(env.lines(knl4(), "aprun", preset_ref="knl-7250", nodes=2))
+    args = shlex.split(show.text(knl4(), "aprun", preset_ref="knl-7250", nodes=2))
     # 32 compute threads (16 cores x 2, ALCF's -j 2) and the spare core's 4 hardware threads.
     assert args[:9] == ["aprun", "-n", "8", "-N", "4", "-d", "36", "-j", "2"]
     cc = args[args.index("-cc") + 1].split(":")
@@ -92,7 +92,7 @@ def test_aprun_line_lists_each_ranks_cpus():
 
 
 def test_intel_mpi_line_pins_domains_by_mask():
-    args = shlex.split(env.lines(knl4(), "impi", preset_ref="knl-7250", nodes=2))
+    args = shlex.split(show.text(knl4(), "impi", preset_ref="knl-7250", nodes=2))
     assert args[:5] == ["mpiexec.hydra", "-n", "8", "-ppn", "4"]
     domains = args[args.index("I_MPI_PIN_DOMAIN") + 1]
     masks = [int(m, 16) for m in domains.strip("[]").split(",")]
@@ -100,7 +100,7 @@ def test_intel_mpi_line_pins_domains_by_mask():
 
 
 def test_json_has_every_rank():
-    data = json.loads(env.lines(knl4(), "json", preset_ref="knl-7250"))
+    data = json.loads(show.text(knl4(), "json", preset_ref="knl-7250"))
     assert [r["local_rank"] for r in data["ranks"]] == [0, 1, 2, 3]
     assert data["ranks"][2]["env"]["TF_NUM_INTRAOP_THREADS"] == "32"
     assert data["numactl"] == ["numactl", "--preferred=1"]
@@ -108,7 +108,7 @@ def test_json_has_every_rank():
 
 def test_a_local_rank_outside_the_plan_is_an_error():
     with pytest.raises(UserError, match="--local-rank 4 is out of range.*0-3"):
-        env.lines(knl4(), "sh", preset_ref="knl-7250", rank=4)
+        show.text(knl4(), "sh", preset_ref="knl-7250", rank=4)
 
 
 # ---- knl-train launch --preset ------------------------------------------------------------------
@@ -249,7 +249,7 @@ def test_topology_command_describes_this_node_and_records_a_snapshot(tmp_path):
     assert p.stdout.splitlines()[0] == live.describe()
     assert f"preset: {preset.detect(live).name}" in p.stdout
     run_cli("topology", "--record", tmp_path / "me.json", "--name", "me", check=True)
-    again = topology.load_snapshot(tmp_path / "me.json")
+    again = snapshot.load(tmp_path / "me.json")
     assert again.cores() == live.cores() and again.flags == live.flags
 
 

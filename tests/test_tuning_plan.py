@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 
 from knl_train.errors import UserError
-from knl_train.tuning import preset, topology
+from knl_train.tuning import preset, snapshot as snapshots
 from knl_train.tuning.plan import cpulist, plan
 
 SNAPSHOTS = Path(__file__).parent / "fixtures" / "topology"
 
 
 def snap(name):
-    return topology.load_snapshot(SNAPSHOTS / f"{name}.json")
+    return snapshots.load(SNAPSHOTS / f"{name}.json")
 
 
 def r(a, b):

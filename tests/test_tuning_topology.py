@@ -1,4 +1,5 @@
-"""Topology detection over recorded and kernel-formatted snapshots (tests/fixtures/topology)."""
+"""Topology detection (tuning/topology.py) over recorded and kernel-formatted snapshots
+(tuning/snapshot.py, tests/fixtures/topology)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from knl_train.errors import UserError
-from knl_train.tuning import topology as topo
+from knl_train.tuning import snapshot, topology as topo
 from knl_train.tuning.topology import Topology
 
 FIXTURES = Path(__file__).parent / "fixtures" / "topology"
@@ -23,7 +24,7 @@ def snap(name: str) -> dict:
 
 
 def load(name: str) -> Topology:
-    return topo.load_snapshot(FIXTURES / f"{name}.json")
+    return snapshot.load(FIXTURES / f"{name}.json")
 
 
 def without_source(t: Topology) -> Topology:
@@ -129,15 +130,15 @@ def test_cgroup_v1_and_missing_cgroup_files():
     s = snap("knl-7250-quad-cache")
     assert s["files"]["proc/self/cgroup"] == "11:cpuset:/\n"
     s["files"]["sys/fs/cgroup/cpuset/cpuset.cpus"] = "0-67\n"
-    assert topo.from_snapshot(s).allowed == frozenset(range(68))
+    assert snapshot.to_topology(s).allowed == frozenset(range(68))
     del s["files"]["sys/fs/cgroup/cpuset/cpuset.cpus"]
-    assert len(topo.from_snapshot(s).allowed) == 272   # no cpuset file: all online CPUs
+    assert len(snapshot.to_topology(s).allowed) == 272   # no cpuset file: all online CPUs
 
 
 def test_lscpu_fallback_without_sysfs_topology_or_numa():
     s = snap("epyc-7763-2s-container")
     assert not any("/topology/" in p or "system/node" in p for p in s["files"])
-    t = topo.from_snapshot(s)
+    t = snapshot.to_topology(s)
     full = load("epyc-7763-2s")
     assert (t.sockets, t.cores_per_socket, t.threads_per_core) == (2, 64, 2)
     assert t.cores() == full.cores()
@@ -146,7 +147,7 @@ def test_lscpu_fallback_without_sysfs_topology_or_numa():
     assert t.nodes == (topo.NumaNode(0, tuple(range(256)), 515316),)   # one node, proc/meminfo MemTotal
     s["lscpu"] = None
     with pytest.raises(UserError, match="cpu0/topology/physical_package_id"):
-        topo.from_snapshot(s)
+        snapshot.to_topology(s)
 
 
 def test_hypervisor_from_lscpu_or_flag():
@@ -155,7 +156,7 @@ def test_hypervisor_from_lscpu_or_flag():
     assert "hypervisor KVM" in t.describe()
     s = snap("this-machine")
     s["lscpu"] = None
-    assert topo.from_snapshot(s).hypervisor == "unknown"
+    assert snapshot.to_topology(s).hypervisor == "unknown"
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED) + ["skx-8160-2s-slurm-half"])
@@ -163,7 +164,7 @@ def test_to_dict_round_trip(name):
     t = load(name)
     d = json.loads(json.dumps(t.to_dict()))
     assert Topology.from_dict(d) == t
-    assert topo.from_dict(d) == t
+    assert Topology.from_dict(t.to_dict()) == t  # straight from to_dict(), sets and tuples as they are
     assert (d["sockets"], d["isa"], d["allowed"][:2]) == (t.sockets, list(t.isa), sorted(t.allowed)[:2])
 
 
@@ -218,10 +219,10 @@ def test_record_keeps_only_what_detect_reads(tmp_path):
     (tmp_path / "proc/self/status").write_text("Name:\tpython\nUid:\t1000\n" + s["files"]["proc/self/status"])
     (tmp_path / "proc/self/cgroup").write_text("4:memory:/user/secret\n" + s["files"]["proc/self/cgroup"])
     (tmp_path / "unrelated.txt").write_text("x")
-    rec = topo.record(str(tmp_path), name="copy")
+    rec = snapshot.record(str(tmp_path), name="copy")
     assert rec["name"] == "copy" and rec["lscpu"] is None   # lscpu only describes the live root
     assert rec["files"] == s["files"]
-    assert without_source(topo.from_snapshot(rec)) == without_source(topo.detect(str(tmp_path)))
+    assert without_source(snapshot.to_topology(rec)) == without_source(topo.detect(str(tmp_path)))
     assert without_source(topo.detect(str(tmp_path))) == without_source(load("skx-8160-2s"))
 
 
@@ -229,13 +230,13 @@ def test_missing_cpuinfo_names_the_file(tmp_path):
     s = snap("skx-8160-2s")
     del s["files"]["proc/cpuinfo"]
     with pytest.raises(UserError, match=r"proc/cpuinfo in snapshot 'skx-8160-2s'.*--record FILE"):
-        topo.from_snapshot(s)
+        snapshot.to_topology(s)
     with pytest.raises(UserError, match=rf"{tmp_path}/proc/cpuinfo"):
         topo.detect(str(tmp_path))
     with pytest.raises(UserError, match="does not exist"):
-        topo.load_snapshot(tmp_path / "nope.json")
+        snapshot.load(tmp_path / "nope.json")
     with pytest.raises(UserError, match="not a topology snapshot"):
-        topo.from_snapshot({"name": "x"})
+        snapshot.to_topology({"name": "x"})
 
 
 def test_cpulist_syntax():

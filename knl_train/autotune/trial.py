@@ -4,11 +4,13 @@
         --warmup 3 --steps 10 --precision fp32 --out trial.json
 
 Run under ``knl-train launch`` (which applies the candidate's preset: threads, oneDNN, ITEX,
-OpenMP and Horovod settings) or alone as one rank. The images sit in memory as one random
-batch, so nothing is decoded; the step is the trainer's: the model from the registry, LARS
-under Horovod's DistributedOptimizer, Keras ``fit``. TF's thread pools are set only when
-``TF_NUM_INTRAOP_THREADS`` / ``TF_NUM_INTEROP_THREADS`` say so (as for the trainer): without
-them the run keeps TF's defaults, which is the autotuner's baseline.
+OpenMP and Horovod settings) or alone as one rank. The step is the trainer's own, built by
+``knl_train.train.setup`` from the default training config: the model from the registry (with
+float32 logits under mixed_bf16), LARS on its schedule under Horovod's DistributedOptimizer, the
+same loss and metrics, Keras ``fit``. The images are ``data.synthetic``'s cached batch, so
+nothing is decoded. TF's thread pools are set only when ``TF_NUM_INTRAOP_THREADS`` /
+``TF_NUM_INTEROP_THREADS`` say so: without them the run keeps TF's defaults, which is the
+autotuner's baseline.
 
 Rank 0 writes JSON: global images/s over the timed steps (all ranks' images over the slowest
 rank's time), rank 0's per-step seconds, every rank's elapsed time, and the thread counts, ITEX
@@ -24,16 +26,22 @@ import statistics
 import sys
 import time
 
+from knl_train import log as knl_log
+from knl_train.atomic import write_json_atomic
 from knl_train.errors import UserError
-from knl_train.runtime.rankenv import count_var
+from knl_train.runtime import itex
+from knl_train.runtime.rankenv import RankEnv
+from knl_train.train.config import DataConfig, TrainConfig
 
 PRECISIONS = ("fp32", "mixed_bf16")
-THREAD_VARS = {"intra_op": "TF_NUM_INTRAOP_THREADS", "inter_op": "TF_NUM_INTEROP_THREADS"}
 # What a trial reports of its environment (the knobs the autotuner turns, and their effects).
-REPORTED_ENV = ("TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "TF_ENABLE_ONEDNN_OPTS",
-                "OMP_NUM_THREADS", "KMP_BLOCKTIME", "KMP_AFFINITY", "OMP_PLACES", "OMP_PROC_BIND",
-                "KNL_TRAIN_ITEX", "KNL_TRAIN_DATA_THREADS", "HOROVOD_FUSION_THRESHOLD",
-                "HOROVOD_CYCLE_TIME", "HOROVOD_THREAD_AFFINITY")
+REPORTED_ENV = tuple(RankEnv.var(field) for field in (
+    "intra_op", "inter_op", "onednn", "omp_threads", "kmp_blocktime", "kmp_affinity", "omp_places",
+    "omp_proc_bind", "itex", "data_threads", "fusion_threshold_bytes", "cycle_time_ms",
+    "horovod_thread_affinity"))
+
+# By its module name: run as ``python -m``, ``__name__`` is "__main__".
+log = knl_log.get("knl_train.autotune.trial")
 
 
 def parse_args(argv=None):
@@ -54,45 +62,38 @@ def parse_args(argv=None):
     return args
 
 
+def trial_config(args) -> TrainConfig:
+    """The trainer's default config, with the trial's model, batch, images and precision."""
+    return TrainConfig(model=args.model, precision=args.precision, per_rank_batch=args.batch,
+                       data=DataConfig(format="synthetic", image_size=args.image_size,
+                                       num_classes=args.classes))
+
+
 def run(args):
     """Train, time, and return (the record, whether this is rank 0)."""
-    from knl_train.runtime import itex
     if itex.requested():
         itex.enable()  # before TF is imported below
-    intra, inter = (count_var(k) for k in ("intra_op", "inter_op"))
-
-    from knl_train.dist import horovod as dist  # imports TF (and ITEX's plugin if enabled)
-    import numpy as np
+    # The trainer's own pieces; they import TF (and ITEX's plugin if enabled).
     import tensorflow as tf
-    # Both before the first op creates TF's thread pools; unset = TF's defaults.
-    if intra:
-        tf.config.threading.set_intra_op_parallelism_threads(intra)
-    if inter:
-        tf.config.threading.set_inter_op_parallelism_threads(inter)
+    from knl_train.data import synthetic
+    from knl_train.dist import horovod as dist
+    from knl_train.train import setup
+
+    cfg = setup.with_data_threads(trial_config(args))
+    setup.horovod_environment(cfg)
     world = dist.init()
-
-    from knl_train import models
-    from knl_train.runtime import versions
-    from knl_train.optim import LARS
-    versions.check_keras()
-    if args.precision == "mixed_bf16":
-        tf.keras.mixed_precision.set_global_policy("mixed_bfloat16")
-
-    rng = np.random.default_rng(world.rank)
-    images = rng.standard_normal((args.batch, args.image_size, args.image_size, 3), np.float32)
-    labels = rng.integers(0, args.classes, args.batch).astype(np.int32)
-    data = tf.data.Dataset.from_tensors((images, labels)).repeat()
-    data_threads = int(os.environ.get("KNL_TRAIN_DATA_THREADS", "0") or 0)
-    if data_threads > 0:
-        options = tf.data.Options()
-        options.threading.private_threadpool_size = data_threads
-        data = data.with_options(options)
-
-    model = models.build(args.model, num_classes=args.classes, image_size=args.image_size)
-    model.compile(optimizer=dist.distributed_optimizer(LARS(learning_rate=0.1)),
-                  loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    timer = step_timer()
+    env = RankEnv.from_environ()
+    intra, inter = env.intra_op or 0, env.inter_op or 0
+    setup.set_tf_threads(intra, inter)  # unset: TF's defaults, the autotuner's baseline
+    setup.configure_keras(cfg)
     total = args.warmup + args.steps
+    schedule = setup.build_schedule(cfg, updates_per_epoch=total, total_updates=total,
+                                    global_batch=args.batch * world.size, passes=1)
+    model, _ = setup.build_model_and_optimizer(cfg, schedule, args.classes)
+    data = synthetic.dataset(per_rank_batch=args.batch, image_size=args.image_size,
+                             num_classes=args.classes, seed=cfg.seed, rank=world.rank,
+                             mode="cached", threads=cfg.data.threads)
+    timer = step_timer()
     model.fit(data, epochs=1, steps_per_epoch=total, callbacks=[timer], verbose=0)
     if len(timer.ends) != total:
         raise RuntimeError(f"expected {total} step ends, saw {len(timer.ends)}")
@@ -162,13 +163,11 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         record, is_root = run(args)
     except UserError as e:
-        print(f"trial: {e}", file=sys.stderr)
+        log.error(str(e), extra=knl_log.EVERY_RANK)
         return 2
     if is_root:
-        from knl_train.atomic import write_json_atomic
         write_json_atomic(args.out, record)
-        print(f"trial: {record['images_per_sec']:.2f} images/s on {record['ranks']} rank(s)",
-              file=sys.stderr)
+        log.info(f"{record['images_per_sec']:.2f} images/s on {record['ranks']} rank(s)")
     return 0
 
 

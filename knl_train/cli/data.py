@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def cmd_data_make_demo(args) -> int:
-    from knl_train.data.demo import DemoSpec, make_demo
+    from knl_train.data import DemoSpec, make_demo
     spec = DemoSpec(classes=args.classes, train_per_class=args.train_per_class,
                     val_per_class=args.val_per_class, size=args.size, seed=args.seed)
     if make_demo(args.out, spec, progress=not args.quiet):
@@ -16,7 +16,7 @@ def cmd_data_make_demo(args) -> int:
 
 
 def cmd_data_to_tfrecord(args) -> int:
-    from knl_train.data.tfrecord import to_tfrecord
+    from knl_train.data import to_tfrecord
     meta = to_tfrecord(args.src, args.out, shards=args.shards, workers=args.workers,
                        label_offset=args.label_offset, val_shards=args.val_shards,
                        progress=not args.quiet)

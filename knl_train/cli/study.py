@@ -2,94 +2,83 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
-import re
-import sys
 from pathlib import Path
 
+from knl_train import log as knl_log
 from knl_train.errors import UserError
+
+log = knl_log.get(__name__)
 
 
 def cmd_study_render(args) -> int:
-    from knl_train.studies import render, spec
+    from knl_train import studies
     if not args.out and not args.dry_run:
         raise UserError("study render needs --out DIR (the study directory to create), or --dry-run")
-    study = spec.load(args.spec)
-    if args.templates:
-        study = _with_templates(study, args.templates)
-    rendered = render.render(study)
+    study = studies.spec.load(args.spec, templates=args.templates)
+    rendered = studies.render.render(study)
     for note in study.notes:
-        print(f"knl-train: warning: {note}", file=sys.stderr)
+        log.warning(note)
     if args.dry_run:
-        print(render.dry_run_text(rendered))
+        print(studies.render.dry_run_text(rendered))
         return 0
-    out = render.write(rendered, args.out, force=args.force)
-    pts = rendered.manifest["points"]
-    print(f"wrote {len(pts)} {rendered.manifest['scheduler']} script(s) for {study.site.name} to {out} "
-          f"({pts[0]['nodes']}-{pts[-1]['nodes']} nodes, {study.node.ranks_per_node} ranks/node, "
+    out = studies.render.write(rendered, args.out, force=args.force)
+    m = rendered.manifest
+    print(f"wrote {len(m.points)} {m.scheduler} script(s) for {study.site.name} to {out} "
+          f"({m.points[0].nodes}-{m.points[-1].nodes} nodes, {study.node.ranks_per_node} ranks/node, "
           f"preset {study.node.preset.name}); next: knl-train study submit {out}")
     return 0
 
 
-def _with_templates(study, templates: str):
-    import dataclasses
-    return dataclasses.replace(study, spec=dataclasses.replace(study.spec, templates=os.path.abspath(templates)))
-
-
 def cmd_study_submit(args) -> int:
-    from knl_train.studies import jobs as study_jobs
-    jobs = study_jobs.submit(args.dir, attempts=args.attempts, base_delay=args.retry_delay, resubmit=args.resubmit,
-                        log=lambda msg: print(msg, flush=True))
-    new = sum(1 for j in jobs if j["new"])
+    from knl_train import studies
+    jobs = studies.jobs.submit(args.dir, attempts=args.attempts, base_delay=args.retry_delay,
+                               resubmit=args.resubmit, echo=functools.partial(print, flush=True))
+    new = sum(1 for j in jobs if j.new)
     print(f"{new} job(s) submitted, {len(jobs) - new} already submitted; follow them with "
           f"knl-train study status {args.dir}")
     return 0
 
 
 def cmd_study_status(args) -> int:
-    from knl_train.studies import jobs as study_jobs
+    from knl_train import studies
     if args.wait:
-        rows = study_jobs.wait(args.dir, timeout=args.timeout,
-                          on_change=lambda r: print(study_jobs.table(r) + "\n", flush=True))
+        rows = studies.jobs.wait(args.dir, timeout=args.timeout,
+                                 on_change=lambda r: print(studies.jobs.status_text(r) + "\n", flush=True))
     else:
-        rows = study_jobs.status(args.dir)
+        rows = studies.jobs.status(args.dir)
     if args.json:
-        import dataclasses
         print(json.dumps([dataclasses.asdict(r) for r in rows], indent=2))
     elif not args.wait:
-        print(study_jobs.table(rows))
-    bad = [r for r in rows if r.state not in ("completed", "pending", "running", "rendered")]
-    return 1 if args.wait and bad else 0
+        print(studies.jobs.status_text(rows))
+    return 1 if args.wait and any(r.failed for r in rows) else 0
 
 
 def cmd_study_collect(args) -> int:
-    from knl_train.studies import report
-    results = report.collect(args.dir)
-    rows = report.table(results)
-    print(f"{len(rows)} point(s) with data, {len(report.missing(results))} without; "
-          f"wrote {os.path.join(args.dir, 'results.json')}")
+    from knl_train import studies
+    results = studies.report.collect(args.dir)
+    print(f"{len(studies.report.table(results))} point(s) with data, "
+          f"{len(studies.report.missing(results))} without; "
+          f"wrote {os.path.join(args.dir, studies.report.RESULTS)}")
     return 0
 
 
 def cmd_study_report(args) -> int:
-    from knl_train.studies import report
-    paths = report.report(args.dir)
+    from knl_train import studies
+    paths = studies.report.report(args.dir)
     print(Path(paths["md"]).read_text())
     print("wrote " + ", ".join(str(p) for k, p in paths.items() if k != "results"))
     return 0
 
 
 def cmd_study_check(args) -> int:
-    from knl_train.studies import schedulers
+    from knl_train import studies
     bad = 0
     for path in args.scripts:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise UserError(f"cannot read {path}: {e.strerror}") from None
-        kind = args.scheduler or ("pbs" if re.search(r"^#PBS", text, re.M) else "slurm")
-        problems = schedulers.get(kind).check(text)
+        kind, problems = studies.schedulers.check_script(path, args.scheduler)
         for p in problems:
             print(f"{path}: {p}")
         if not problems:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from knl_train import __version__
+from knl_train import __version__, train
+from knl_train.runtime import itex, versions
 
 
 def cmd_version(args) -> int:
-    from knl_train.runtime import versions
     info = versions.versions()
     if args.json:
         print(json.dumps(info, indent=2))
@@ -30,7 +30,6 @@ def cmd_version(args) -> int:
 
 
 def _itex_line(info) -> str:
-    from knl_train.runtime import itex
     if not info["itex"]:
         return "not installed"
     if itex.site_version():
@@ -40,10 +39,8 @@ def _itex_line(info) -> str:
 
 
 def cmd_train(args) -> int:
-    from knl_train.train import config as train_config
-    cfg = train_config.load(args.config, args.set)
-    from knl_train.train import trainer
-    trainer.run(cfg, resume="resume" if args.resume else "fresh" if args.fresh else "auto")
+    cfg = train.load(args.config, args.set)
+    train.run(cfg, resume="resume" if args.resume else "fresh" if args.fresh else "auto")
     return 0
 
 

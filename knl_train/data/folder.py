@@ -4,6 +4,8 @@ Class indices come from the sorted wnids of ``train/``, so every rank and every 
 Sharding: each epoch, all ranks permute the full file list with the same (seed, epoch), then
 rank r takes every world-th example; the shards are disjoint and together cover the epoch.
 Corrupt, truncated or empty image files are skipped and counted (``pipeline.SkipCounter``).
+
+The module is a ``source.Reader`` (``train_dataset``, ``eval_dataset``) of ``FolderSplit``s.
 """
 
 from __future__ import annotations

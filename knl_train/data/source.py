@@ -1,12 +1,39 @@
-"""One entry point for the trainer: a dataset source chosen by ``data.format``."""
+"""One entry point for the trainer: a dataset source chosen by ``data.format``.
+
+Each file format has a reader module (``folder``, ``tfrecord``) with the functions of
+``Reader``; ``synthetic`` makes batches in place and needs none.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Tuple
+from typing import Callable, Optional, Protocol, Tuple
 
+import tensorflow as tf
+
+from knl_train.data import folder, synthetic, tfrecord
 from knl_train.data.augment import Augment
 from knl_train.data.pipeline import SkipCounter
+
+
+class Split(Protocol):
+    """One split as a reader's ``scan`` found it: its classes, and ``len()`` examples."""
+
+    classes: Tuple[str, ...]
+
+    def __len__(self) -> int: ...
+
+
+class Reader(Protocol):
+    """What ``open_source`` asks of a reader module: this rank's batches of a split."""
+
+    def train_dataset(self, split: Split, *, rank: int, world: int, per_rank_batch: int,
+                      image_size: int, seed: int, threads: int = 1, augment=None, skips=None,
+                      epoch: int = 0, skip_batches: int = 0,
+                      num_batches: Optional[int] = None) -> tf.data.Dataset: ...
+
+    def eval_dataset(self, split: Split, *, rank: int, world: int, batch: int, image_size: int,
+                     threads: int = 1, augment=None, skips=None) -> tf.data.Dataset: ...
 
 
 @dataclass(frozen=True)
@@ -29,7 +56,6 @@ def open_source(cfg, *, seed: int) -> DataSource:
     common = dict(image_size=cfg.image_size, threads=cfg.threads, augment=augment, skips=skips)
 
     if cfg.format == "synthetic":
-        from knl_train.data import synthetic
         classes = tuple(str(i) for i in range(cfg.num_classes or 1000))
         n = cfg.num_examples or 1024
 
@@ -46,18 +72,21 @@ def open_source(cfg, *, seed: int) -> DataSource:
                                      threads=cfg.threads)
         return DataSource(classes, n, 0, train, evaluate, skips)
 
+    reader: Reader
+    train_split: Split
+    val_split: Split
     if cfg.format == "tfrecord":
-        from knl_train.data import tfrecord as reader
-        train_split = reader.scan(cfg.path, "train", num_classes=cfg.num_classes,
-                                  label_offset=cfg.label_offset, num_examples=cfg.num_examples)
-        val_split = reader.scan(cfg.path, "val", num_classes=cfg.num_classes,
-                                label_offset=cfg.label_offset)
+        reader = tfrecord
+        train_split = tfrecord.scan(cfg.path, "train", num_classes=cfg.num_classes,
+                                    label_offset=cfg.label_offset, num_examples=cfg.num_examples)
+        val_split = tfrecord.scan(cfg.path, "val", num_classes=cfg.num_classes,
+                                  label_offset=cfg.label_offset)
         extra = dict(shuffle_buffer=cfg.shuffle_buffer)
     else:
-        from knl_train.data import folder as reader
-        classes = reader.list_classes(cfg.path)
-        train_split = reader.scan(cfg.path, "train", classes)
-        val_split = reader.scan(cfg.path, "val", classes)
+        reader = folder
+        classes = folder.list_classes(cfg.path)
+        train_split = folder.scan(cfg.path, "train", classes)
+        val_split = folder.scan(cfg.path, "val", classes)
         extra = {}
 
     def train(rank, world, per_rank_batch, epoch, skip_batches, num_batches):

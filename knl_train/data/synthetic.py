@@ -13,6 +13,9 @@ import tensorflow as tf
 
 from knl_train.data.pipeline import stream_seed, with_threads
 from knl_train.errors import UserError
+from knl_train.yamlconfig import number, one_of
+
+MODES = ("cached", "random")
 
 
 def dataset(*, per_rank_batch: int, image_size: int, num_classes: int, steps: Optional[int] = None,
@@ -21,12 +24,13 @@ def dataset(*, per_rank_batch: int, image_size: int, num_classes: int, steps: Op
     """(float32 [per_rank_batch, image_size, image_size, channels], int32 [per_rank_batch]) batches,
     ``steps`` of them (None: endless), from batch number ``start`` of the stream. Images are
     ~N(0, 1), like normalised pixels."""
-    for name, v in (("per_rank_batch", per_rank_batch), ("image_size", image_size),
-                    ("num_classes", num_classes), ("channels", channels)):
-        if v < 1:
-            raise UserError(f"synthetic data: {name} must be >= 1, got {v}")
-    if mode not in ("cached", "random"):
-        raise UserError(f"synthetic data: mode must be cached or random, got {mode!r}")
+    try:
+        for name, v in (("per_rank_batch", per_rank_batch), ("image_size", image_size),
+                        ("num_classes", num_classes), ("channels", channels)):
+            number(name, v, minimum=1, integer=True)
+        one_of("mode", mode, MODES)
+    except ValueError as e:
+        raise UserError(f"synthetic data: {e}") from None
     shape = [per_rank_batch, image_size, image_size, channels]
 
     def make(i):

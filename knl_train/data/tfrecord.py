@@ -11,7 +11,8 @@ is there; plain ImageNet TFRecords need ``num_classes`` and optionally ``num_exa
 Reader sharding: when the split has at least ``world`` files and a multiple of ``world``, rank r
 reads every world-th file of the epoch's (seeded, identical on all ranks) file order; otherwise
 every rank reads all files and keeps every world-th record. Either way the ranks' shares are
-disjoint and together cover the split once per pass.
+disjoint and together cover the split once per pass. The reader half is a ``source.Reader``
+(``train_dataset``, ``eval_dataset``) of ``TFRecordSplit``s.
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 from knl_train.errors import UserError
 
 METADATA = "knl_tfrecord.json"
 PREFIX = {"train": "train", "val": "validation", "validation": "validation"}
-REQUIRED = ("image/encoded", "image/class/label")
 
 
 # ---- writer ---------------------------------------------------------------------------------------
@@ -267,15 +267,3 @@ def eval_dataset(split: TFRecordSplit, *, rank: int, world: int, batch: int, ima
     return eval_batches(ds, _loader(split), batch=batch, image_size=image_size, threads=threads,
                         augment=augment, skips=skips)
 
-
-def read_examples(split: TFRecordSplit) -> Sequence[Tuple[bytes, int]]:
-    """Every (encoded bytes, 0-based label) of ``split``, in file order (for checks and tests)."""
-    load = _loader(split)
-    out = []
-    for record, source in _records(split, rank=0, world=1, seed=None, threads=1):
-        data, label, why = load((record, source))
-        if why.numpy():
-            from knl_train.data.pipeline import as_user_message
-            raise UserError(as_user_message(why.numpy().decode()))
-        out.append((data.numpy(), int(label.numpy())))
-    return out

@@ -16,7 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import horovod.tensorflow as hvd
 import tensorflow as tf
+
+from knl_train.dist.horovod import allreduce_max
 
 _NO_STEP = 1e18
 
@@ -50,7 +53,6 @@ class Agreement:
 def agree(*, stop: bool, checkpoint: bool, nonfinite_step: Optional[int],
           checksum: Optional[float]) -> Agreement:
     """Every rank calls this at the same step; all get the same answer."""
-    from knl_train.dist.horovod import allreduce_max
     c = 0.0 if checksum is None else checksum
     out = allreduce_max([float(stop), float(checkpoint),
                          -float(_NO_STEP if nonfinite_step is None else nonfinite_step), c, -c],
@@ -63,7 +65,6 @@ def agree(*, stop: bool, checkpoint: bool, nonfinite_step: Optional[int],
 
 def checksums_by_rank(checksum: float) -> list:
     """Every rank's checksum (for the error message, once divergence is known)."""
-    import horovod.tensorflow as hvd
     return [float(x) for x in hvd.allgather(tf.constant([checksum], tf.float64),
                                             name="knl_train.guard.ranks").numpy()]
 

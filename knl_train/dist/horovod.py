@@ -1,4 +1,4 @@
-"""Thin Horovod helpers for the trainer: init, wrapping, broadcast and small reductions."""
+"""Thin Horovod helpers for the trainer: init, wrapping (only), broadcast and small reductions."""
 
 from __future__ import annotations
 
@@ -29,49 +29,17 @@ def init() -> World:
     return World(hvd.rank(), hvd.size(), hvd.local_rank(), hvd.local_size(), controller)
 
 
-@tf.keras.utils.register_keras_serializable(package="knl_train")
-class PerUpdateSchedule(tf.keras.optimizers.schedules.LearningRateSchedule):
-    """Evaluate ``schedule`` at the optimizer update, not the micro-batch.
-
-    With ``backward_passes_per_step=k`` Horovod advances ``optimizer.iterations`` on every
-    micro-batch and applies on the k-th, when ``iterations = k*n + k - 1`` for update n; so
-    ``iterations // k`` is the update count the schedule was written for.
-    """
-
-    def __init__(self, schedule, passes: int):
-        self.schedule = schedule
-        self.passes = int(passes)
-
-    def __call__(self, step):
-        return self.schedule(tf.math.floordiv(tf.cast(step, tf.int64), self.passes))
-
-    def get_config(self):
-        return {"schedule": tf.keras.optimizers.schedules.serialize(self.schedule),
-                "passes": self.passes}
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        from knl_train.optim.schedules import deserialize_schedules
-        return cls(**deserialize_schedules(config, ("schedule",), custom_objects))
-
-
 def distributed_optimizer(optimizer, backward_passes_per_step: int = 1, compression: str = "none"):
     """Wrap so that gradients are averaged across ranks before the optimizer sees them.
 
     LARS computes its trust ratios inside ``_resource_apply_dense``, after the allreduce, so
-    all ranks apply identical updates. With gradient accumulation the learning-rate (and LARS
-    momentum) schedules are made to count optimizer updates, not micro-batches.
+    all ranks apply identical updates. The wrapper changes nothing else: with gradient
+    accumulation the optimizer's schedules must already count optimizer updates, not
+    micro-batches (``knl_train.optim.schedules.per_update``, which ``train.setup`` applies).
     """
     k = int(backward_passes_per_step)
     if k < 1:
         raise ValueError(f"backward_passes_per_step must be >= 1, got {k}")
-    if k > 1:
-        lr = optimizer._get_hyper("learning_rate")
-        if isinstance(lr, tf.keras.optimizers.schedules.LearningRateSchedule):
-            optimizer._set_hyper("learning_rate", PerUpdateSchedule(lr, k))
-        momentum = getattr(optimizer, "_momentum_schedule", None)
-        if momentum is not None:
-            optimizer._momentum_schedule = PerUpdateSchedule(momentum, k)
     codecs = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}
     if compression not in codecs:
         raise ValueError(f"compression must be one of {', '.join(codecs)}, got {compression!r}")

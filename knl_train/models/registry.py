@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Tuple
 
-from knl_train.errors import UserError
+from knl_train.registry import Registry
 
-MODELS: Dict[str, Callable] = {}
+MODELS: Registry = Registry("model")
+register = MODELS.register
 
 
-def register(name: str):
-    def deco(fn):
-        MODELS[name] = fn
-        return fn
-    return deco
+def names() -> Tuple[str, ...]:
+    """The registered model names, sorted (all of them once ``knl_train.models`` is imported)."""
+    return MODELS.names()
 
 
 def build(name: str, num_classes: int, image_size: int, **kwargs):
     """A Keras model, channels-last, with no L2 regularizers (LARS carries the weight decay)."""
-    if name not in MODELS:
-        raise UserError(f"unknown model {name!r}; available: {', '.join(sorted(MODELS))}")
-    return MODELS[name](num_classes=num_classes, image_size=image_size, **kwargs)
+    return MODELS.lookup(name)(num_classes=num_classes, image_size=image_size, **kwargs)

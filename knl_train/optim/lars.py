@@ -34,7 +34,7 @@ when it is built, except for float16 variables and inside XLA-compiled functions
 from __future__ import annotations
 
 import functools
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import tensorflow as tf
 from tensorflow.python.ops import control_flow_util
@@ -42,9 +42,8 @@ from tensorflow.python.training import gen_training_ops
 
 from knl_train.optim import kernels
 from knl_train.optim.exclusion import RANK_LE_1, ExclusionMixin
+from knl_train.optim.names import VARIANTS
 from knl_train.optim.schedules import deserialize_schedules
-
-VARIANTS = ("you", "tf_contrib", "model_garden")
 
 
 @tf.keras.utils.register_keras_serializable(package="knl_train")
@@ -241,13 +240,4 @@ def _l2_norm(x, dtype):
     return tf.sqrt(2 * tf.nn.l2_loss(tf.cast(x, dtype)))
 
 
-def excluded_variables(optimizer: LARS, variables: Iterable[tf.Variable]) -> dict:
-    """Names of the variables that get no weight decay / no adaptation, for logs and tests."""
-    variables = list(variables)
-    return {
-        "weight_decay": [v.name for v in variables if not optimizer.uses_weight_decay(v)],
-        "layer_adaptation": [v.name for v in variables if not optimizer.uses_adaptation(v)],
-    }
-
-
-__all__ = ["LARS", "VARIANTS", "RANK_LE_1", "excluded_variables"]
+__all__ = ["LARS", "VARIANTS", "RANK_LE_1"]

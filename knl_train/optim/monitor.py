@@ -7,7 +7,7 @@ from typing import Callable, List, Optional
 import numpy as np
 import tensorflow as tf
 
-from knl_train.atomic import append_jsonl
+from knl_train import records
 
 
 class TrustRatioMonitor(tf.keras.callbacks.Callback):
@@ -47,17 +47,17 @@ class TrustRatioMonitor(tf.keras.callbacks.Callback):
             return
         names = list(ratios)
         values = np.array([ratios[n] for n in names])
-        rec = {"kind": "trust_ratio", "step": step, "batch": self._batches, "count": len(values),
-               "min": float(values.min()), "median": float(np.median(values)),
-               "max": float(values.max()), "argmin": names[int(values.argmin())],
-               "argmax": names[int(values.argmax())]}
-        self.history.append(rec)
+        record = records.TrustRatioRecord(
+            step=step, batch=self._batches, count=len(values), min=float(values.min()),
+            median=float(np.median(values)), max=float(values.max()),
+            argmin=names[int(values.argmin())], argmax=names[int(values.argmax())])
+        self.history.append(record.to_dict())
         if self.jsonl_path:
-            append_jsonl(self.jsonl_path, rec)
+            records.append(self.jsonl_path, record)
         if self._writer is not None:
             with self._writer.as_default(step=step):
                 for stat in ("min", "median", "max"):
-                    tf.summary.scalar(f"trust_ratio/{stat}", rec[stat])
+                    tf.summary.scalar(f"trust_ratio/{stat}", getattr(record, stat))
                 if (len(self.history) - 1) % self.histogram_every == 0:
                     tf.summary.histogram("trust_ratio", values)
 

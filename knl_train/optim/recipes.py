@@ -2,10 +2,9 @@
 
 The numbers live in ``recipes.yaml`` (package data) with a ``source`` per recipe and the list of
 ``inferred`` fields, i.e. the ones the sources do not state. ``get(name)`` returns a frozen
-``Recipe``; ``build_schedule``/``build_momentum`` turn it into the Keras schedules the trainer
-passes to the optimizer; ``Recipe.to_config_dict()`` gives the values in the shape of the
-training config (``optimizer.*``, ``schedule.*``, ``global_batch``, ``epochs``,
-``label_smoothing``).
+``Recipe``; ``Recipe.to_config_dict()`` gives its values in the shape of the training config
+(``optimizer.*``, ``schedule.*``, ``global_batch``, ``epochs``, ``label_smoothing``), which is
+how a recipe reaches the trainer (``recipe:`` in the config) and its schedule builders.
 
     >>> r = get("alexnet_bn_32k_intel_32nodes")
     >>> r.schedule.peak_lr, r.schedule.warmup_epochs, r.schedule.decay_over
@@ -15,19 +14,19 @@ training config (``optimizer.*``, ``schedule.*``, ``global_batch``, ``epochs``,
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import yaml
 
-from knl_train import resources
+from knl_train import resources, yamlconfig
 from knl_train.errors import UserError
-from knl_train.optim import schedules
-from knl_train.optim.lars import VARIANTS
+from knl_train.optim import names as choices
+from knl_train.yamlconfig import in_range, one_of
 
-OPTIMIZER_NAMES = ("lars", "sgd")
+# A recipe's optimizer is LARS or momentum SGD: OptimizerSpec has no LAMB betas.
+RECIPE_OPTIMIZERS = tuple(n for n in choices.OPTIMIZER_NAMES if n != "lamb")
 RECIPES_FILE = "recipes.yaml"
 
 
@@ -38,7 +37,7 @@ class RecipeError(UserError, ValueError):
 @dataclass(frozen=True)
 class OptimizerSpec:
     name: str
-    variant: Optional[str]
+    variant: Optional[choices.LarsVariant]
     momentum: float
     weight_decay: float
     trust_coefficient: Optional[float]
@@ -47,18 +46,31 @@ class OptimizerSpec:
     exclude_from_weight_decay: Tuple[str, ...]
     exclude_from_layer_adaptation: Tuple[str, ...]
 
+    def __post_init__(self):
+        one_of("name", self.name, RECIPE_OPTIMIZERS)
+        if self.name == "lars" and self.variant is None:
+            raise ValueError("variant is required for LARS")
+        if self.name == "lars" and self.trust_coefficient is None:
+            raise ValueError("trust_coefficient is required for LARS")
+        in_range(self, "momentum", "weight_decay", "epsilon", minimum=0)
+        in_range(self, "trust_coefficient", above=0)
+
 
 @dataclass(frozen=True)
 class ScheduleSpec:
-    kind: str
+    kind: choices.ScheduleKind
     peak_lr: float
     warmup_epochs: float
     warmup_start_lr: float
     end_lr: float
     power: float
-    decay_over: str
+    decay_over: choices.DecayMode
     boundary_epochs: Tuple[float, ...] = ()
     decay_factor: Optional[float] = None
+
+    def __post_init__(self):
+        in_range(self, "peak_lr", "power", "decay_factor", above=0)
+        in_range(self, "warmup_epochs", "warmup_start_lr", "end_lr", minimum=0)
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,9 @@ class Iterations:
 
     warmup: Optional[int] = None
     total: Optional[int] = None
+
+    def __post_init__(self):
+        in_range(self, "warmup", "total", above=0)
 
 
 @dataclass(frozen=True)
@@ -124,135 +139,65 @@ class Recipe:
 
 
 # ---- loading -------------------------------------------------------------------------------------------
-_RECIPE_KEYS = {"model", "global_batch", "epochs", "optimizer", "schedule", "label_smoothing",
-                "source", "inferred", "notes", "batch_range", "iterations", "reported_top1"}
-_REQUIRED = {"model", "global_batch", "epochs", "optimizer", "schedule", "label_smoothing",
-             "source", "inferred"}
+def _parse(name: str, data) -> Recipe:
+    """One entry of recipes.yaml as a checked ``Recipe``; a RecipeError names the recipe."""
+    try:
+        recipe = yamlconfig.from_dict(Recipe, _prepared(name, data))
+        _check(recipe)
+    except (UserError, ValueError) as e:
+        raise RecipeError(f"{RECIPES_FILE}: recipe {name!r}: {e}") from None
+    return recipe
 
 
-def _fail(name: str, msg: str):
-    raise RecipeError(f"{RECIPES_FILE}: recipe {name!r}: {msg}")
-
-
-def _check_keys(name: str, where: str, data: Mapping, allowed, required):
+def _prepared(name: str, data) -> Dict[str, Any]:
+    """The entry with its name, its text on one line, and a warmup derived from iterations."""
     if not isinstance(data, Mapping):
-        _fail(name, f"{where} must be a mapping")
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        _fail(name, f"unknown key {where}{unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
-    missing = sorted(set(required) - set(data))
-    if missing:
-        _fail(name, f"missing key {where}{missing[0]!r}")
+        raise ValueError(f"expected a mapping of fields, got {data!r}")
+    if "name" in data:
+        raise ValueError(f"unknown key 'name': a recipe is named by its key in {RECIPES_FILE}")
+    out = {**data, "name": name, "notes": " ".join(str(data.get("notes") or "").split())}
+    if isinstance(data.get("source"), str):
+        out["source"] = " ".join(data["source"].split())
+    if "inferred" in data:
+        out["inferred"] = list(data["inferred"] or ())
+    schedule = data.get("schedule")
+    if isinstance(schedule, Mapping) and "warmup_epochs" not in schedule:
+        out["schedule"] = {**schedule, "warmup_epochs": _warmup_from_iterations(data)}
+        if "inferred" in out:
+            out["inferred"].append("schedule.warmup_epochs")
+    return out
 
 
-def _num(name: str, where: str, value, *, positive=False, optional=False):
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        _fail(name, f"{where} must be a number, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        _fail(name, f"{where} must be {'> 0' if positive else '>= 0'}, got {value!r}")
-    return float(value)
+def _warmup_from_iterations(data: Mapping) -> float:
+    """``epochs · iterations.warmup / iterations.total``: the published warmup in epochs."""
+    given = data.get("iterations")
+    its = None if given is None else yamlconfig.from_dict(Iterations, given, "iterations")
+    if its is None or its.warmup is None or its.total is None:
+        raise ValueError("schedule.warmup_epochs is required unless iterations.warmup and "
+                         "iterations.total are given")
+    epochs = yamlconfig.number("epochs", data.get("epochs"), above=0, integer=True)
+    return epochs * its.warmup / its.total
 
 
-def _int(name: str, where: str, value, *, optional=False):
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        _fail(name, f"{where} must be a positive integer, got {value!r}")
-    return value
-
-
-def _parse(name: str, data: Mapping) -> Recipe:
-    _check_keys(name, "", data, _RECIPE_KEYS, _REQUIRED)
-    inferred = list(data["inferred"] or [])
-
-    o = data["optimizer"]
-    opt_keys = {f.name for f in dataclasses.fields(OptimizerSpec)}
-    _check_keys(name, "optimizer.", o, opt_keys, opt_keys)
-    if o["name"] not in OPTIMIZER_NAMES:
-        _fail(name, f"optimizer.name {o['name']!r} is not one of {', '.join(OPTIMIZER_NAMES)}")
-    if o["name"] == "lars" and o["variant"] not in VARIANTS:
-        _fail(name, f"optimizer.variant {o['variant']!r} is not one of {', '.join(VARIANTS)}")
-    if o["name"] == "lars" and o["trust_coefficient"] is None:
-        _fail(name, "optimizer.trust_coefficient is required for LARS")
-    if not isinstance(o["momentum_correction"], bool):
-        _fail(name, "optimizer.momentum_correction must be true or false")
-    optimizer = OptimizerSpec(
-        name=o["name"], variant=o["variant"],
-        momentum=_num(name, "optimizer.momentum", o["momentum"]),
-        weight_decay=_num(name, "optimizer.weight_decay", o["weight_decay"]),
-        trust_coefficient=_num(name, "optimizer.trust_coefficient", o["trust_coefficient"],
-                               positive=True, optional=True),
-        epsilon=_num(name, "optimizer.epsilon", o["epsilon"]),
-        momentum_correction=o["momentum_correction"],
-        exclude_from_weight_decay=tuple(o["exclude_from_weight_decay"]),
-        exclude_from_layer_adaptation=tuple(o["exclude_from_layer_adaptation"]))
-
-    iterations = None
-    if data.get("iterations") is not None:
-        it = data["iterations"]
-        _check_keys(name, "iterations.", it, {"warmup", "total"}, ())
-        iterations = Iterations(warmup=_int(name, "iterations.warmup", it.get("warmup"), optional=True),
-                                total=_int(name, "iterations.total", it.get("total"), optional=True))
-
-    epochs = _int(name, "epochs", data["epochs"])
-    s = dict(data["schedule"])
-    sched_keys = {f.name for f in dataclasses.fields(ScheduleSpec)}
-    required = sched_keys - {"boundary_epochs", "decay_factor", "warmup_epochs"}
-    _check_keys(name, "schedule.", s, sched_keys, required)
-    if "warmup_epochs" not in s:
-        if iterations is None or iterations.warmup is None or iterations.total is None:
-            _fail(name, "schedule.warmup_epochs is required unless iterations.warmup and "
-                        "iterations.total are given")
-        s["warmup_epochs"] = epochs * iterations.warmup / iterations.total
-        inferred.append("schedule.warmup_epochs")
-    if s["kind"] not in schedules.SCHEDULE_KINDS:
-        _fail(name, f"schedule.kind {s['kind']!r} is not one of {', '.join(schedules.SCHEDULE_KINDS)}")
-    if s["decay_over"] not in schedules.DECAY_MODES:
-        _fail(name, f"schedule.decay_over {s['decay_over']!r} is not one of "
-                    f"{', '.join(schedules.DECAY_MODES)}")
-    schedule = ScheduleSpec(
-        kind=s["kind"], peak_lr=_num(name, "schedule.peak_lr", s["peak_lr"], positive=True),
-        warmup_epochs=_num(name, "schedule.warmup_epochs", s["warmup_epochs"]),
-        warmup_start_lr=_num(name, "schedule.warmup_start_lr", s["warmup_start_lr"]),
-        end_lr=_num(name, "schedule.end_lr", s["end_lr"]),
-        power=_num(name, "schedule.power", s["power"], positive=True),
-        decay_over=s["decay_over"],
-        boundary_epochs=tuple(float(b) for b in s.get("boundary_epochs") or ()),
-        decay_factor=_num(name, "schedule.decay_factor", s.get("decay_factor"), positive=True,
-                          optional=True))
-
-    batch_range = None
-    if data.get("batch_range") is not None:
-        br = data["batch_range"]
-        if not isinstance(br, (list, tuple)) or len(br) != 2:
-            _fail(name, f"batch_range must be [lowest, highest or null], got {br!r}")
-        low = _int(name, "batch_range[0]", br[0])
-        high = _int(name, "batch_range[1]", br[1], optional=True)
+def _check(recipe: Recipe) -> None:
+    """What ties a recipe's fields together (each nested section checks its own)."""
+    in_range(recipe, "epochs", "global_batch", above=0)
+    in_range(recipe, "label_smoothing", "reported_top1", minimum=0)
+    if recipe.batch_range is not None:
+        low, high = recipe.batch_range
+        yamlconfig.number("batch_range[0]", low, above=0)
         if high is not None and high <= low:
-            _fail(name, f"batch_range upper bound {high} must be > {low}")
-        batch_range = (low, high)
-
-    global_batch = _int(name, "global_batch", data["global_batch"], optional=True)
-    if global_batch is None and batch_range is None:
-        _fail(name, "give global_batch, batch_range or both")
-    if not isinstance(data["source"], str) or not data["source"].strip():
-        _fail(name, "source must be a non-empty citation")
-    recipe = Recipe(
-        name=name, model=str(data["model"]), global_batch=global_batch, epochs=epochs,
-        optimizer=optimizer, schedule=schedule,
-        label_smoothing=_num(name, "label_smoothing", data["label_smoothing"], optional=True),
-        source=" ".join(data["source"].split()), inferred=tuple(inferred),
-        notes=" ".join(str(data.get("notes") or "").split()), batch_range=batch_range,
-        iterations=iterations,
-        reported_top1=_num(name, "reported_top1", data.get("reported_top1"), optional=True))
+            raise ValueError(f"batch_range upper bound {high} must be > {low}")
+    if recipe.global_batch is None and recipe.batch_range is None:
+        raise ValueError("give global_batch, batch_range or both")
+    if not recipe.source:
+        raise ValueError("source must be a non-empty citation")
     for path in recipe.inferred:
         if not _has_field(recipe, path):
-            _fail(name, f"inferred names {path!r}, which is not a recipe field")
-    if global_batch is not None and not recipe.applies_to(global_batch):
-        _fail(name, f"global_batch {global_batch} is outside batch_range {batch_range}")
-    return recipe
+            raise ValueError(f"inferred names {path!r}, which is not a recipe field")
+    if recipe.global_batch is not None and not recipe.applies_to(recipe.global_batch):
+        raise ValueError(f"global_batch {recipe.global_batch} is outside batch_range "
+                         f"{recipe.batch_range}")
 
 
 def _has_field(obj, path: str) -> bool:
@@ -282,46 +227,9 @@ def get(name: str) -> Recipe:
     """The recipe ``name``; ``RecipeError`` (a ValueError and a UserError) lists the names."""
     recipes = _load()
     if name not in recipes:
-        close = difflib.get_close_matches(str(name), recipes, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise RecipeError(f"unknown recipe {name!r}{hint}; available: {', '.join(names())}")
+        raise RecipeError(str(yamlconfig.unknown("recipe", name, recipes)))
     return recipes[name]
 
 
-def matching(global_batch: int, model: Optional[str] = None) -> Tuple[str, ...]:
-    """Names of the recipes whose source uses them at ``global_batch`` (and for ``model``)."""
-    return tuple(n for n in names() if get(n).applies_to(global_batch)
-                 and (model is None or get(n).model == model))
-
-
-def _resolve(recipe: Union[str, Recipe]) -> Recipe:
-    return get(recipe) if isinstance(recipe, str) else recipe
-
-
-def build_schedule(recipe: Union[str, Recipe], steps_per_epoch: int,
-                   epochs: Optional[int] = None) -> schedules.LearningRateSchedule:
-    """The recipe's LR schedule for ``steps_per_epoch`` (and ``epochs``, default the recipe's).
-
-    Durations are the recipe's epochs: ``round(warmup_epochs · steps_per_epoch)`` warmup steps of
-    ``round(epochs · steps_per_epoch)``; with the published iterations per epoch (e.g. 40 for
-    the 4,000-iteration AlexNet-BN 32K runs) this gives the published iteration counts.
-    """
-    r = _resolve(recipe)
-    s = r.schedule
-    kwargs = dict(steps_per_epoch=steps_per_epoch, epochs=r.epochs if epochs is None else epochs,
-                  peak_lr=s.peak_lr, warmup_epochs=s.warmup_epochs,
-                  warmup_start_lr=s.warmup_start_lr, end_lr=s.end_lr, power=s.power,
-                  decay_over=s.decay_over)
-    if s.kind == "step":
-        kwargs.update(boundary_epochs=s.boundary_epochs, decay_factor=s.decay_factor)
-    return schedules.build_lr_schedule(s.kind, **kwargs)
-
-
-def build_momentum(recipe: Union[str, Recipe], lr_schedule):
-    """The recipe's momentum: a float, or ``WarmupMomentumCorrection`` over ``lr_schedule``."""
-    r = _resolve(recipe)
-    return schedules.build_momentum(r.optimizer.momentum, lr_schedule, r.optimizer.momentum_correction)
-
-
-__all__ = ["Iterations", "OptimizerSpec", "Recipe", "RecipeError", "ScheduleSpec",
-           "build_momentum", "build_schedule", "get", "matching", "names"]
+__all__ = ["Iterations", "OptimizerSpec", "RECIPE_OPTIMIZERS", "Recipe", "RecipeError",
+           "ScheduleSpec", "get", "names"]

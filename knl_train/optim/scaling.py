@@ -20,29 +20,23 @@ The ``legw_warmup_epochs``/``scale_learning_rate`` pair is what ``scale_schedule
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple
 
-SCALING_RULES = ("linear", "sqrt", "none")
-WARMUP_RULES = ("constant", "legw")
+from knl_train.optim.names import SCALING_RULES, WARMUP_RULES
+from knl_train.yamlconfig import number, one_of
 
 
-def _positive(arg: str, value, *, allow_zero: bool = False, integer: bool = False):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{arg} must be a number, got {value!r}")
-    if integer and not (isinstance(value, numbers.Integral) or float(value).is_integer()):
+def _samples(arg: str, value) -> float:
+    """A batch size: a positive whole number (8192 or 8192.0)."""
+    value = number(arg, value, above=0)
+    if not value.is_integer():
         raise ValueError(f"{arg} must be a whole number of samples, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{arg} must be finite, got {value!r}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{arg} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return float(value)
+    return value
 
 
 def batch_ratio(base_batch, batch) -> float:
     """``k = batch / base_batch`` after checking both are positive whole numbers."""
-    return (_positive("batch", batch, integer=True)
-            / _positive("base_batch", base_batch, integer=True))
+    return _samples("batch", batch) / _samples("base_batch", base_batch)
 
 
 def scale_learning_rate(base_lr, base_batch, batch, rule: str = "linear") -> float:
@@ -51,9 +45,8 @@ def scale_learning_rate(base_lr, base_batch, batch, rule: str = "linear") -> flo
     >>> scale_learning_rate(0.1, 256, 8192, "linear")
     3.2
     """
-    if rule not in SCALING_RULES:
-        raise ValueError(f"unknown LR scaling rule {rule!r}; choose one of {', '.join(SCALING_RULES)}")
-    lr = _positive("base_lr", base_lr)
+    one_of("LR scaling rule", rule, SCALING_RULES)
+    lr = number("base_lr", base_lr, above=0)
     k = batch_ratio(base_batch, batch)
     if rule == "linear":
         return lr * k
@@ -67,7 +60,7 @@ def legw_warmup_epochs(base_warmup_epochs, base_batch, batch) -> float:
 
     A zero warmup stays zero. ``legw_warmup_epochs(2.5, 8192, 32768) == 10.0``.
     """
-    warmup = _positive("base_warmup_epochs", base_warmup_epochs, allow_zero=True)
+    warmup = number("base_warmup_epochs", base_warmup_epochs, minimum=0)
     return warmup * batch_ratio(base_batch, batch)
 
 
@@ -83,14 +76,12 @@ def scale_schedule(peak_lr, warmup_epochs, base_batch, batch, rule: str = "linea
     Goyal: ``rule="linear", warmup_rule="constant"``; You et al. LEGW: ``rule="sqrt",
     warmup_rule="legw"``.
     """
-    if warmup_rule not in WARMUP_RULES:
-        raise ValueError(f"unknown warmup scaling rule {warmup_rule!r}; choose one of "
-                         f"{', '.join(WARMUP_RULES)}")
+    one_of("warmup scaling rule", warmup_rule, WARMUP_RULES)
     lr = scale_learning_rate(peak_lr, base_batch, batch, rule)
     if warmup_rule == "legw":
         warmup = legw_warmup_epochs(warmup_epochs, base_batch, batch)
     else:
-        warmup = _positive("warmup_epochs", warmup_epochs, allow_zero=True)
+        warmup = number("warmup_epochs", warmup_epochs, minimum=0)
     return ScaledSchedule(lr, warmup)
 
 

@@ -29,38 +29,14 @@ Schedules:
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Sequence, Union
 
 import tensorflow as tf
 
-DECAY_MODES = ("after_warmup", "global")
-SCHEDULE_KINDS = ("poly", "step", "cosine")
+from knl_train.optim.names import DECAY_MODES, SCHEDULE_KINDS
+from knl_train.yamlconfig import number, one_of
 
 LearningRateSchedule = tf.keras.optimizers.schedules.LearningRateSchedule
-
-
-# ---- argument checks (ValueError naming the argument) ----------------------------------------------
-def _number(cls: str, arg: str, value, *, minimum: Optional[float] = 0.0, strict: bool = False,
-            maximum: Optional[float] = None, strict_max: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{cls}: {arg} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{cls}: {arg} must be finite, got {value}")
-    if minimum is not None and (value <= minimum if strict else value < minimum):
-        raise ValueError(f"{cls}: {arg} must be {'>' if strict else '>='} {minimum}, got {value}")
-    if maximum is not None and (value >= maximum if strict_max else value > maximum):
-        raise ValueError(f"{cls}: {arg} must be {'<' if strict_max else '<='} {maximum}, got {value}")
-    return value
-
-
-def _integer(cls: str, arg: str, value, *, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{cls}: {arg} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{cls}: {arg} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _linear_warmup(step_f, warmup_steps: int, start_lr: float, peak_lr: float):
@@ -144,21 +120,22 @@ class WarmupStepDecay(LearningRateSchedule):
                  warmup_epochs: float = 0.0, warmup_start_lr: float = 0.0,
                  name: str = "WarmupStepDecay"):
         cls = type(self).__name__
-        self.peak_lr = _number(cls, "peak_lr", peak_lr, strict=True)
-        self.steps_per_epoch = _integer(cls, "steps_per_epoch", steps_per_epoch, minimum=1)
+        self.peak_lr = number(f"{cls}: peak_lr", peak_lr, above=0)
+        self.steps_per_epoch = number(f"{cls}: steps_per_epoch", steps_per_epoch, minimum=1,
+                                      integer=True)
         if isinstance(boundary_epochs, (str, bytes)) or not isinstance(boundary_epochs, Sequence):
             raise ValueError(f"{cls}: boundary_epochs must be a list of epochs, got {boundary_epochs!r}")
-        bounds = [_number(cls, f"boundary_epochs[{i}]", b, strict=True)
+        bounds = [number(f"{cls}: boundary_epochs[{i}]", b, above=0)
                   for i, b in enumerate(boundary_epochs)]
         if any(b2 <= b1 for b1, b2 in zip(bounds, bounds[1:])):
             raise ValueError(f"{cls}: boundary_epochs must be strictly increasing, got {bounds}")
         self.boundary_epochs = bounds
-        self.factor = _number(cls, "factor", factor, strict=True, maximum=1.0)
-        self.warmup_epochs = _number(cls, "warmup_epochs", warmup_epochs)
+        self.factor = number(f"{cls}: factor", factor, above=0, maximum=1)
+        self.warmup_epochs = number(f"{cls}: warmup_epochs", warmup_epochs, minimum=0)
         if bounds and self.warmup_epochs > bounds[0]:
             raise ValueError(f"{cls}: warmup_epochs ({self.warmup_epochs}) must be <= the first "
                              f"boundary epoch ({bounds[0]})")
-        self.warmup_start_lr = _number(cls, "warmup_start_lr", warmup_start_lr)
+        self.warmup_start_lr = number(f"{cls}: warmup_start_lr", warmup_start_lr, minimum=0)
         self.name = name
 
     @property
@@ -202,14 +179,14 @@ class WarmupCosineDecay(LearningRateSchedule):
                  warmup_start_lr: float = 0.0, end_lr: float = 0.0,
                  name: str = "WarmupCosineDecay"):
         cls = type(self).__name__
-        self.peak_lr = _number(cls, "peak_lr", peak_lr, strict=True)
-        self.total_steps = _integer(cls, "total_steps", total_steps, minimum=1)
-        self.warmup_steps = _integer(cls, "warmup_steps", warmup_steps)
+        self.peak_lr = number(f"{cls}: peak_lr", peak_lr, above=0)
+        self.total_steps = number(f"{cls}: total_steps", total_steps, minimum=1, integer=True)
+        self.warmup_steps = number(f"{cls}: warmup_steps", warmup_steps, minimum=0, integer=True)
         if self.warmup_steps > self.total_steps:
             raise ValueError(f"{cls}: warmup_steps must be in [0, total_steps={self.total_steps}], "
                              f"got {self.warmup_steps}")
-        self.warmup_start_lr = _number(cls, "warmup_start_lr", warmup_start_lr)
-        self.end_lr = _number(cls, "end_lr", end_lr)
+        self.warmup_start_lr = number(f"{cls}: warmup_start_lr", warmup_start_lr, minimum=0)
+        self.end_lr = number(f"{cls}: end_lr", end_lr, minimum=0)
         self.name = name
 
     def __call__(self, step):
@@ -272,13 +249,13 @@ class WarmupMomentumCorrection(LearningRateSchedule):
             raise ValueError(f"{cls}: lr_schedule must be a tf.keras.optimizers.schedules."
                              f"LearningRateSchedule (the optimizer's LR schedule), got {lr_schedule!r}")
         self.lr_schedule = lr_schedule
-        self.momentum = _number(cls, "momentum", momentum, maximum=1.0, strict_max=True)
+        self.momentum = number(f"{cls}: momentum", momentum, minimum=0, below=1)
         if warmup_steps is None:
             warmup_steps = getattr(lr_schedule, "warmup_steps", None)
             if warmup_steps is None:
                 raise ValueError(f"{cls}: warmup_steps is required: {type(lr_schedule).__name__} "
                                  f"has no warmup_steps attribute")
-        self.warmup_steps = _integer(cls, "warmup_steps", warmup_steps)
+        self.warmup_steps = number(f"{cls}: warmup_steps", warmup_steps, minimum=0, integer=True)
         self.name = name
 
     def __call__(self, step):
@@ -330,11 +307,10 @@ def build_lr_schedule(kind: str, *, steps_per_epoch: int, epochs: float, peak_lr
     convention). ``poly`` uses ``end_lr``, ``power``, ``decay_over``; ``cosine`` uses ``end_lr``;
     ``step`` uses ``boundary_epochs`` and ``decay_factor`` and ignores the others.
     """
-    if kind not in SCHEDULE_KINDS:
-        raise ValueError(f"unknown schedule kind {kind!r}; choose one of {', '.join(SCHEDULE_KINDS)}")
-    spe = _integer("build_lr_schedule", "steps_per_epoch", steps_per_epoch, minimum=1)
-    epochs = _number("build_lr_schedule", "epochs", epochs, strict=True)
-    warmup_epochs = _number("build_lr_schedule", "warmup_epochs", warmup_epochs)
+    one_of("schedule kind", kind, SCHEDULE_KINDS)
+    spe = number("build_lr_schedule: steps_per_epoch", steps_per_epoch, minimum=1, integer=True)
+    epochs = number("build_lr_schedule: epochs", epochs, above=0)
+    warmup_epochs = number("build_lr_schedule: warmup_epochs", warmup_epochs, minimum=0)
     total = max(1, int(round(epochs * spe)))
     warmup = min(total, int(round(warmup_epochs * spe)))
     if kind == "poly":
@@ -359,3 +335,42 @@ def build_momentum(momentum: float, lr_schedule: LearningRateSchedule,
 
 __all__ = ["DECAY_MODES", "SCHEDULE_KINDS", "deserialize_schedules", "WarmupPolyDecay", "WarmupStepDecay",
            "WarmupCosineDecay", "WarmupMomentumCorrection", "build_lr_schedule", "build_momentum"]
+
+
+# ---- gradient accumulation: count optimizer updates, not micro-batches ---------------------------------
+@tf.keras.utils.register_keras_serializable(package="knl_train")
+class PerUpdateSchedule(LearningRateSchedule):
+    """Evaluate ``schedule`` at the optimizer update, not the micro-batch.
+
+    With ``backward_passes_per_step=k`` Horovod advances ``optimizer.iterations`` on every
+    micro-batch and applies on the k-th, when ``iterations = k*n + k - 1`` for update n; so
+    ``iterations // k`` is the update count the schedule was written for.
+    """
+
+    def __init__(self, schedule, passes: int):
+        self.schedule = schedule
+        self.passes = int(passes)
+
+    def __call__(self, step):
+        return self.schedule(tf.math.floordiv(tf.cast(step, tf.int64), self.passes))
+
+    def get_config(self):
+        return {"schedule": tf.keras.optimizers.schedules.serialize(self.schedule),
+                "passes": self.passes}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        return cls(**deserialize_schedules(config, ("schedule",), custom_objects))
+
+
+def per_update(schedule, passes: int):
+    """``schedule`` as the optimizer must see it under ``passes`` accumulated micro-batches per
+    update: wrapped in ``PerUpdateSchedule`` when it is a schedule and ``passes > 1``, else as is
+    (a constant, or no accumulation)."""
+    passes = number("per_update: passes", passes, minimum=1, integer=True)
+    if passes == 1 or not isinstance(schedule, LearningRateSchedule):
+        return schedule
+    return PerUpdateSchedule(schedule, passes)
+
+
+__all__ += ["PerUpdateSchedule", "per_update"]

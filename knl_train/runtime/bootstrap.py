@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from typing import Optional, Sequence, Tuple
 
+from knl_train import log as logs
 from knl_train.errors import UserError
+from knl_train.runtime import itex
 from knl_train.runtime.rankenv import THREADING_VARS, RankEnv, local_rank
-from knl_train.tuning.env import node_plan
-from knl_train.tuning.plan import NodePlan, RankPlan, cpulist
+from knl_train.tuning.plan import NodePlan, RankPlan, cpulist, node_plan
+
+log = logs.get(__name__)
 
 
 def apply(environ=None, *, via_exec: bool = False) -> Optional[Tuple[NodePlan, RankPlan]]:
@@ -36,34 +38,33 @@ def apply(environ=None, *, via_exec: bool = False) -> Optional[Tuple[NodePlan, R
         raise UserError(f"local rank {me} but the plan has {node.ranks_per_node} ranks per node: "
                         f"start at most {node.ranks_per_node} ranks per node, or raise {RankEnv.var('ranks_per_node')}")
     rank = node.ranks[me]
-    say = _note if me == 0 else (lambda msg: None)
     for w in node.warnings:
-        say(f"warning: {w}")
+        _say(me, w, warning=True)
     overridden = [f"{k}={environ[k]} (now {v})" for k, v in rank.env
                   if k in environ and environ[k] != v]
     if overridden:
-        say(f"note: preset {node.preset.name} overrides {', '.join(overridden)}")
+        _say(me, f"note: preset {node.preset.name} overrides {', '.join(overridden)}")
     for name in THREADING_VARS:
         if name in environ and name not in rank.environ:
             del environ[name]
     environ.update(rank.env)
     if node.numactl and not via_exec:
-        say(f"warning: the preset's memory policy ({' '.join(node.numactl)}) is applied only by "
-            "'knl-train exec -- COMMAND' (knl-train launch uses it); this run has none")
+        _say(me, f"the preset's memory policy ({' '.join(node.numactl)}) is applied only by "
+             "'knl-train exec -- COMMAND' (knl-train launch uses it); this run has none", warning=True)
     if not node.oversubscribed:
-        _bind(rank, say)
+        _bind(rank)
     environ.update(RankEnv(applied=True).to_environ())
     return node, rank
 
 
-def _bind(rank: RankPlan, say) -> None:
+def _bind(rank: RankPlan) -> None:
     current = os.sched_getaffinity(0)
     if current == set(rank.cpus):
         return
     # A launcher binds whole cores; narrowing to the planned hardware threads is expected.
     if not current >= set(rank.cpus):
-        say(f"warning: the launcher bound local rank {rank.local_rank} to CPUs "
-            f"{cpulist(sorted(current))}; the preset binds it to {cpulist(rank.cpus)}")
+        _say(rank.local_rank, f"the launcher bound local rank {rank.local_rank} to CPUs "
+             f"{cpulist(sorted(current))}; the preset binds it to {cpulist(rank.cpus)}", warning=True)
     try:
         os.sched_setaffinity(0, rank.cpus)
     except OSError as e:
@@ -71,8 +72,10 @@ def _bind(rank: RankPlan, say) -> None:
                         f"({e}); is the job allowed to use them?") from None
 
 
-def _note(msg: str) -> None:
-    print(f"knl-train: {msg}", file=sys.stderr, flush=True)
+def _say(local: int, msg: str, *, warning: bool = False) -> None:
+    """A line from every node's local rank 0 (the nodes may differ), from no other rank."""
+    if local == 0:
+        (log.warning if warning else log.info)(msg, extra=logs.EVERY_RANK)
 
 
 def exec_command(command: Sequence[str]) -> None:
@@ -80,7 +83,6 @@ def exec_command(command: Sequence[str]) -> None:
     if not command:
         raise UserError("nothing to run: knl-train exec -- COMMAND ...")
     applied = apply(via_exec=True)
-    from knl_train.runtime import itex
     if itex.requested():
         itex.enable()
     argv = list(command)

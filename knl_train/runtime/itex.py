@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Optional
 
 from knl_train.errors import UserError
+from knl_train.runtime.rankenv import RankEnv
 
-ENV_VAR = "KNL_TRAIN_ITEX"
+ENV_VAR = RankEnv.var("itex")
 DIST = "intel-extension-for-tensorflow"
 
 

@@ -51,6 +51,8 @@ class RankEnv:
     # ---- LARS's fused op
     lars_kernel: Optional[str] = _var("KNL_TRAIN_LARS_KERNEL", "auto, fused or tf")
     kernel_dir: Optional[str] = _var("KNL_TRAIN_KERNEL_DIR", "where the compiled fused op lives")
+    kernel_isa: Optional[str] = _var("KNL_TRAIN_KERNEL_ISA", "the op's instruction set when built: "
+                                     "avx2, native or generic")
 
     @staticmethod
     def var(name: str) -> str:
@@ -96,6 +98,8 @@ LAUNCH_VARS = tuple(RankEnv.var(n) for n in ("preset", "ranks_per_node", "cores_
 THREADING_VARS = (*(RankEnv.var(n) for n in ("kmp_affinity", "kmp_hw_subset", "omp_places",
                                              "omp_proc_bind", "horovod_thread_affinity")),
                   "GOMP_CPU_AFFINITY")
+# What every knl-train variable starts with (the autotuner starts its trials with none inherited).
+VAR_PREFIX = "KNL_TRAIN_"
 
 
 def _format(value) -> str:

@@ -10,4 +10,21 @@ A study directory (``knl-train study render SPEC --out DIR``)::
     DIR/points/<id>/job-<key>.json   the job's own record (sentinel): start, end, exit code
     DIR/results.json             study collect
     DIR/report/scaling.{csv,md,png}  study report
+
+The stages, each a module: ``spec.load(path) -> Study``; ``render.render(study) -> Rendered``
+and ``render.write(rendered, out)``; ``jobs.submit``, ``jobs.status``, ``jobs.wait``;
+``report.collect(dir)`` and ``report.report(dir)``. They hand each other a ``Study``, then the
+study directory's :class:`Manifest` (``manifest.py``); ``walltime.py`` parses times, ``sites.py``
+reads site profiles and ``schedulers/`` holds one backend per batch scheduler. Nothing here
+imports TensorFlow.
 """
+
+from knl_train.studies import jobs, manifest, render, report, schedulers, sites, spec, walltime
+from knl_train.studies.jobs import PointStatus, Submission
+from knl_train.studies.manifest import JobRecord, Manifest, PointRecord
+from knl_train.studies.render import Rendered
+from knl_train.studies.spec import Point, Study, StudySpec
+
+__all__ = ["jobs", "manifest", "render", "report", "schedulers", "sites", "spec", "walltime",
+           "JobRecord", "Manifest", "Point", "PointRecord", "PointStatus", "Rendered", "Study",
+           "StudySpec", "Submission"]

@@ -11,7 +11,6 @@ scheduler has forgotten the job and accounting is off.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import re
 import time
@@ -20,70 +19,101 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from knl_train.errors import UserError
-from knl_train.studies import manifest as manifest_file
-from knl_train.studies import schedulers
-from knl_train.studies.schedulers import JobState
+from knl_train.studies import manifest, schedulers
+from knl_train.records import SUMMARY
+from knl_train.studies.manifest import JobRecord, Manifest, PointRecord
+from knl_train.studies.schedulers import Env, JobState
 
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+# States that end `study status --wait` well, or are not over yet; any other is a failure.
+NOT_FAILED = ("completed", "pending", "running", "rendered")
 
 
 # ---- submit ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Submission:
+    """A point's job after ``submit``."""
+    id: str          # the point
+    job_id: str
+    new: bool        # submitted by this call (False: it had a job, or one was found again)
+
+
+@dataclass
+class _Saved:
+    """The manifest as last saved: ``record`` changes a point's job and saves at once."""
+    study_dir: Path
+    manifest: Manifest
+
+    def record(self, point_id: str, job: JobRecord) -> JobRecord:
+        self.manifest = self.manifest.with_job(point_id, job)
+        self.manifest.save(self.study_dir)
+        return job
+
+
 def submit(study_dir, *, attempts: int = 5, base_delay: float = 2.0, resubmit: bool = False,
-           env=None, log: Callable[[str], None] = print, sleep=time.sleep) -> List[dict]:
-    """Submit every point without a job; returns [{id, job_id, new}] in point order."""
+           env: Env = None, echo: Callable[[str], None] = print,
+           sleep: Callable[[float], None] = time.sleep) -> List[Submission]:
+    """Submit every point without a job, in point order; one Submission per point.
+
+    ``echo`` gets a line per point submitted or found again (the command's output); transient
+    failures are retried (``attempts``, backoff from ``base_delay``) and logged as warnings.
+    """
     study_dir = Path(study_dir).resolve()
-    out = []
-    with manifest_file.locked(study_dir):
-        m = manifest_file.load(study_dir)
-        backend = schedulers.get(m["scheduler"])
-        previous = None
-        for p in m["points"]:
-            job = p.setdefault("job", {"id": None, "state": "rendered"})
-            if job.get("id"):
-                out.append({"id": p["id"], "job_id": job["id"], "new": False})
-                previous = job["id"]
+    out: List[Submission] = []
+    with manifest.locked(study_dir):
+        saved = _Saved(study_dir, Manifest.load(study_dir))
+        backend = schedulers.get(saved.manifest.scheduler)
+        for p in saved.manifest.points:
+            job = p.job or JobRecord.new()
+            if not job.id and job.state == "submitting":
+                job = _find_again(saved, backend, p, job, env=env, echo=echo, resubmit=resubmit)
+            if job.id:
+                out.append(Submission(p.id, job.id, new=False))
                 continue
-            if job.get("state") == "submitting":
-                found = backend.find(p["job_name"], p.get("token", ""), env=env)
-                if found:
-                    log(f"{p['id']}: found job {found}, submitted before an interruption; recorded it")
-                    _record(study_dir, m, job, id=found, state="submitted", submitted=_now(), adopted=True)
-                    out.append({"id": p["id"], "job_id": found, "new": False})
-                    previous = found
-                    continue
-                if backend.name == "pbs" and not resubmit:
-                    raise UserError(
-                        f"{p['id']}: an earlier submission was cut off before qsub's job id was recorded, "
-                        f"and PBS cannot look a job up by token. Check `qstat -u $USER` for a job named "
-                        f"{p['job_name']}; if there is none, run `knl-train study submit {study_dir} --resubmit`")
-            after = previous if m.get("chain") else None
-            _record(study_dir, m, job, state="submitting", error=None)
-            script = study_dir / p["script"]
-            try:
-                job_id = schedulers.submit_with_retry(
-                    backend, script, cwd=script.parent, after=after, env=env, attempts=attempts,
-                    base_delay=base_delay, sleep=sleep, log=log, job_name=p["job_name"], token=p.get("token"))
-            except schedulers.RetriesExhausted as e:
-                # The last attempt may have queued the job: stay "submitting", so the next run
-                # looks for it before submitting again.
-                _record(study_dir, m, job, error=str(e).splitlines()[0])
-                raise
-            except UserError as e:
-                # The scheduler answered with a refusal: nothing is queued for this point.
-                _record(study_dir, m, job, state="submit-failed", error=str(e).splitlines()[0])
-                raise
-            _record(study_dir, m, job, id=job_id, state="submitted", submitted=_now(), after=after)
-            log(f"{p['id']}: {p['nodes']} node(s), job {job_id}" + (f" (after {after})" if after else ""))
-            out.append({"id": p["id"], "job_id": job_id, "new": True})
-            previous = job_id
+            after = out[-1].job_id if saved.manifest.chain and out else None
+            job_id = _submit_point(saved, backend, p, job, after, env=env, attempts=attempts,
+                                   base_delay=base_delay, sleep=sleep)
+            echo(f"{p.id}: {p.nodes} node(s), job {job_id}" + (f" (after {after})" if after else ""))
+            out.append(Submission(p.id, job_id, new=True))
     return out
 
 
-def _record(study_dir: Path, m: dict, job: dict, **fields) -> None:
-    job.update(fields)
-    manifest_file.save(study_dir, m)
+def _find_again(saved: _Saved, backend: schedulers.Scheduler, p: PointRecord, job: JobRecord, *,
+                env: Env, echo: Callable[[str], None], resubmit: bool) -> JobRecord:
+    """A point whose submission was cut off: its job, if the scheduler knows it by name and token."""
+    found = backend.find(p.job_name, p.token or "", env=env)
+    if found:
+        echo(f"{p.id}: found job {found}, submitted before an interruption; recorded it")
+        return saved.record(p.id, job.updated(id=found, state="submitted", submitted=manifest.now(),
+                                              adopted=True))
+    if backend.name == "pbs" and not resubmit:
+        raise UserError(
+            f"{p.id}: an earlier submission was cut off before qsub's job id was recorded, "
+            f"and PBS cannot look a job up by token. Check `qstat -u $USER` for a job named "
+            f"{p.job_name}; if there is none, run `knl-train study submit {saved.study_dir} --resubmit`")
+    return job
+
+
+def _submit_point(saved: _Saved, backend: schedulers.Scheduler, p: PointRecord, job: JobRecord,
+                  after: Optional[str], *, env: Env, attempts: int, base_delay: float,
+                  sleep: Callable[[float], None]) -> str:
+    """Submit one point, its state written ahead ("submitting") and after; returns the job id."""
+    job = saved.record(p.id, job.updated(state="submitting", error=None))
+    script = saved.study_dir / p.script
+    try:
+        job_id = schedulers.submit_with_retry(
+            backend, script, cwd=script.parent, after=after, env=env, attempts=attempts,
+            base_delay=base_delay, sleep=sleep, job_name=p.job_name, token=p.token)
+    except schedulers.RetriesExhausted as e:
+        # The last attempt may have queued the job: stay "submitting", so the next run
+        # looks for it before submitting again.
+        saved.record(p.id, job.updated(error=str(e).splitlines()[0]))
+        raise
+    except UserError as e:
+        # The scheduler answered with a refusal: nothing is queued for this point.
+        saved.record(p.id, job.updated(state="submit-failed", error=str(e).splitlines()[0]))
+        raise
+    saved.record(p.id, job.updated(id=job_id, state="submitted", submitted=manifest.now(), after=after))
+    return job_id
 
 
 # ---- status ----------------------------------------------------------------------------------------
@@ -103,51 +133,57 @@ class PointStatus:
     def finished(self) -> bool:
         return self.state in schedulers.FINISHED or self.state in ("rendered", "submit-failed")
 
+    @property
+    def failed(self) -> bool:
+        """Neither done well nor still to come: `study status --wait` exits 1 for it."""
+        return self.state not in NOT_FAILED
 
-def status(study_dir, *, env=None) -> List[PointStatus]:
+
+def status(study_dir, *, env: Env = None) -> List[PointStatus]:
     """Each point's state now; the manifest keeps the last known state (it outlives squeue)."""
     study_dir = Path(study_dir).resolve()
-    m = manifest_file.load(study_dir)
-    backend = schedulers.get(m["scheduler"])
-    ids = [p["job"]["id"] for p in m["points"] if (p.get("job") or {}).get("id")]
-    answers: Dict[str, JobState] = {}
-    if ids:
-        answers = backend.status(ids, env=env)
-    rows, changed = [], False
-    for p in m["points"]:
-        job = p.get("job") or {}
-        row = _point_status(study_dir, m, p, job, answers.get(job.get("id") or ""))
+    m = Manifest.load(study_dir)
+    backend = schedulers.get(m.scheduler)
+    ids = [p.job.id for p in m.points if p.job is not None and p.job.id]
+    answers: Dict[str, JobState] = backend.status(ids, env=env) if ids else {}
+    rows, learned = [], {}
+    for p in m.points:
+        job = p.job or JobRecord()
+        row = _point_status(study_dir, m, p, job, answers.get(job.id or ""))
         rows.append(row)
-        if job.get("id") and (job.get("state"), job.get("exit_code")) != (row.state, row.exit_code) \
-                and row.state != "unknown":
-            job.update(state=row.state, exit_code=row.exit_code, checked=_now())
-            changed = True
-    if changed:
-        try:
-            with manifest_file.locked(study_dir):
-                fresh = manifest_file.load(study_dir)
-                by_id = {p["id"]: p for p in m["points"]}
-                for p in fresh["points"]:
-                    mine = (by_id.get(p["id"]) or {}).get("job") or {}
-                    if mine.get("id") and (p.get("job") or {}).get("id") == mine.get("id"):
-                        p["job"] = mine
-                manifest_file.save(study_dir, fresh)
-        except UserError:
-            pass  # a submit holds the lock: it writes the manifest; states are refreshed next time
+        if job.id and (job.state, job.exit_code) != (row.state, row.exit_code) and row.state != "unknown":
+            learned[p.id] = job.updated(state=row.state, exit_code=row.exit_code, checked=manifest.now())
+    if learned:
+        _save_states(study_dir, learned)
     return rows
 
 
-def _point_status(study_dir: Path, m: dict, p: dict, job: dict, answer: Optional[JobState]) -> PointStatus:
-    repeats = len(p["run_dirs"])
-    done = sum(1 for r in p["run_dirs"] if (study_dir / r / "summary.json").is_file())
-    base = dict(id=p["id"], nodes=p["nodes"], job_id=job.get("id"), runs_done=done, repeats=repeats)
-    if not job.get("id"):
-        state = job.get("state") or "rendered"
+def _save_states(study_dir: Path, learned: Dict[str, JobRecord]) -> None:
+    """Record the states status learned, for points whose job a submit has not changed meanwhile."""
+    try:
+        with manifest.locked(study_dir):
+            fresh = Manifest.load(study_dir)
+            for p in fresh.points:
+                mine = learned.get(p.id)
+                if mine is not None and p.job is not None and p.job.id == mine.id:
+                    fresh = fresh.with_job(p.id, mine)
+            fresh.save(study_dir)
+    except UserError:
+        pass  # a submit holds the lock: it writes the manifest; states are refreshed next time
+
+
+def _point_status(study_dir: Path, m: Manifest, p: PointRecord, job: JobRecord,
+                  answer: Optional[JobState]) -> PointStatus:
+    repeats = len(p.run_dirs)
+    done = sum(1 for r in p.run_dirs if (study_dir / r / SUMMARY).is_file())
+    base = dict(id=p.id, nodes=p.nodes, job_id=job.id, runs_done=done, repeats=repeats)
+    if not job.id:
+        state = job.state or "rendered"
         if state == "submitting":
             state = "submit-failed"
-        return PointStatus(**base, state=state, exit_code=None, reason=job.get("error") or "", source="manifest")
-    records = _job_records(study_dir / p["script"], job["id"])
-    expected = repeats if m.get("array") else 1
+        return PointStatus(**base, state=state, exit_code=None, reason=job.error or "", source="manifest")
+    records = _job_records(study_dir / p.script, job.id)
+    expected = repeats if m.array else 1
     ended = [r for r in records if r.get("state") == "finished"]
     if answer is not None and answer.finished:
         exit_code = answer.exit_code
@@ -164,14 +200,13 @@ def _point_status(study_dir: Path, m: dict, p: dict, job: dict, answer: Optional
     if records:
         started = min(r.get("start") or "" for r in records)
         return PointStatus(**base, state="unknown", exit_code=None, source="job record",
-                           reason=f"started {started}, no end record, and {m['scheduler']} no longer knows "
+                           reason=f"started {started}, no end record, and {m.scheduler} no longer knows "
                                   "the job: it was killed before it could write one (node failure?)")
-    known = job.get("state")
-    if known in schedulers.FINISHED:
-        return PointStatus(**base, state=known, exit_code=job.get("exit_code"), source="manifest",
-                           reason=f"last seen {job.get('checked', '')}")
+    if job.state in schedulers.FINISHED:
+        return PointStatus(**base, state=job.state, exit_code=job.exit_code, source="manifest",
+                           reason=f"last seen {job.checked or ''}")
     return PointStatus(**base, state="unknown", exit_code=None, source="",
-                       reason=(answer.reason if answer else "") or f"{m['scheduler']} does not know the job")
+                       reason=(answer.reason if answer else "") or f"{m.scheduler} does not know the job")
 
 
 def _job_records(script: Path, job_id: str) -> List[dict]:
@@ -197,7 +232,7 @@ def _worst_exit(records: List[dict]) -> Optional[int]:
     return bad[0] if bad else (0 if codes else None)
 
 
-def wait(study_dir, *, timeout: float, env=None, sleep=time.sleep, clock=time.monotonic,
+def wait(study_dir, *, timeout: float, env: Env = None, sleep=time.sleep, clock=time.monotonic,
          on_change: Optional[Callable[[List[PointStatus]], None]] = None) -> List[PointStatus]:
     """Poll until every submitted point has finished, backing off from 1 s to 30 s between queries."""
     deadline = clock() + timeout
@@ -218,7 +253,8 @@ def wait(study_dir, *, timeout: float, env=None, sleep=time.sleep, clock=time.mo
         delay = min(delay * 1.5, 30.0)
 
 
-def table(rows: List[PointStatus]) -> str:
+def status_text(rows: List[PointStatus]) -> str:
+    """The status rows as an aligned text table."""
     header = ("point", "nodes", "job", "state", "exit", "runs", "source", "reason")
     data = [(r.id, str(r.nodes), r.job_id or "-", r.state, "" if r.exit_code is None else str(r.exit_code),
              f"{r.runs_done}/{r.repeats}", r.source, r.reason) for r in rows]

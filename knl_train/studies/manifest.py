@@ -1,62 +1,217 @@
-"""A study directory's ``manifest.json``: read checked, written atomically, changed under a lock."""
+"""A study directory's ``manifest.json``: the ``Manifest``, a ``PointRecord`` per point, and each
+point's ``JobRecord``.
+
+Read checked (:meth:`Manifest.load`), written atomically (:meth:`Manifest.save`), changed under
+a lock (:func:`locked`). The records are frozen: a change makes a new record
+(:meth:`JobRecord.updated`, :meth:`Manifest.with_job`), which is then saved whole.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime as dt
 import fcntl
 import json
-import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
 
-from knl_train.errors import UserError
 from knl_train.atomic import write_json_atomic
+from knl_train.errors import UserError
+from knl_train.records import is_integer, is_number
 
 NAME = "manifest.json"
+VERSION = 1
 
 
-def number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+def now() -> str:
+    """The time a record is made: UTC, ISO 8601, to the second."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def integer(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+@dataclass(frozen=True)
+class JobRecord:
+    """A point's job, as submit and status last saw it.
+
+    The JSON holds the fields that were set, even to None (``"error": null``: the last
+    submission raised none), and leaves out those never set; ``recorded`` names them, in the
+    order they were first set, so a manifest reads back to the JSON it was.
+    """
+    id: Optional[str] = None
+    # rendered, submitting, submitted, submit-failed, or a scheduler state (schedulers.STATES)
+    state: Optional[str] = None
+    error: Optional[str] = None       # why the last submission failed (its first line)
+    submitted: Optional[str] = None   # when the scheduler took it (now())
+    after: Optional[str] = None       # the job it waits for (chain: true)
+    adopted: Optional[bool] = None    # found by name and token after an interrupted submit
+    exit_code: Optional[int] = None
+    checked: Optional[str] = None     # when status last changed its state
+    recorded: Tuple[str, ...] = ()
+
+    @classmethod
+    def new(cls) -> "JobRecord":
+        """A rendered point's job: not submitted."""
+        return cls(id=None, state="rendered", recorded=("id", "state"))
+
+    def updated(self, **changes) -> "JobRecord":
+        added = tuple(k for k in changes if k not in self.recorded)
+        return dataclasses.replace(self, **changes, recorded=self.recorded + added)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {k: getattr(self, k) for k in self.recorded}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "JobRecord":
+        known = tuple(k for k in data if k in _JOB_FIELDS)
+        return cls(**{k: data[k] for k in known}, recorded=known)
 
 
-def load(study_dir) -> dict:
-    """The manifest, checked for the fields every study command relies on."""
-    path = Path(study_dir) / NAME
-    if not path.is_file():
-        raise UserError(f"{path} not found: {study_dir} is not a study directory; create one "
-                        f"with `knl-train study render SPEC --out {study_dir}`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is damaged ({e}); render the study again with "
-                        "`knl-train study render`") from None
-    if not isinstance(manifest, dict):
+_JOB_FIELDS = frozenset(f.name for f in dataclasses.fields(JobRecord)) - {"recorded"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PointRecord:
+    """One point as rendered: its shape, its files (relative to the study directory), its job."""
+    id: str
+    nodes: int
+    ranks_per_node: Optional[int] = None
+    ranks: int
+    cores_per_rank: Optional[int] = None
+    cpus_per_task: Optional[int] = None
+    global_batch: int
+    per_rank_batch: Optional[int] = None
+    steps: Optional[int] = None
+    epochs: Optional[int] = None
+    walltime: Optional[str] = None
+    queue: Optional[str] = None
+    constraints: Tuple[str, ...] = ()
+    job_name: Optional[str] = None
+    script: Optional[str] = None           # points/<id>/job.sbatch or job.pbs
+    run_dirs: Tuple[str, ...]              # one per repeat: points/<id>/run-<r>
+    token: Optional[str] = None            # in the job's comment: finds it again after a crash
+    job: Optional[JobRecord] = None        # None: none recorded (a manifest not made by render)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "job"}
+        if self.job is not None:
+            out["job"] = self.job.to_dict()
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """What was rendered (the study, where, how) and each point's record."""
+    version: int = VERSION
+    study: str
+    uid: Optional[str] = None              # in every point's token
+    scheduler: Optional[str] = None
+    site: Optional[str] = None
+    launcher: Optional[str] = None
+    preset: Optional[str] = None
+    preset_ref: Optional[str] = None       # a built-in preset's name or a preset file's path
+    scaling: str
+    repeats: Optional[int] = None
+    array: bool = False
+    chain: bool = False
+    warmup_steps: int
+    images_per_epoch: float
+    project_epochs: float
+    memory_mode: Optional[str] = None
+    spec_path: Optional[str] = None
+    created: Optional[str] = None
+    knl_train: Optional[str] = None        # the version that rendered it
+    notes: Tuple[str, ...] = ()
+    points: Tuple[PointRecord, ...]
+
+    @classmethod
+    def new(cls, **fields) -> "Manifest":
+        """A fresh rendering's manifest: this version, created now."""
+        return cls(version=VERSION, created=now(), **fields)
+
+    def point(self, point_id: str) -> PointRecord:
+        for p in self.points:
+            if p.id == point_id:
+                return p
+        raise KeyError(f"no point {point_id!r} in study {self.study}")
+
+    def with_job(self, point_id: str, job: JobRecord) -> "Manifest":
+        """This manifest with point ``point_id``'s job replaced."""
+        points = tuple(dataclasses.replace(p, job=job) if p.id == point_id else p for p in self.points)
+        return dataclasses.replace(self, points=points)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "points"}
+        out["points"] = [p.to_dict() for p in self.points]
+        return out
+
+    def save(self, study_dir) -> None:
+        write_json_atomic(Path(study_dir) / NAME, self.to_dict())
+
+    @classmethod
+    def load(cls, study_dir) -> "Manifest":
+        """The manifest, checked for the fields every study command relies on."""
+        path = Path(study_dir) / NAME
+        if not path.is_file():
+            raise UserError(f"{path} not found: {study_dir} is not a study directory; create one "
+                            f"with `knl-train study render SPEC --out {study_dir}`")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{path} is damaged ({e}); render the study again with "
+                            "`knl-train study render`") from None
+        _check(path, data)
+        fields = _known(cls, data, path, ("notes",))
+        points = tuple(_point(path, p) for p in data["points"])
+        return cls(**{**fields, "points": points})
+
+
+def _check(path: Path, data) -> None:
+    if not isinstance(data, dict):
         raise UserError(f"{path} is not a JSON object; render the study again")
-    if manifest.get("version") != 1:
-        raise UserError(f"{path} has version {manifest.get('version')!r}; this knl-train reads version 1")
+    if data.get("version") != VERSION:
+        raise UserError(f"{path} has version {data.get('version')!r}; this knl-train reads version {VERSION}")
     for key in ("study", "scaling", "images_per_epoch", "project_epochs", "warmup_steps", "points"):
-        if key not in manifest:
+        if key not in data:
             raise UserError(f"{path} has no '{key}'; render the study again")
-    for key, ok in (("images_per_epoch", number(manifest["images_per_epoch"]) and manifest["images_per_epoch"] > 0),
-                    ("project_epochs", number(manifest["project_epochs"]) and manifest["project_epochs"] > 0),
-                    ("warmup_steps", integer(manifest["warmup_steps"]) and manifest["warmup_steps"] >= 0),
-                    ("points", isinstance(manifest["points"], list))):
+    for key, ok in (("images_per_epoch", is_number(data["images_per_epoch"]) and data["images_per_epoch"] > 0),
+                    ("project_epochs", is_number(data["project_epochs"]) and data["project_epochs"] > 0),
+                    ("warmup_steps", is_integer(data["warmup_steps"]) and data["warmup_steps"] >= 0),
+                    ("points", isinstance(data["points"], list))):
         if not ok:
-            raise UserError(f"{path}: invalid '{key}': {manifest[key]!r}")
-    if manifest["scaling"] not in ("weak", "strong"):
-        raise UserError(f"{path}: scaling is {manifest['scaling']!r}, not 'weak' or 'strong'")
-    for p in manifest["points"]:
-        for key in ("id", "nodes", "ranks", "global_batch", "run_dirs"):
-            if key not in p:
-                raise UserError(f"{path}: point {p.get('id', '?')} has no '{key}'; render the study again")
-    return manifest
+            raise UserError(f"{path}: invalid '{key}': {data[key]!r}")
+    if data["scaling"] not in ("weak", "strong"):
+        raise UserError(f"{path}: scaling is {data['scaling']!r}, not 'weak' or 'strong'")
 
 
-def save(study_dir, manifest: dict) -> None:
-    write_json_atomic(Path(study_dir) / NAME, manifest)
+def _point(path: Path, data) -> PointRecord:
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a point is not a JSON object ({data!r}); render the study again")
+    for key in ("id", "nodes", "ranks", "global_batch", "run_dirs"):
+        if key not in data:
+            raise UserError(f"{path}: point {data.get('id', '?')} has no '{key}'; render the study again")
+    fields = _known(PointRecord, data, path, ("constraints", "run_dirs"))
+    job = data.get("job")
+    if job is not None and not isinstance(job, dict):
+        raise UserError(f"{path}: point {data['id']}: invalid 'job': {job!r}")
+    fields["job"] = None if job is None else JobRecord.from_dict(job)
+    return PointRecord(**fields)
+
+
+def _known(cls, data: dict, path: Path, lists: Tuple[str, ...]) -> Dict[str, Any]:
+    """The fields of ``cls`` that ``data`` has (others are ignored), JSON lists as tuples."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"points", "job"}
+    out = {k: v for k, v in data.items() if k in names}
+    for key in lists:
+        if key in out:
+            if not isinstance(out[key], list):
+                raise UserError(f"{path}: invalid '{key}': {out[key]!r}")
+            out[key] = tuple(out[key])
+    return out
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 @contextlib.contextmanager

@@ -12,33 +12,32 @@ import os
 import secrets
 import shlex
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import jinja2
 import yaml
 
-from knl_train import yamlconfig
+from knl_train import __version__, resources, yamlconfig
+from knl_train.atomic import default_mode
 from knl_train.errors import UserError
-from knl_train.atomic import default_mode, write_json_atomic
-from knl_train import resources
+from knl_train.studies import manifest, schedulers
+from knl_train.studies.manifest import JobRecord, Manifest, PointRecord
 from knl_train.studies.spec import Point, Study
+from knl_train.train.config import TrainConfig
 
-MANIFEST = "manifest.json"
 PRESET_FILE = "preset.yaml"
-PROGRESS_VAR = "KNL_TRAIN_PROGRESS"
 
 
 @dataclass(frozen=True)
 class Rendered:
     files: Dict[str, str]       # relative path -> text
-    manifest: dict
+    manifest: Manifest
 
 
-def environment(templates: Optional[str] = None):
-    import jinja2
+def environment(templates: Optional[str] = None) -> jinja2.Environment:
     dirs = [str(Path(templates).resolve())] if templates else []
     if templates and not Path(templates).is_dir():
         raise UserError(f"templates directory {templates} does not exist")
@@ -52,8 +51,6 @@ def environment(templates: Optional[str] = None):
 
 def render(study: Study, *, command: Optional[str] = None) -> Rendered:
     """Every file of the study directory, as text, and its manifest (nothing written)."""
-    from knl_train.studies import schedulers
-    import jinja2
     spec, site = study.spec, study.site
     backend = schedulers.get(site.scheduler)
     template_name = f"{site.scheduler}.{backend.script_name.split('.')[-1]}.j2"
@@ -97,17 +94,8 @@ def render(study: Study, *, command: Optional[str] = None) -> Rendered:
                             + "\n  ".join(problems))
         script = f"{p.directory}/{backend.script_name}"
         files[script] = text
-        points.append(_manifest_point(p, script, token, spec.repeats))
-    manifest = {
-        "version": 1, "study": spec.name, "uid": uid, "scheduler": site.scheduler, "site": site.name,
-        "launcher": site.launcher, "preset": study.node.preset.name, "preset_ref": study.preset_ref,
-        "scaling": spec.scaling, "repeats": spec.repeats, "array": spec.array, "chain": spec.chain,
-        "warmup_steps": spec.warmup_steps, "images_per_epoch": spec.images_per_epoch,
-        "project_epochs": spec.project_epochs, "memory_mode": study.memory_mode,
-        "spec_path": str(study.spec_path), "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "knl_train": _version(), "notes": list(study.notes), "points": points,
-    }
-    return Rendered(files=files, manifest=manifest)
+        points.append(_point_record(p, script, token, spec.repeats))
+    return Rendered(files=files, manifest=_manifest(study, uid, points))
 
 
 def write(rendered: Rendered, out, *, force: bool = False) -> Path:
@@ -115,7 +103,7 @@ def write(rendered: Rendered, out, *, force: bool = False) -> Path:
     out = Path(out).resolve()
     old = None
     if out.exists() or out.is_symlink():
-        if not (out.is_dir() and (out / MANIFEST).is_file()):
+        if not (out.is_dir() and (out / manifest.NAME).is_file()):
             raise UserError(f"{out} exists and is not a study directory; choose another --out "
                             "(--force only replaces an earlier rendering)")
         submitted = _submitted_jobs(out)
@@ -139,7 +127,7 @@ def write(rendered: Rendered, out, *, force: bool = False) -> Path:
             path.write_text(text, encoding="utf-8")
             if rel.endswith((".sbatch", ".pbs")):
                 path.chmod(0o755)
-        write_json_atomic(tmp / MANIFEST, rendered.manifest)
+        rendered.manifest.save(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{secrets.token_hex(3)}")
             os.rename(out, old)
@@ -160,52 +148,35 @@ def dry_run_text(rendered: Rendered) -> str:
         if rel.endswith((".sbatch", ".pbs")):
             parts.append(f"==> {rel} <==\n{text}")
     m = rendered.manifest
-    parts.append(f"# {len(m['points'])} point(s) for {m['scheduler']} ({m['site']}); nothing written (--dry-run)")
+    parts.append(f"# {len(m.points)} point(s) for {m.scheduler} ({m.site}); nothing written (--dry-run)")
     return "\n".join(parts)
 
 
 # ---- pieces ------------------------------------------------------------------------------------
 def launcher(study: Study, p: Point) -> str:
     """The launcher's part of the command line, shell-quoted (with $PBS_NODEFILE left to the shell)."""
-    from knl_train.tuning import env as tuning_env, launch
-    site, node = study.site, study.node
-    q = shlex.quote
-    pbs_hosts: List[str] = []
-    if site.launcher == "srun":
-        args = ["srun", f"--nodes={p.nodes}", f"--ntasks={p.ranks}", f"--ntasks-per-node={p.ranks_per_node}",
-                # Explicit: srun 22.05-23.02 does not inherit the job's --cpus-per-task.
-                f"--cpus-per-task={p.cpus_per_task}", f"--cpu-bind=mask_cpu:{tuning_env.cpu_masks(node)}",
-                "--distribution=block:block", "--kill-on-bad-exit=1"]
-        args += [f"--mpi={site.srun_mpi}"] if site.srun_mpi else []
-        args += ["--export=ALL"]
-    elif site.launcher == "mpirun":
-        args = ["mpirun", "-np", str(p.ranks), *launch.openmpi_options(p.ranks_per_node, p.cores_per_rank,
-                                                                       False, {})]
-        # Open MPI forwards only what -x names: every variable the script exports, and PATH.
-        for name, _ in _exports(study):
-            args += ["-x", name]
-        args += ["-x", "PATH"]
-        args += list(site.mpirun_args)
-        if site.scheduler == "pbs":
-            pbs_hosts = ["--hostfile", '"$PBS_NODEFILE"']
-    elif site.launcher == "impi":
-        args = ["mpiexec.hydra", "-n", str(p.ranks), "-ppn", str(p.ranks_per_node)]
-        if site.scheduler == "pbs":
-            pbs_hosts = ["-f", '"$PBS_NODEFILE"']
-    else:  # ibrun (TACC): takes the task count from the job; pinning from I_MPI_PIN_DOMAIN
-        args = ["ibrun"]
-    return " ".join([*(q(a) for a in args), *pbs_hosts])
+    from knl_train.tuning import launchers
+    site = study.site
+    chosen = launchers.get(site.launcher)
+    # The script exports the variables first. Open MPI forwards only what -x names: every
+    # variable the script exports, and PATH; the other launchers pass the environment on.
+    request = launchers.Request(study.node, nodes=p.nodes, exports=dict(_exports(study)), exported=True,
+                                forward=("PATH",), srun_mpi=site.srun_mpi,
+                                options=site.mpirun_args if site.launcher == "mpirun" else ())
+    # PBS names the job's hosts in a file, left to the shell; Slurm tells its launchers itself.
+    hosts = chosen.hosts('"$PBS_NODEFILE"') if site.scheduler == "pbs" else []
+    return " ".join([*(shlex.quote(a) for a in chosen.command(request)), *hosts])
 
 
 def _exports(study: Study) -> List[Tuple[str, str]]:
-    from knl_train.tuning import env as tuning_env
+    from knl_train.tuning import launchers
     node, site = study.node, study.site
     # A preset file travels with the study; its path is found at run time.
     preset = '"$STUDY_DIR/preset.yaml"' if study.preset_ref.endswith((".yaml", ".yml")) \
         else shlex.quote(study.preset_ref)
-    out = list(tuning_env.exports(node, preset).items()) + [(PROGRESS_VAR, "lines")]
-    if site.launcher in ("impi", "ibrun"):
-        out.append(("I_MPI_PIN_DOMAIN", shlex.quote(tuning_env.pin_domains(node))))
+    out = list(launchers.rank_env(node, preset).replace(progress="lines").to_environ().items())
+    # Intel MPI (impi, ibrun) binds by its environment: the script exports the pinning too.
+    out += [(k, shlex.quote(v)) for k, v in launchers.get(site.launcher).binding_env(node).items()]
     out += [(k, shlex.quote(v)) for k, v in site.env.items()]
     return out
 
@@ -242,7 +213,6 @@ def _base_config(study: Study) -> dict:
 
 
 def _point_sets(study: Study, p: Point, base: dict) -> List[str]:
-    from knl_train.train.config import TrainConfig
     spec = study.spec
     sets = ([f"per_rank_batch={p.per_rank_batch}"] if spec.scaling == "weak"
             else [f"global_batch={p.global_batch}"])
@@ -261,23 +231,33 @@ def _point_sets(study: Study, p: Point, base: dict) -> List[str]:
     return sets
 
 
-def _manifest_point(p: Point, script: str, token: str, repeats: int) -> dict:
-    return {"id": p.id, "nodes": p.nodes, "ranks_per_node": p.ranks_per_node, "ranks": p.ranks,
-            "cores_per_rank": p.cores_per_rank, "cpus_per_task": p.cpus_per_task,
-            "global_batch": p.global_batch, "per_rank_batch": p.per_rank_batch, "steps": p.steps,
-            "epochs": p.epochs, "walltime": p.walltime, "queue": p.queue,
-            "constraints": list(p.constraints), "job_name": p.job_name, "script": script,
-            "run_dirs": [f"{p.directory}/run-{r}" for r in range(repeats)], "token": token,
-            "job": {"id": None, "state": "rendered"}}
+def _point_record(p: Point, script: str, token: str, repeats: int) -> PointRecord:
+    return PointRecord(id=p.id, nodes=p.nodes, ranks_per_node=p.ranks_per_node, ranks=p.ranks,
+                       cores_per_rank=p.cores_per_rank, cpus_per_task=p.cpus_per_task,
+                       global_batch=p.global_batch, per_rank_batch=p.per_rank_batch, steps=p.steps,
+                       epochs=p.epochs, walltime=p.walltime, queue=p.queue,
+                       constraints=tuple(p.constraints), job_name=p.job_name, script=script,
+                       run_dirs=tuple(f"{p.directory}/run-{r}" for r in range(repeats)), token=token,
+                       job=JobRecord.new())
+
+
+def _manifest(study: Study, uid: str, points: List[PointRecord]) -> Manifest:
+    spec, site = study.spec, study.site
+    return Manifest.new(
+        study=spec.name, uid=uid, scheduler=site.scheduler, site=site.name, launcher=site.launcher,
+        preset=study.node.preset.name, preset_ref=study.preset_ref, scaling=spec.scaling,
+        repeats=spec.repeats, array=spec.array, chain=spec.chain, warmup_steps=spec.warmup_steps,
+        images_per_epoch=spec.images_per_epoch, project_epochs=spec.project_epochs,
+        memory_mode=study.memory_mode, spec_path=str(study.spec_path), knl_train=__version__,
+        notes=tuple(study.notes), points=tuple(points))
 
 
 def _submitted_jobs(out: Path) -> int:
-    import json
     try:
-        m = json.loads((out / MANIFEST).read_text())
-        return sum(1 for p in m.get("points", []) if (p.get("job") or {}).get("id"))
-    except (OSError, ValueError, AttributeError):
-        return 0
+        m = Manifest.load(out)
+    except UserError:
+        return 0  # a damaged manifest records no job: --force may replace it
+    return sum(1 for p in m.points if p.job is not None and p.job.id)
 
 
 def _from_spec(study: Study, path: str) -> Path:
@@ -286,10 +266,6 @@ def _from_spec(study: Study, path: str) -> Path:
 
 
 def _this_knl_train() -> str:
-    beside = Path(sys.executable).parent / "knl-train"
-    return str(beside) if os.access(beside, os.X_OK) else "knl-train"
+    from knl_train.tuning.launch import beside_python
+    return beside_python("knl-train") or "knl-train"
 
-
-def _version() -> str:
-    from knl_train import __version__
-    return __version__

@@ -2,24 +2,25 @@
 
 Definitions follow jobs_and_schedulers.md 2.6: X is throughput (images/s), the median over
 repeats of each repeat's median per-step rate after the warm-up; the baseline is the smallest
-node count with data (N0, X0); speed-up X/X0; efficiency (X/N)/(X0/N0).
+node count with data (N0, X0); speed-up X/X0; efficiency (X/N)/(X0/N0). The runs are read
+through :mod:`knl_train.records`, the study through its :class:`~.manifest.Manifest`.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import statistics
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from knl_train.errors import UserError
+from knl_train import records
 from knl_train.atomic import save_figure_atomic, write_json_atomic, write_text_atomic
-from knl_train.studies import manifest as manifest_file
-from knl_train.studies.manifest import integer as _integer, number as _number
+from knl_train.errors import UserError
+from knl_train.studies.manifest import Manifest, PointRecord
 
+RESULTS = "results.json"
 EFFICIENCY_GATE = 0.75
 GATE_SOURCE = ("CSC requires at least 75 % parallel efficiency for access to Mahti's large "
                "partition ([CSCfi/csc-user-guide PR #684]"
@@ -30,114 +31,99 @@ BASE_COLUMNS = ("nodes", "ranks", "global_batch", "images_per_sec", "images_per_
 
 # ---- collect ---------------------------------------------------------------------------------
 
-def _job_note(point: dict) -> str:
-    job = point.get("job")
-    if not isinstance(job, dict):
+def _job_note(point: PointRecord) -> str:
+    job = point.job
+    if job is None:
         return "no job recorded in the manifest"
-    state = job.get("state")
-    if state:
-        return f"job {job['id']} {state}" if job.get("id") else f"job {state}"
-    return f"job {job['id']} state unknown" if job.get("id") else "job state unknown"
+    if job.state:
+        return f"job {job.id} {job.state}" if job.id else f"job {job.state}"
+    return f"job {job.id} state unknown" if job.id else "job state unknown"
 
 
 def _step_rates(path: Path, rel: str, warmup: int, resumed: Optional[int]) -> List[float]:
     """Per-step images/s from metrics.jsonl, warm-up left out; ValueError names a bad line."""
     rates = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"{rel} line {n} is not JSON") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{rel} line {n} is not a JSON object")
-            if rec.get("kind") != "step":
-                continue
-            step, ips = rec.get("step"), rec.get("images_per_sec")
-            if not _integer(step) or not _number(ips) or ips <= 0:
-                raise ValueError(f"{rel} line {n}: a step record needs an integer 'step' and a "
-                                 "positive 'images_per_sec'")
-            # A record's rate covers the interval since the previous record; with a record
-            # per step, step > warm-up means the interval starts after it. A resumed run
-            # rebuilds its graph, so its first steps after the checkpoint are warm-up too.
-            if step <= warmup or (resumed and resumed < step <= resumed + warmup):
-                continue
-            rates.append(float(ips))
+    # Only step records: a report does not depend on the other lines, so it does not check them.
+    for rec in records.read_metrics(path, rel, kinds=(records.StepRecord.kind,)):
+        # A record's rate covers the interval since the previous record; with a record
+        # per step, step > warm-up means the interval starts after it. A resumed run
+        # rebuilds its graph, so its first steps after the checkpoint are warm-up too.
+        if rec.step <= warmup or (resumed and resumed < rec.step <= resumed + warmup):
+            continue
+        rates.append(float(rec.images_per_sec))
     return rates
 
 
-def _repeat(study_dir: Path, rel: str, point: dict, warmup: int) -> dict:
+def _repeat(study_dir: Path, rel: str, point: PointRecord, warmup: int) -> dict:
     """One run directory's throughput, or why it has none."""
     run_dir = study_dir / rel
     out = {"run_dir": rel}
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / records.SUMMARY
     if not summary_path.is_file():
         return {**out, "status": "missing", "reason": f"no summary.json; {_job_note(point)}"}
-    srel = f"{rel}/summary.json"
+    srel = f"{rel}/{records.SUMMARY}"
     try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        summary = records.read_summary(summary_path)
+    except (OSError, UnicodeDecodeError) as e:
         return {**out, "status": "problem", "reason": f"{srel} is damaged: {e}"}
-    if not isinstance(summary, dict):
-        return {**out, "status": "problem", "reason": f"{srel} is not a JSON object"}
-    bad = [k for k, ok in (("images_per_sec", _number(summary.get("images_per_sec"))
-                            and summary.get("images_per_sec", 0) > 0),
-                           ("world_size", _integer(summary.get("world_size"))),
-                           ("global_batch", _integer(summary.get("global_batch"))))
+    except ValueError as e:  # "is damaged: ..." or "is not a JSON object"
+        return {**out, "status": "problem", "reason": f"{srel} {e}"}
+    bad = [k for k, ok in (("images_per_sec", records.is_number(summary.images_per_sec)
+                            and summary.images_per_sec > 0),
+                           ("world_size", records.is_integer(summary.world_size)),
+                           ("global_batch", records.is_integer(summary.global_batch)))
            if not ok]
     if bad:
         return {**out, "status": "problem",
                 "reason": f"{srel}: missing or invalid {', '.join(bad)}"}
     # A run with other ranks or another batch measured something else than this point.
-    mismatch = [f"{k} {summary[k]} != point {want}"
-                for k, want in (("world_size", point["ranks"]),
-                                ("global_batch", point["global_batch"]))
-                if summary[k] != want]
+    mismatch = [f"{k} {got} != point {want}"
+                for k, got, want in (("world_size", summary.world_size, point.ranks),
+                                     ("global_batch", summary.global_batch, point.global_batch))
+                if got != want]
     if mismatch:
         return {**out, "status": "problem", "reason": f"{srel}: {'; '.join(mismatch)}"}
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / records.METRICS
     rates: List[float] = []
     if metrics.is_file():
-        resumed = summary.get("resumed_from_step")
+        resumed = summary.resumed_from_step
         try:
-            rates = _step_rates(metrics, f"{rel}/metrics.jsonl", warmup,
-                                resumed if _integer(resumed) else None)
+            rates = _step_rates(metrics, f"{rel}/{records.METRICS}", warmup,
+                                resumed if records.is_integer(resumed) else None)
         except (OSError, UnicodeDecodeError) as e:
-            return {**out, "status": "problem", "reason": f"{rel}/metrics.jsonl: {e}"}
+            return {**out, "status": "problem", "reason": f"{rel}/{records.METRICS}: {e}"}
         except ValueError as e:
             return {**out, "status": "problem", "reason": str(e)}
     if rates:
         return {**out, "status": "ok", "images_per_sec": statistics.median(rates),
                 "source": "metrics", "steps_used": len(rates)}
     # The whole-run rate includes the warm-up: a fallback, marked so the report can say so.
-    return {**out, "status": "ok", "images_per_sec": float(summary["images_per_sec"]),
+    return {**out, "status": "ok", "images_per_sec": float(summary.images_per_sec),
             "source": "summary", "steps_used": 0}
 
 
 def collect(study_dir) -> dict:
     """Every point's repeats and median throughput; written to DIR/results.json."""
     study_dir = Path(study_dir)
-    manifest = manifest_file.load(study_dir)
-    warmup = int(manifest["warmup_steps"])
+    m = Manifest.load(study_dir)
+    warmup = int(m.warmup_steps)
     points = []
-    for p in manifest["points"]:
-        repeats = [_repeat(study_dir, rel, p, warmup) for rel in p["run_dirs"]]
+    for p in m.points:
+        repeats = [_repeat(study_dir, rel, p, warmup) for rel in p.run_dirs]
         values = [r["images_per_sec"] for r in repeats if r["status"] == "ok"]
-        point = {k: p.get(k) for k in ("id", "nodes", "ranks_per_node", "ranks", "global_batch",
-                                       "per_rank_batch", "steps", "job")}
+        point = {"id": p.id, "nodes": p.nodes, "ranks_per_node": p.ranks_per_node, "ranks": p.ranks,
+                 "global_batch": p.global_batch, "per_rank_batch": p.per_rank_batch, "steps": p.steps,
+                 "job": None if p.job is None else p.job.to_dict()}
         point.update({"repeats": repeats, "values": values, "n": len(values),
                       "images_per_sec": statistics.median(values) if values else None,
                       "images_per_sec_min": min(values) if values else None,
                       "images_per_sec_max": max(values) if values else None})
         points.append(point)
     results = {"version": 1, "study_dir": str(study_dir),
-               **{k: manifest.get(k) for k in ("study", "scheduler", "scaling",
-                                               "images_per_epoch", "project_epochs",
-                                               "warmup_steps", "repeats")},
+               **{k: getattr(m, k) for k in ("study", "scheduler", "scaling", "images_per_epoch",
+                                              "project_epochs", "warmup_steps", "repeats")},
                "points": points}
-    write_json_atomic(study_dir / "results.json", results)
+    write_json_atomic(study_dir / RESULTS, results)
     return results
 
 
@@ -284,6 +270,7 @@ def markdown(results: dict, rows: List[dict]) -> str:
 
 def chart(results: dict, rows: List[dict], path: Path) -> None:
     """Images/s (log-log, min-max bars, ideal line) and efficiency against nodes."""
+    # Imported here: matplotlib is optional (report() goes on without the chart) and slow to load.
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -339,11 +326,11 @@ def report(study_dir, out=None) -> Dict[str, Path]:
     if not rows:
         problems = sum(r["status"] == "problem" for p in results["points"] for r in p["repeats"])
         extra = (f" ({problems} repeat(s) have a summary.json that could not be used: see "
-                 f"{study_dir / 'results.json'})" if problems else "")
+                 f"{study_dir / RESULTS})" if problems else "")
         raise UserError(f"no point of study {results['study']} has a summary.json yet{extra}; "
                         f"run `knl-train study status {study_dir}` to see the jobs")
     out = Path(out) if out is not None else study_dir / "report"
-    paths = {"results": study_dir / "results.json", "csv": out / "scaling.csv",
+    paths = {"results": study_dir / RESULTS, "csv": out / "scaling.csv",
              "md": out / "scaling.md", "png": out / "scaling.png"}
     write_text_atomic(paths["csv"], csv_text(results, rows))
     write_text_atomic(paths["md"], markdown(results, rows))

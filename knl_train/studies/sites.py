@@ -6,7 +6,6 @@ them or the path of its own file.
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,6 @@ from knl_train import resources
 # Scheduler names, account, queue, QoS and constraint values go into directive lines, which
 # the schedulers parse themselves (not a shell): allow only what such names are made of.
 SAFE_VALUE = re.compile(r"^[A-Za-z0-9_.:@+=/,&|\[\]-]+$")
-LAUNCHERS = ("srun", "mpirun", "impi", "ibrun")
 
 
 @dataclass(frozen=True)
@@ -130,10 +128,7 @@ def load(ref: str, base: Optional[Path] = None) -> Site:
         if not path.is_file():
             raise UserError(f"site profile {path} does not exist")
     else:
-        close = difflib.get_close_matches(ref, names(), n=1)
-        hint = f" (did you mean {close[0]}?)" if close else ""
-        raise UserError(f"unknown site {ref!r}{hint}; sites: {', '.join(names())}, "
-                        "or the path of a site YAML file")
+        raise yamlconfig.unknown("site", ref, names(), alternative="or the path of a site YAML file")
     data = yamlconfig.load_yaml(path)
     data.setdefault("name", path.stem)
     data["path"] = str(path.resolve())

@@ -6,18 +6,24 @@ from the tuning preset, batch sizes per point, the queue that fits, the walltime
 
 from __future__ import annotations
 
-import ast
+import dataclasses
 import math
-import operator
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
+import yaml
+
 from knl_train import yamlconfig
 from knl_train.errors import UserError
-from knl_train.studies import sites as site_profiles
+from knl_train.studies import sites as site_profiles, walltime
 from knl_train.studies.sites import Site
+from knl_train.train import config as train_config
+from knl_train.train.config import TrainConfig
+from knl_train.tuning import plan as tuning_plan, preset as presets, snapshot, topology
+from knl_train.tuning.plan import NodePlan
 
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k (ILSVRC-2012) training set
 
@@ -82,23 +88,19 @@ class StudySpec:
             raise ValueError(f"nodes must be >= 1, got {list(self.nodes)}")
         if list(self.nodes) != sorted(set(self.nodes)):
             raise ValueError(f"nodes must be increasing, without repeats, got {list(self.nodes)}")
-        for name in ("ranks_per_node", "cores_per_rank"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0: the preset's), got {getattr(self, name)}")
-        for name in ("per_rank_batch", "global_batch", "steps", "epochs"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        try:
+            yamlconfig.at_least(self, 0, "ranks_per_node", "cores_per_rank")
+        except ValueError as e:
+            raise ValueError(f"{e} (0: the preset's)") from None
+        yamlconfig.at_least(self, 1, "per_rank_batch", "global_batch", "steps", "epochs")
         if self.steps is not None and self.epochs is not None:
             raise ValueError("set steps or epochs per point, not both")
         if self.scaling == "weak" and self.global_batch is not None:
             raise ValueError("weak scaling fixes the batch per rank: set per_rank_batch, not global_batch")
         if self.scaling == "strong" and self.per_rank_batch is not None:
             raise ValueError("strong scaling fixes the global batch: set global_batch, not per_rank_batch")
-        for name in ("repeats", "images_per_epoch", "project_epochs", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        yamlconfig.at_least(self, 1, "repeats", "images_per_epoch", "project_epochs", "log_every")
+        yamlconfig.at_least(self, 0, "warmup_steps")
         if self.steps is not None and self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be fewer than steps ({self.steps}): "
                              "no step would be measured")
@@ -143,16 +145,19 @@ class Study:
     site: Site
     spec_path: Path
     preset_ref: str              # a built-in name or a preset file's absolute path
-    node: Any                    # tuning.plan.NodePlan for the site's node
-    train_config: Any            # train.config.TrainConfig (the base, before per-point values)
+    node: NodePlan               # for the site's node
+    train_config: TrainConfig    # the base, before per-point values
     points: Tuple[Point, ...]
     memory_mode: Optional[str]
     notes: Tuple[str, ...] = ()
 
 
 # ---- loading ---------------------------------------------------------------------------------------
-def load(path) -> Study:
-    """Read and validate a study spec; every error names the field and says what to do."""
+def load(path, *, templates: Optional[str] = None) -> Study:
+    """Read and validate a study spec; every error names the field and says what to do.
+
+    ``templates``: a directory of templates that takes precedence over the spec's own.
+    """
     path = Path(path)
     data = yamlconfig.load_yaml(path)
     if isinstance(data.get("nodes"), dict):
@@ -166,6 +171,8 @@ def load(path) -> Study:
         spec = yamlconfig.from_dict(StudySpec, data)
     except UserError as e:
         raise UserError(f"study {path}: {e}") from None
+    if templates:
+        spec = dataclasses.replace(spec, templates=os.path.abspath(templates))
     return expand(spec, path)
 
 
@@ -186,7 +193,6 @@ def _geometric(g: dict) -> List[int]:
 
 
 def expand(spec: StudySpec, spec_path: Path) -> Study:
-    from knl_train.tuning import env as tuning_env
     base = spec_path.parent
     site = site_profiles.load(spec.site, base)
     mode = spec.memory_mode or site.memory_mode
@@ -198,7 +204,7 @@ def expand(spec: StudySpec, spec_path: Path) -> Study:
     if preset_path is not None and not preset_path.is_absolute():
         preset_path = (base / preset_path).resolve()
     topo = _topology(site, preset_arg if preset_path is None else str(preset_path), mode)
-    node = tuning_env.node_plan(preset_arg if preset_path is None else str(preset_path),
+    node = tuning_plan.node_plan(preset_arg if preset_path is None else str(preset_path),
                                 spec.ranks_per_node, cores_per_rank=spec.cores_per_rank, topology=topo)
     preset_ref = node.preset.name if preset_path is None else str(preset_path)
     cfg = _train_config(spec, base)
@@ -209,28 +215,19 @@ def expand(spec: StudySpec, spec_path: Path) -> Study:
 
 
 def _topology(site: Site, preset_ref: str, mode: Optional[str]):
-    from knl_train.tuning import preset as presets, topology
     if site.topology == "detect":
         return topology.detect()
     if site.topology != "nominal":
-        return topology.load_snapshot(site.topology)
-    p = presets.load(preset_ref)
-    n, s = p.node, site.node
-    if n is None:
-        if None in (s.sockets, s.cores_per_socket, s.threads_per_core):
-            raise UserError(f"site {site.name}: preset {p.name} names no node to plan for; give the site "
-                            "node: {sockets: S, cores_per_socket: C, threads_per_core: T}, or topology: detect")
-        return topology.synthetic(s.model_name or f"{site.name} node", "GenuineIntel", (), s.sockets,
-                                  s.cores_per_socket, s.threads_per_core)
-    memory_mode = mode or (n.memory_mode if n.memory_mode != "none" else "cache")
-    return topology.synthetic(s.model_name or n.model_name, n.vendor, n.flags,
-                              s.sockets or n.sockets, s.cores_per_socket or n.cores_per_socket,
-                              s.threads_per_core or n.threads_per_core, memory_gb=n.memory_gb,
-                              mcdram_gb=n.mcdram_gb, memory_mode=memory_mode)
+        return snapshot.load(site.topology)
+    p, s = presets.load(preset_ref), site.node
+    return presets.nominal_topology(
+        p, model_name=s.model_name or (f"{site.name} node" if p.node is None else None),
+        sockets=s.sockets, cores_per_socket=s.cores_per_socket, threads_per_core=s.threads_per_core,
+        memory_mode=mode, where=f"site {site.name}",
+        hint="give the site node: {sockets: S, cores_per_socket: C, threads_per_core: T}, or topology: detect")
 
 
-def _train_config(spec: StudySpec, base: Path):
-    from knl_train.train import config as train_config
+def _train_config(spec: StudySpec, base: Path) -> TrainConfig:
     path = None
     if spec.train.config:
         path = Path(spec.train.config)
@@ -243,11 +240,11 @@ def _train_config(spec: StudySpec, base: Path):
 
 
 def _yaml_scalar(v) -> str:
-    import yaml
     return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("\n...").strip()
 
 
-def _point(spec: StudySpec, site: Site, node, cfg, nodes: int, mode: Optional[str]) -> Point:
+def _point(spec: StudySpec, site: Site, node: NodePlan, cfg: TrainConfig, nodes: int,
+           mode: Optional[str]) -> Point:
     R = node.ranks_per_node
     ranks = nodes * R
     passes = cfg.horovod.backward_passes_per_step
@@ -273,14 +270,14 @@ def _point(spec: StudySpec, site: Site, node, cfg, nodes: int, mode: Optional[st
     variables = {"nodes": nodes, "ranks": ranks, "ranks_per_node": R, "steps": steps or 0,
                  "epochs": epochs or 0, "global_batch": global_batch, "per_rank_batch": per_rank,
                  "repeats": 1 if spec.array else spec.repeats}
-    minutes = walltime_minutes(spec.walltime, variables)
+    minutes = walltime.minutes(spec.walltime, variables)
     queue = _queue(spec, site, nodes, minutes, mode)
     constraints = tuple(spec.constraints) if spec.constraints is not None else \
         tuple(site.constraints) + tuple(site.memory_modes.get(mode, ()) if mode else ())
     pid = f"n{nodes:04d}"
     return Point(id=pid, nodes=nodes, ranks_per_node=R, ranks=ranks, cores_per_rank=node.cores_per_rank,
                  cpus_per_task=node.cpus_per_task, global_batch=global_batch, per_rank_batch=per_rank,
-                 steps=steps, epochs=epochs, walltime=format_minutes(minutes), queue=queue,
+                 steps=steps, epochs=epochs, walltime=walltime.format_minutes(minutes), queue=queue,
                  constraints=constraints, job_name=job_name(spec.name, nodes, site.scheduler))
 
 
@@ -294,7 +291,7 @@ def _queue(spec: StudySpec, site: Site, nodes: int, minutes: float, mode: Option
             return f"at most {q.max_nodes} nodes"
         if nodes < q.min_nodes:
             return f"at least {q.min_nodes} nodes"
-        if q.max_walltime and minutes > walltime_minutes(q.max_walltime, {}):
+        if q.max_walltime and minutes > walltime.minutes(q.max_walltime, {}):
             return f"at most {q.max_walltime}"
         if mode and q.memory_mode and q.memory_mode != mode:
             return f"{q.memory_mode} mode"
@@ -304,7 +301,7 @@ def _queue(spec: StudySpec, site: Site, nodes: int, minutes: float, mode: Option
         why = fits(q) if q else None
         if why:
             raise UserError(f"queue {spec.queue} of site {site.name} takes {why}; the {nodes}-node point asks "
-                            f"for {nodes} nodes, {format_minutes(minutes)}"
+                            f"for {nodes} nodes, {walltime.format_minutes(minutes)}"
                             f"{f', {mode} mode' if mode else ''}: drop queue to let the site pick, or change the point")
         return spec.queue
     if not site.queues:
@@ -312,7 +309,7 @@ def _queue(spec: StudySpec, site: Site, nodes: int, minutes: float, mode: Option
     for q in site.queues:
         if fits(q) is None:
             return q.name
-    raise UserError(f"no queue of site {site.name} takes the {nodes}-node point ({format_minutes(minutes)}"
+    raise UserError(f"no queue of site {site.name} takes the {nodes}-node point ({walltime.format_minutes(minutes)}"
                     f"{f', {mode} mode' if mode else ''}): "
                     + "; ".join(f"{q.name} takes {fits(q)}" for q in site.queues))
 
@@ -327,59 +324,3 @@ def job_name(study: str, nodes: int, scheduler: str) -> str:
     if scheduler == "pbs":
         return slug[:15 - len(suffix)].rstrip("_") + suffix
     return slug[:64] + suffix
-
-
-# ---- walltime ----------------------------------------------------------------------------------------
-_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d{1,2}))?(?::(\d{1,2}))?$")
-# Powers in floats: an absurd exponent overflows at once instead of computing a huge integer.
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-        ast.FloorDiv: operator.floordiv, ast.Pow: lambda a, b: float(a) ** float(b), ast.Mod: operator.mod}
-_FUNCS = {"min": min, "max": max, "ceil": math.ceil, "log2": math.log2, "sqrt": math.sqrt}
-
-
-def walltime_minutes(text, variables: Dict[str, float]) -> float:
-    """Minutes from "HH:MM:SS" (also MM:SS, D-HH, D-HH:MM:SS) or an arithmetic formula in minutes."""
-    text = str(text).strip()
-    m = _TIME.match(text)
-    if m and (":" in text or "-" in text):
-        days, a, b, c = m.groups()
-        if c is not None:           # H:M:S
-            h, mi, s = int(a), int(b), int(c)
-        elif days is not None:      # D-H or D-H:M, as Slurm reads them
-            h, mi, s = int(a), int(b or 0), 0
-        else:                       # M:S, as Slurm and PBS both read two fields
-            h, mi, s = 0, int(a), int(b or 0)
-        return int(days or 0) * 1440 + h * 60 + mi + s / 60
-    try:
-        tree = ast.parse(text, mode="eval")
-        value = _eval(tree.body, variables)
-    except (SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError) as e:
-        raise UserError(f"walltime {text!r}: {e}; write HH:MM:SS or a formula in minutes over "
-                        f"{', '.join(sorted(variables)) or 'no variables'} (e.g. \"10 + 0.5 * repeats\")") from None
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise UserError(f"walltime {text!r} gives {value!r} minutes at {variables}; it must be > 0")
-    return float(value)
-
-
-def _eval(node, variables):
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-        return node.value
-    if isinstance(node, ast.Name):
-        if node.id not in variables:
-            raise ValueError(f"unknown name {node.id!r}")
-        return variables[node.id]
-    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-        return _OPS[type(node.op)](_eval(node.left, variables), _eval(node.right, variables))
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        v = _eval(node.operand, variables)
-        return -v if isinstance(node.op, ast.USub) else v
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS \
-            and not node.keywords:
-        return _FUNCS[node.func.id](*(_eval(a, variables) for a in node.args))
-    raise ValueError("only numbers, the variables, + - * / // % **, min, max, ceil, log2 and sqrt are allowed")
-
-
-def format_minutes(minutes: float) -> str:
-    """HH:MM:SS, rounded up to the minute (both Slurm and PBS read it)."""
-    total = math.ceil(minutes - 1e-9)
-    return f"{total // 60:02d}:{total % 60:02d}:00"

@@ -1,4 +1,8 @@
-"""The training config: frozen dataclasses, one field per YAML key and ``--set`` override."""
+"""The training config: frozen dataclasses, one field per YAML key and ``--set`` override.
+
+The optimizer, schedule and compression choices are the ``Literal`` types of ``optim/names.py``
+(the lists the optimizer registry is checked against); loading imports no TensorFlow.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Tuple
 
 from knl_train import yamlconfig
+from knl_train.optim import names, recipes
+from knl_train.yamlconfig import in_range
 
 
 @dataclass(frozen=True)
@@ -33,17 +39,13 @@ class DataConfig:
     shuffle_buffer: int = 1024
 
     def __post_init__(self):
-        _positive(self, "image_size", "shuffle_buffer")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0: the launcher preset's, else 1), got {self.threads}")
-        for name in ("num_classes", "num_examples"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        in_range(self, "image_size", "shuffle_buffer", "num_classes", "num_examples", above=0)
+        in_range(self, "threads", minimum=0)  # 0: the launcher preset's, else 1
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    name: Literal["lars", "lamb", "sgd"] = "lars"
+    name: names.OptimizerName = "lars"
     momentum: float = 0.9
     # Goyal / Intel Caffe: momentum x lr_t / lr_(t-1) while the LR warms up. Only for variants
     # that keep the LR inside the momentum buffer (LARS you, model_garden).
@@ -53,7 +55,7 @@ class OptimizerConfig:
     # None: the optimizer's own default (LARS 0.0, LAMB 1e-6).
     epsilon: Optional[float] = None
     nesterov: bool = False
-    variant: Literal["you", "tf_contrib", "model_garden"] = "you"
+    variant: names.LarsVariant = "you"
     beta_1: float = 0.9
     beta_2: float = 0.999
     exclude_from_weight_decay: Optional[Tuple[str, ...]] = None
@@ -75,26 +77,22 @@ class ScheduleConfig:
     ``warmup_scaling`` (legw: warmup epochs grow with the batch, You et al.).
     """
 
-    kind: Literal["poly", "step", "cosine"] = "poly"
+    kind: names.ScheduleKind = "poly"
     peak_lr: float = 2.0
     warmup_epochs: float = 1.0
     warmup_start_lr: float = 0.0
     end_lr: float = 0.0
     power: float = 2.0
-    decay_over: Literal["after_warmup", "global"] = "after_warmup"
+    decay_over: names.DecayMode = "after_warmup"
     boundary_epochs: Tuple[float, ...] = (30.0, 60.0, 80.0)
     decay_factor: float = 0.1
     reference_batch: Optional[int] = None
-    scaling: Literal["none", "linear", "sqrt"] = "none"
-    warmup_scaling: Literal["constant", "legw"] = "constant"
+    scaling: names.ScalingRule = "none"
+    warmup_scaling: names.WarmupRule = "constant"
 
     def __post_init__(self):
-        if self.reference_batch is not None and self.reference_batch <= 0:
-            raise ValueError(f"reference_batch must be > 0, got {self.reference_batch}")
-        if self.peak_lr <= 0:
-            raise ValueError(f"peak_lr must be > 0, got {self.peak_lr}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        in_range(self, "reference_batch", "peak_lr", above=0)
+        in_range(self, "warmup_epochs", minimum=0)
 
 
 @dataclass(frozen=True)
@@ -104,15 +102,13 @@ class HorovodConfig:
     fusion_threshold_mb: Optional[float] = None
     cycle_time_ms: Optional[float] = None
     # fp16: gradients travel as float16 in the allreduce (half the bytes).
-    compression: Literal["none", "fp16"] = "none"
+    compression: names.Compression = "none"
     # Gradient accumulation: k micro-batches per rank per optimizer update.
     backward_passes_per_step: int = 1
 
     def __post_init__(self):
-        _positive(self, "backward_passes_per_step")
-        for name in ("fusion_threshold_mb", "cycle_time_ms"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        in_range(self, "backward_passes_per_step", above=0)
+        in_range(self, "fusion_threshold_mb", "cycle_time_ms", minimum=0)
 
 
 @dataclass(frozen=True)
@@ -124,8 +120,7 @@ class ThreadsConfig:
     inter_op: int = 0
 
     def __post_init__(self):
-        if self.intra_op < 0 or self.inter_op < 0:
-            raise ValueError("threads.intra_op and threads.inter_op must be >= 0 (0 = automatic)")
+        in_range(self, "intra_op", "inter_op", minimum=0)  # 0 = automatic
 
 
 @dataclass(frozen=True)
@@ -136,9 +131,7 @@ class CheckpointConfig:
     keep: int = 3
 
     def __post_init__(self):
-        _positive(self, "every_epochs", "keep")
-        if self.every_minutes is not None and self.every_minutes <= 0:
-            raise ValueError(f"every_minutes must be > 0, got {self.every_minutes}")
+        in_range(self, "every_epochs", "keep", "every_minutes", above=0)
 
 
 @dataclass(frozen=True)
@@ -147,7 +140,7 @@ class EvalConfig:
     every_epochs: int = 1
 
     def __post_init__(self):
-        _positive(self, "every_epochs")
+        in_range(self, "every_epochs", above=0)
 
 
 @dataclass(frozen=True)
@@ -185,14 +178,11 @@ class TrainConfig:
     guard_every: int = 20
 
     def __post_init__(self):
-        _positive(self, "epochs", "log_every", "guard_every")
+        in_range(self, "epochs", "log_every", "guard_every", above=0)
         if self.global_batch is not None and self.per_rank_batch is not None:
             raise ValueError("set global_batch or per_rank_batch, not both")
-        for name in ("global_batch", "per_rank_batch", "steps"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        in_range(self, "global_batch", "per_rank_batch", "steps", above=0)
+        in_range(self, "label_smoothing", minimum=0, below=1)
 
     def batch_sizes(self, world_size: int) -> Tuple[int, int]:
         """(global batch, per-rank micro-batch) on ``world_size`` ranks.
@@ -229,7 +219,6 @@ def load(path: Optional[str], overrides=()) -> TrainConfig:
 
 
 def _with_recipe(data: dict) -> dict:
-    from knl_train.optim import recipes
     base = recipes.get(str(data["recipe"])).to_config_dict()
     if "global_batch" in data or "per_rank_batch" in data:
         base.pop("global_batch", None)
@@ -247,9 +236,3 @@ def _deep_merge(base: dict, top: dict) -> dict:
             out[key] = value
     return out
 
-
-def _positive(obj, *names):
-    for n in names:
-        v = getattr(obj, n)
-        if v <= 0:
-            raise ValueError(f"{n} must be > 0, got {v}")

@@ -1,9 +1,10 @@
-"""Launcher lines: ``mpirun`` (Open MPI, MPICH/Intel MPI Hydra) or ``horovodrun --gloo``.
+"""``knl-train launch``: a ``LaunchPlan`` on this host, and the line that runs it.
 
-We build ``mpirun`` lines ourselves instead of using horovodrun's, which force TCP
-(``-mca pml ob1 -mca btl ^openib``) and ``-bind-to none`` (stack_and_cpu_tuning.md §1.5).
-Open MPI refuses to run as root without ``--allow-run-as-root``; we pass that switch only
-when we are root, and never through the environment, so it cannot leak into other runs.
+The line comes from ``launchers``: Open MPI's ``mpirun``, Hydra's (MPICH, Intel MPI), found by
+asking ``mpirun --version``, or ``horovodrun --gloo``. With a preset every rank runs under
+``knl-train exec``, which applies the rank's share of the plan. Open MPI refuses to run as root
+without ``--allow-run-as-root``; we pass that switch only when we are root, and never through
+the environment, so it cannot leak into other runs.
 """
 
 from __future__ import annotations
@@ -17,12 +18,17 @@ import sys
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+from knl_train import log as logs
 from knl_train.errors import UserError
-from knl_train.runtime.rankenv import LAUNCH_VARS
+from knl_train.runtime.rankenv import LAUNCH_VARS, VAR_PREFIX, RankEnv
+from knl_train.tuning import launchers, plan as planning, show
+from knl_train.tuning.plan import NodePlan
+
+log = logs.get(__name__)
 
 CONTROLLERS = ("mpi", "gloo")
 # Forwarded to remote ranks with -x (local ranks inherit the environment anyway).
-FORWARD_PREFIXES = ("TF_", "HOROVOD_", "OMP_", "KMP_", "KNL_TRAIN_", "ITEX_", "ONEDNN_", "DNNL_")
+FORWARD_PREFIXES = ("TF_", "HOROVOD_", "OMP_", "KMP_", VAR_PREFIX, "ITEX_", "ONEDNN_", "DNNL_")
 FORWARD_NAMES = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV")
 
 
@@ -58,6 +64,14 @@ class LaunchPlan:
         if not self.hostfile and self.ranks_per_node and self.ranks_per_node != self.np:
             raise UserError(f"-np {self.np} with --ranks-per-node {self.ranks_per_node} on one host: "
                             "pass --hostfile for several nodes, or drop --ranks-per-node")
+
+    def node(self, topology=None) -> Optional[NodePlan]:
+        """The preset's plan for one node of this launch, or None without a preset."""
+        if self.preset is None:
+            return None
+        ranks = self.ranks_per_node or (0 if self.hostfile else self.np)
+        return planning.node_plan(self.preset, ranks, cores_per_rank=self.threads_per_rank,
+                                  oversubscribe=self.oversubscribe, topology=topology)
 
 
 def available_cores() -> int:
@@ -106,120 +120,72 @@ def check_fits(plan: LaunchPlan) -> None:
             "it is much slower and nothing is bound).")
 
 
-SIGKILL_GRACE_SECONDS = 10
-
-
-def node_plan(plan: LaunchPlan, topology=None):
-    """The preset's plan for one node of this launch, or None without a preset."""
-    if plan.preset is None:
-        return None
-    from knl_train.tuning import env
-    ranks = plan.ranks_per_node or (0 if plan.hostfile else plan.np)
-    return env.node_plan(plan.preset, ranks, cores_per_rank=plan.threads_per_rank,
-                         oversubscribe=plan.oversubscribe, topology=topology)
-
-
-def exports(plan: LaunchPlan, node) -> dict:
-    """What every rank needs to find its own settings (see ``env.apply``)."""
-    if node is None:
-        return {}
-    from knl_train.tuning import env
-    ref = env.preset_ref(plan.preset, node)
-    return env.exports(node, ref, plan.oversubscribe)
-
-
-def openmpi_options(ranks_per_node: int, cores_per_rank: int, oversubscribe: bool,
-                    exports: dict) -> List[str]:
-    """Open MPI's binding, signal and polling settings and the preset's exports, for a preset."""
-    if oversubscribe:
-        line = ["--oversubscribe", "--bind-to", "none"]
-    else:
-        line = ["--map-by", f"ppr:{ranks_per_node}:node:PE={cores_per_rank}", "--bind-to", "core"]
-    line += _OPENMPI_MCA
-    for k, v in exports.items():
-        line += ["-x", f"{k}={v}"]
-    return line
-
-
-def hydra_options(node, exports: dict) -> List[str]:
-    """Hydra's ranks per node and, for Intel MPI, one pinning domain per local rank."""
-    from knl_train.tuning import env
-    line = ["-ppn", str(node.ranks_per_node)]
-    if not node.oversubscribed:
-        line += ["-genv", "I_MPI_PIN_DOMAIN", env.pin_domains(node)]
-    for k, v in exports.items():
-        line += ["-genv", k, v]
-    return line
-
-
-# At a time limit the scheduler sends SIGTERM to mpirun as well as to the ranks; mpirun then
-# SIGKILLs them after twice odls_base_sigkill_timeout seconds (default 1). The grace lets rank 0
-# finish its checkpoint, and stays under Slurm's default KillWait of 30 s.
-# Horovod's background thread shares the rank's cores with the compute threads; busy polling
-# in MPI steals them from the backward pass (Horovod #2804). Yielding measured 2 ranks x 1 core
-# at 0.99 of 2 x 1 rank, against 0.66 polling (bench_trainer.py).
-_OPENMPI_MCA = ["--mca", "odls_base_sigkill_timeout", str(SIGKILL_GRACE_SECONDS),
-                "--mca", "mpi_yield_when_idle", "1"]
-
-
 def knl_train_exec() -> List[str]:
     """``knl-train exec --`` of the Python running us (an unactivated venv is not on PATH)."""
-    beside = os.path.join(os.path.dirname(sys.executable), "knl-train")
-    if os.access(beside, os.X_OK):
+    beside = beside_python("knl-train")
+    if beside:
         return [beside, "exec", "--"]
     return [sys.executable, "-m", "knl_train.cli", "exec", "--"]
 
 
-def argv(plan: LaunchPlan, *, is_root: Optional[bool] = None, environ=None, node=None) -> List[str]:
-    """The full launcher command line for ``plan`` (``node``: its ``node_plan``, if made already)."""
-    node = node_plan(plan) if node is None else node
+def beside_python(program: str) -> Optional[str]:
+    """``program`` installed next to the Python running us, if there (a venv's own scripts)."""
+    beside = os.path.join(os.path.dirname(sys.executable), program)
+    return beside if os.access(beside, os.X_OK) else None
+
+
+def argv(plan: LaunchPlan, *, is_root: Optional[bool] = None, environ=None,
+         node: Optional[NodePlan] = None) -> List[str]:
+    """The full launcher command line for ``plan`` (``node``: its ``plan.node()``, if made already)."""
+    node = plan.node() if node is None else node
     if node is None:
         check_fits(plan)
-    xs = exports(plan, node)
-    command = list(plan.command) if node is None else [*knl_train_exec(), *plan.command]
-    is_root = (os.geteuid() == 0) if is_root is None else is_root
-    if plan.controller == "gloo":
-        # The horovodrun of the Python running us (an unactivated venv is not on PATH).
-        beside = os.path.join(os.path.dirname(sys.executable), "horovodrun")
-        hvdrun = beside if os.access(beside, os.X_OK) else shutil.which("horovodrun")
-        if not hvdrun:
-            raise UserError("horovodrun is not on PATH; run 'make env' or activate .venv")
-        line = [hvdrun, "--gloo", "-np", str(plan.np)]
-        line += ["--hostfile", plan.hostfile] if plan.hostfile else ["-H", f"localhost:{plan.np}"]
-        # horovodrun passes its own environment on to the ranks.
-        if xs:
-            line = [shutil.which("env") or "/usr/bin/env", *(f"{k}={v}" for k, v in xs.items()), *line]
-        return line + command
+        exports, command = {}, list(plan.command)
+    else:
+        ref = planning.preset_ref(plan.preset, node)
+        exports = launchers.rank_env(node, ref, oversubscribe=plan.oversubscribe).to_environ()
+        command = [*knl_train_exec(), *plan.command]
+    name, program = _launcher(plan.controller)
+    request = launchers.Request(
+        node, ranks=plan.np, exports=exports, forward=tuple(forwarded_env(environ)),
+        hostfile=plan.hostfile, oversubscribe=plan.oversubscribe, cores_per_rank=_threads(plan),
+        program=program, as_root=(os.geteuid() == 0) if is_root is None else is_root)
+    return launchers.get(name).command(request) + command
 
+
+def _launcher(controller: str) -> Tuple[str, str]:
+    """The launcher's registered name and executable: horovodrun for gloo, else this MPI's mpirun."""
+    if controller == "gloo":
+        # The horovodrun of the Python running us (an unactivated venv is not on PATH).
+        program = beside_python("horovodrun") or shutil.which("horovodrun")
+        if not program:
+            raise UserError("horovodrun is not on PATH; run 'make env' or activate .venv")
+        return "horovodrun", program
     mpirun = shutil.which("mpirun")
     if not mpirun:
         raise UserError("mpirun is not on PATH: load your site's MPI module (module load openmpi) "
                         "or run 'make env', which installs Open MPI on Debian/Ubuntu")
-    flavour = mpi_flavour(mpirun)
-    line = [mpirun, "-np", str(plan.np)]
-    if flavour == "openmpi":
-        if is_root:
-            line.append("--allow-run-as-root")
-        if plan.hostfile:
-            line += ["--hostfile", plan.hostfile]
-        if node is not None:
-            line += openmpi_options(node.ranks_per_node, node.cores_per_rank, plan.oversubscribe, xs)
-        else:
-            line += (["--oversubscribe", "--bind-to", "none"] if plan.oversubscribe
-                     else ["--map-by", f"slot:PE={_threads(plan)}", "--bind-to", "core"])
-            line += _OPENMPI_MCA
-        for name in forwarded_env(environ):
-            line += ["-x", name]
-    else:
-        # Hydra: binding comes from I_MPI_PIN_* / -bind-to, environment from -genvlist.
-        if plan.hostfile:
-            line += ["-f", plan.hostfile]
-        names = forwarded_env(environ)
-        if names:
-            line += ["-genvlist", ",".join(names)]
-        if node is not None:
-            line += hydra_options(node, xs)
-    return line + command
+    # Hydra (MPICH, Intel MPI) binds by I_MPI_PIN_* / -bind-to, and takes the environment by -genvlist.
+    return ("mpirun" if mpi_flavour(mpirun) == "openmpi" else "impi"), mpirun
+
+
+def prepare(plan: LaunchPlan) -> List[str]:
+    """``knl-train launch``: plan the node, say what the plan warns of, and give the line."""
+    node = plan.node()
+    if node is not None:
+        show.tell(node)
+        if plan.hostfile and plan.preset == "auto":
+            log.info(f"note: the preset ({node.preset.name}) and the cores per rank were worked out "
+                     "on this host; pass --preset and --ranks-per-node if the nodes in the hostfile "
+                     "differ from it")
+    return argv(plan, node=node)
+
+
+def default_progress(environ=None, *, tty: Optional[bool] = None) -> None:
+    """Ranks draw a progress bar on a terminal and write lines into a log file, unless told."""
+    environ = os.environ if environ is None else environ
+    tty = sys.stdout.isatty() if tty is None else tty
+    environ.setdefault(RankEnv.var("progress"), "bar" if tty else "lines")
 
 
 def render(line: Sequence[str]) -> str:

@@ -8,12 +8,15 @@ leaves the last ``spare_cores`` to Horovod's background thread and tf.data.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Tuple
 
 from knl_train.errors import UserError
+from knl_train.runtime.rankenv import RankEnv
+from knl_train.tuning import preset as presets, topology as topologies
 from knl_train.tuning.preset import Preset, Settings
-from knl_train.tuning.topology import format_cpulist
+from knl_train.tuning.topology import Topology, format_cpulist
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,12 @@ class RankPlan:
     intra_op: int
     inter_op: int
     data_threads: int
-    env: Tuple[Tuple[str, str], ...]
+    rank_env: RankEnv              # the rank's threading and library variables
+
+    @property
+    def env(self) -> Tuple[Tuple[str, str], ...]:
+        """``rank_env`` as sorted (variable, value) pairs."""
+        return tuple(sorted(self.rank_env.to_environ().items()))
 
     @property
     def environ(self) -> Dict[str, str]:
@@ -77,7 +85,6 @@ def plan(preset: Preset, topology, ranks_per_node: Optional[int] = None, *,
     settings = preset.settings_for(R, topology.sockets)
     warnings, notes = [], []
     if not preset.matches(topology):
-        from knl_train.tuning import preset as presets
         warnings.append(f"preset {preset.name} ({preset.title}) does not match this CPU: "
                         f"{topology.model_name} (detected preset: {presets.detect(topology).name})")
     if settings.itex and topology.is_knl:
@@ -119,34 +126,25 @@ def plan(preset: Preset, topology, ranks_per_node: Optional[int] = None, *,
     # picks entry [local_rank] and ignores the variable unless it has local_size entries.
     hvd_affinity = (",".join(str(s[0]) for _, _, _, s in ranks)
                     if all(s for _, _, _, s in ranks) else None)
-    node_env = {
-        "TF_ENABLE_ONEDNN_OPTS": "1" if settings.onednn else "0",
-        "KNL_TRAIN_ITEX": "1" if settings.itex else "0",
-        "KMP_BLOCKTIME": str(settings.kmp_blocktime),
-        "HOROVOD_FUSION_THRESHOLD": str(int(settings.fusion_threshold_mb * 1024 * 1024)),
-        "HOROVOD_CYCLE_TIME": f"{settings.cycle_time_ms:g}",
-        "KNL_TRAIN_DATA_THREADS": str(settings.data_threads),
-    }
-    if hvd_affinity:
-        node_env["HOROVOD_THREAD_AFFINITY"] = hvd_affinity
-    if topology.threads_per_core > 1:
-        node_env["KMP_HW_SUBSET"] = f"{ht}t"
+    node_env = RankEnv(
+        onednn=settings.onednn, itex=settings.itex, kmp_blocktime=str(settings.kmp_blocktime),
+        fusion_threshold_bytes=int(settings.fusion_threshold_mb * 1024 * 1024),
+        cycle_time_ms=float(settings.cycle_time_ms), data_threads=settings.data_threads,
+        horovod_thread_affinity=hvd_affinity,
+        kmp_hw_subset=f"{ht}t" if topology.threads_per_core > 1 else None)
 
     out = []
     for r, cpus, compute_cpus, spare_cpus in ranks:
         intra = settings.intra_op or len(compute_cpus)
-        env = dict(node_env)
-        env["TF_NUM_INTRAOP_THREADS"] = str(intra)
-        env["TF_NUM_INTEROP_THREADS"] = str(settings.inter_op)
-        env["OMP_NUM_THREADS"] = str(intra)
+        env = node_env.replace(intra_op=intra, inter_op=settings.inter_op, omp_threads=intra)
         if not oversubscribed:
             if settings.affinity == "kmp":
-                env["KMP_AFFINITY"] = f"granularity=fine,proclist=[{cpulist(compute_cpus)}],explicit"
+                env = env.replace(kmp_affinity=f"granularity=fine,proclist=[{cpulist(compute_cpus)}],explicit")
             else:
-                env["OMP_PLACES"] = ",".join(f"{{{c}}}" for c in compute_cpus)
-                env["OMP_PROC_BIND"] = "close"
+                env = env.replace(omp_places=",".join(f"{{{c}}}" for c in compute_cpus),
+                                  omp_proc_bind="close")
         out.append(RankPlan(r, cpus, compute_cpus, spare_cpus, intra, settings.inter_op,
-                            settings.data_threads, tuple(sorted(env.items()))))
+                            settings.data_threads, env))
 
     numactl: Tuple[str, ...] = ()
     if settings.memory == "mcdram":
@@ -161,3 +159,21 @@ def plan(preset: Preset, topology, ranks_per_node: Optional[int] = None, *,
     return NodePlan(preset, settings, R, T, T * topology.threads_per_core, oversubscribed,
                     tuple(out), numactl,
                     tuple(warnings), tuple(notes))
+
+
+def node_plan(preset_ref: str, ranks_per_node: int = 0, *, cores_per_rank: int = 0,
+              oversubscribe: bool = False, topology: Optional[Topology] = None) -> NodePlan:
+    """``plan`` for a preset name, file or "auto" (chosen from the CPU) on ``topology`` (default:
+    this node)."""
+    topology = topologies.detect() if topology is None else topology
+    chosen = presets.detect(topology) if preset_ref == "auto" else presets.load(preset_ref)
+    return plan(chosen, topology, ranks_per_node or None,
+                cores_per_rank=cores_per_rank, oversubscribe=oversubscribe)
+
+
+def preset_ref(arg: str, node: NodePlan) -> str:
+    """What ranks are told: the preset's name ("auto" resolved, so a line says which preset
+    every rank applies), or a preset file's absolute path (ranks may start elsewhere)."""
+    if arg == "auto" or arg in presets.names():
+        return node.preset.name
+    return os.path.abspath(arg)

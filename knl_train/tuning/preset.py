@@ -14,17 +14,18 @@ a preset file of the same format, which ``env`` and ``launch`` accept.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional, Tuple
+from typing import Any, Dict, Literal, Optional, Tuple, Union
 
 import yaml
 
 from knl_train import resources, yamlconfig
-from knl_train.errors import UserError
 from knl_train.atomic import write_text_atomic
+from knl_train.errors import UserError
+from knl_train.tuning import topology as topologies
+from knl_train.tuning.topology import Topology
 
 PACKAGE = "knl_train.tuning.presets"
 
@@ -53,17 +54,9 @@ class Settings:
     memory: Literal["local", "mcdram"] = "local"
 
     def __post_init__(self):
-        for name in ("spare_cores", "intra_op"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("threads_per_core", "inter_op", "data_threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.kmp_blocktime < 0 or self.fusion_threshold_mb < 0 or self.cycle_time_ms < 0:
-            raise ValueError("kmp_blocktime, fusion_threshold_mb and cycle_time_ms must be >= 0")
-
-
-SETTING_NAMES = tuple(f.name for f in dataclasses.fields(Settings))
+        yamlconfig.at_least(self, 0, "spare_cores", "intra_op", "kmp_blocktime", "fusion_threshold_mb",
+                            "cycle_time_ms")
+        yamlconfig.at_least(self, 1, "threads_per_core", "inter_op", "data_threads")
 
 
 @dataclass(frozen=True)
@@ -216,10 +209,7 @@ def load(name_or_path: str) -> Preset:
         where = f"preset file {path}"
         return _from_data(_read(path.read_text(encoding="utf-8"), where), where,
                           str(path.resolve()))
-    close = difflib.get_close_matches(name_or_path, names(), n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    raise UserError(f"unknown preset {name_or_path!r}{hint}; presets: {', '.join(names())}, "
-                    "or the path of a preset YAML file")
+    raise yamlconfig.unknown("preset", name_or_path, names(), "or the path of a preset YAML file")
 
 
 def detect(topology) -> Preset:
@@ -230,3 +220,29 @@ def detect(topology) -> Preset:
 
 def dump(preset: Preset, path) -> None:
     write_text_atomic(path, preset.to_yaml())
+
+
+def nominal_topology(preset: Union[Preset, str], *, model_name: Optional[str] = None,
+                     sockets: Optional[int] = None, cores_per_socket: Optional[int] = None,
+                     threads_per_core: Optional[int] = None, memory_mode: Optional[str] = None,
+                     where: str = "", hint: str = "") -> Topology:
+    """The node ``preset`` (or a preset name or file) was written for, as a synthetic topology.
+
+    The arguments given replace the preset's node (a site's own node type); a preset that names
+    no node needs all three counts, and is then a generic Intel node. When neither says what to
+    plan for, the error starts with ``where`` and ends with ``hint``. The memory mode (KNL:
+    cache or flat) is ``memory_mode`` or the preset node's.
+    """
+    p = load(preset) if isinstance(preset, str) else preset
+    n = p.node
+    if n is None:
+        if None in (sockets, cores_per_socket, threads_per_core):
+            raise UserError(f"{where + ': ' if where else ''}preset {p.name} names no node to plan for"
+                            + (f"; {hint}" if hint else ""))
+        return topologies.synthetic(model_name or Node.model_name, "GenuineIntel", (), sockets,
+                                    cores_per_socket, threads_per_core)
+    mode = memory_mode or (n.memory_mode if n.memory_mode != "none" else "cache")
+    return topologies.synthetic(model_name or n.model_name, n.vendor, n.flags, sockets or n.sockets,
+                                cores_per_socket or n.cores_per_socket,
+                                threads_per_core or n.threads_per_core, memory_gb=n.memory_gb,
+                                mcdram_gb=n.mcdram_gb, memory_mode=mode)

@@ -2,14 +2,13 @@
 
 Everything is read from Linux's own files (``/proc``, ``/sys``) through a tiny reader, so the
 same parsing serves the live node (``detect()``) and a snapshot recorded on another node
-(``record()`` / ``from_snapshot()``). ``lscpu`` is optional: it fills in the topology when a
+(``snapshot.record()`` / ``snapshot.load()``). ``lscpu`` is optional: it fills in the topology when a
 container hides ``sys/devices/system/cpu/cpuN/topology`` and names the hypervisor.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import shutil
@@ -49,7 +48,7 @@ class NumaNode:
 
 @dataclass(frozen=True)
 class Topology:
-    """One node as Linux shows it to this process; see detect(), from_snapshot(), synthetic()."""
+    """One node as Linux shows it to this process; see detect(), snapshot.load(), synthetic()."""
     vendor: str
     model_name: str
     family: int
@@ -161,8 +160,6 @@ class Topology:
             raise UserError(f"not a topology summary (from Topology.to_dict()): {e!r}") from None
 
 
-from_dict = Topology.from_dict
-
 
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
@@ -194,10 +191,13 @@ def format_cpulist(ids: Iterable[int], keep_order: bool = False) -> str:
     return ",".join(runs)
 
 
-# --- readers: live files under a root, or a snapshot's dict ---------------------------------------
+# --- reading: live files under a root (snapshot.py reads a recorded snapshot's dict) ---------------
 
-class _FsReader:
-    """Files under `root`; lscpu only for the live root (it describes this machine, not `root`)."""
+class FsReader:
+    """Files under `root`; lscpu only for the live root (it describes this machine, not `root`).
+
+    Every reader gives ``name``, ``read(rel)``, ``listdir(rel)``, ``lscpu()`` and ``where(rel)``;
+    ``parse`` needs nothing else (``snapshot.py`` has a snapshot's reader and a recording one)."""
 
     def __init__(self, root: str):
         self.root = root
@@ -227,73 +227,10 @@ class _FsReader:
         return os.path.join(self.root, rel)
 
 
-class _SnapshotReader:
-    def __init__(self, snapshot: dict):
-        if not isinstance(snapshot, dict) or not isinstance(snapshot.get("files"), dict):
-            raise UserError("not a topology snapshot: expected {'name': ..., 'files': {path: text}, 'lscpu': ...}; "
-                            + RECORD_HINT)
-        self.files: Dict[str, str] = snapshot["files"]
-        self.name = snapshot.get("name") or "snapshot"
-        self._lscpu = snapshot.get("lscpu")
-
-    def read(self, rel: str) -> Optional[str]:
-        return self.files.get(rel)
-
-    def listdir(self, rel: str) -> List[str]:
-        prefix = rel.rstrip("/") + "/"
-        return sorted({p[len(prefix):].split("/", 1)[0] for p in self.files if p.startswith(prefix)})
-
-    def lscpu(self) -> Optional[str]:
-        return self._lscpu
-
-    def where(self, rel: str) -> str:
-        return f"{rel} in snapshot {self.name!r}"
-
-
-class _RecordingReader:
-    """Passes reads through and keeps what was found, trimmed to what the parsers use."""
-
-    def __init__(self, inner: _FsReader):
-        self.inner = inner
-        self.name = inner.name
-        self.files: Dict[str, str] = {}
-
-    def read(self, rel: str) -> Optional[str]:
-        text = self.inner.read(rel)
-        if text is not None:
-            self.files[rel] = _trim(rel, text)
-        return text
-
-    def listdir(self, rel: str) -> List[str]:
-        return self.inner.listdir(rel)
-
-    def lscpu(self) -> Optional[str]:
-        return self.inner.lscpu()
-
-    def where(self, rel: str) -> str:
-        return self.inner.where(rel)
-
-
-def _first_block(text: str) -> str:
+def first_processor(text: str) -> str:
+    """The first processor's block of a cpuinfo file."""
     # A 272-CPU cpuinfo is 400 KB; only the first processor's block is parsed.
     return text.split("\n\n", 1)[0] + "\n"
-
-
-def _lines_with(text: str, pattern: str) -> str:
-    return "".join(line + "\n" for line in text.splitlines() if re.search(pattern, line))
-
-
-def _trim(rel: str, text: str) -> str:
-    """What a snapshot keeps of a file: the parts the parsers read, nothing personal."""
-    if rel == "proc/cpuinfo":
-        return _first_block(text)
-    if rel == "proc/self/status":   # also holds uid/gid, memory use, signal masks...
-        return _lines_with(text, r"^Cpus_allowed")
-    if rel == "proc/self/cgroup":   # other controllers' paths name sessions and sandboxes
-        return _lines_with(text, r"^0::|^\d+:([^:]*,)?cpuset(,[^:]*)?:")
-    if rel == "proc/meminfo" or rel.endswith("/meminfo"):
-        return _lines_with(text, r"MemTotal:")
-    return text
 
 
 def _run_lscpu() -> Optional[str]:
@@ -322,7 +259,7 @@ def _cpuinfo(reader) -> Dict[str, str]:
         raise UserError(f"cannot read {reader.where('proc/cpuinfo')}: no CPU description; "
                         f"run on the node itself or {RECORD_HINT}")
     fields: Dict[str, str] = {}
-    for line in _first_block(text).splitlines():
+    for line in first_processor(text).splitlines():
         key, sep, value = line.partition(":")
         if sep:
             fields.setdefault(key.strip(), value.strip())
@@ -449,7 +386,8 @@ def _affinity(reader) -> Optional[FrozenSet[int]]:
     return parse_cpulist(m.group(1)) if m else None
 
 
-def _detect(reader, source: str) -> Topology:
+def parse(reader, source: str) -> Topology:
+    """The topology a reader's files describe (``source`` names them)."""
     info = _cpuinfo(reader)
     flags = frozenset(info.get("flags", "").split())
     online = _online(reader)
@@ -474,33 +412,7 @@ def _detect(reader, source: str) -> Topology:
 
 def detect(root: str = "/") -> Topology:
     """The topology described by the files under `root` (the live node by default)."""
-    return _detect(_FsReader(root), root)
-
-
-def record(root: str = "/", name: str = "") -> dict:
-    """A snapshot of exactly the files detect() reads (cpuinfo cut to its first processor)."""
-    reader = _RecordingReader(_FsReader(root))
-    _detect(reader, root)
-    return {"name": name or os.uname().nodename, "files": dict(sorted(reader.files.items())),
-            "lscpu": reader.lscpu()}
-
-
-def from_snapshot(snapshot: dict) -> Topology:
-    """detect() over a snapshot's files, without writing them anywhere."""
-    reader = _SnapshotReader(snapshot)
-    return _detect(reader, reader.name)
-
-
-def load_snapshot(path) -> Topology:
-    """A snapshot JSON file (written from record()) -> Topology."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            snapshot = json.load(f)
-    except FileNotFoundError:
-        raise UserError(f"topology snapshot {path} does not exist; {RECORD_HINT}") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read topology snapshot {path}: {e}; {RECORD_HINT}") from None
-    return from_snapshot(snapshot)
+    return parse(FsReader(root), root)
 
 
 def synthetic(model_name: str, vendor: str, flags: Union[str, Iterable[str]], sockets: int,

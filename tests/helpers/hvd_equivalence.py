@@ -17,6 +17,7 @@ import tensorflow as tf  # noqa: E402
 
 from knl_train.dist import horovod as dist  # noqa: E402
 from knl_train.optim import LARS, WarmupPolyDecay  # noqa: E402
+from knl_train.optim.schedules import per_update  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 16, 5
 CONFIGS = {  # name: (variant, backward_passes_per_step, compression)
@@ -50,10 +51,12 @@ def global_batch(step):
 
 for name, (variant, bpps, compression) in CONFIGS.items():
     model = model_fn()
-    schedule = WarmupPolyDecay(peak_lr=2.0, total_steps=STEPS, warmup_steps=2, warmup_start_lr=0.5)
+    passes = bpps if world.size > 1 else 1
+    # Horovod advances `iterations` per micro-batch: the schedule counts updates (as the trainer's).
+    schedule = per_update(WarmupPolyDecay(peak_lr=2.0, total_steps=STEPS, warmup_steps=2,
+                                          warmup_start_lr=0.5), passes)
     lars = LARS(schedule, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.01, variant=variant)
-    opt = dist.distributed_optimizer(lars, backward_passes_per_step=bpps if world.size > 1 else 1,
-                                     compression=compression)
+    opt = dist.distributed_optimizer(lars, backward_passes_per_step=passes, compression=compression)
     model.compile(optimizer=opt,
                   loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     dist.broadcast_from_root(model.variables)
@@ -62,8 +65,7 @@ for name, (variant, bpps, compression) in CONFIGS.items():
         x, y = global_batch(step)
         x, y = x[world.rank * share:(world.rank + 1) * share], y[world.rank * share:(world.rank + 1) * share]
         # A single process is the reference: one backward pass over the whole batch.
-        micro = bpps if world.size > 1 else 1
-        for xm, ym in zip(np.split(x, micro), np.split(y, micro)):
+        for xm, ym in zip(np.split(x, passes), np.split(y, passes)):
             model.train_on_batch(xm, ym)
     np.savez(os.path.join(out, f"{name}.rank{world.rank}.npz"),
              iterations=int(opt.iterations.numpy()), size=world.size,

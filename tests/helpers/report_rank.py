@@ -5,12 +5,12 @@ import os
 import sys
 
 from knl_train.runtime.rankenv import RankEnv, local_rank
-from knl_train.train import trainer
+from knl_train.train import setup
 from knl_train.train.config import TrainConfig
 
 out = sys.argv[1]
 local = local_rank(RankEnv.from_environ().ranks_per_node or 1)
-intra, inter = trainer.thread_counts(TrainConfig(), local_size=1)
+intra, inter = setup.thread_counts(TrainConfig(), local_size=1)
 import tensorflow as tf  # noqa: E402  (after the thread counts, as in the trainer)
 tf.config.threading.set_intra_op_parallelism_threads(intra)
 tf.config.threading.set_inter_op_parallelism_threads(inter)

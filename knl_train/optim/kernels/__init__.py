@@ -33,12 +33,15 @@ from typing import Optional
 
 import tensorflow as tf
 
-from knl_train.runtime.rankenv import launcher_rank
+import knl_train.log
 from knl_train.errors import UserError
+from knl_train.runtime.rankenv import RankEnv
 
-ENV_VAR = "KNL_TRAIN_LARS_KERNEL"
+log = knl_train.log.get(__name__)
+
+ENV_VAR = RankEnv.var("lars_kernel")
 MODES = ("auto", "fused", "tf")
-DIR_ENV_VAR = "KNL_TRAIN_KERNEL_DIR"
+DIR_ENV_VAR = RankEnv.var("kernel_dir")
 SOURCE = Path(__file__).with_name("lars_fused.cc")
 # Variable dtypes the op is registered for; others (float16) always take the pure-TF path.
 FUSED_DTYPES = (tf.float32, tf.float64, tf.bfloat16)
@@ -138,11 +141,12 @@ def lars_op(dtype=None):
     with _lock:
         first = reason not in _told
         _told.add(reason)
-    # One line per job, not one per rank (2048 ranks would print 2048 copies).
-    if first and launcher_rank() == 0:
-        print(f"knl-train: fused LARS kernel unavailable: {reason}; using the pure-TF LARS "
-              "path (slower optimizer step). Run 'make env' to build it (or python -m "
-              "knl_train.optim.kernels.build).", file=sys.stderr, flush=True)
+    # One line per job, not one per rank (2048 ranks would print 2048 copies): the log says it
+    # from rank 0 only.
+    if first:
+        log.info(f"fused LARS kernel unavailable: {reason}; using the pure-TF LARS path (slower "
+                 "optimizer step). Run 'make env' to build it (or python -m "
+                 "knl_train.optim.kernels.build).")
     return None
 
 

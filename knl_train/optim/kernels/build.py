@@ -42,6 +42,7 @@ from typing import NoReturn
 import tensorflow as tf
 
 from knl_train.optim import kernels
+from knl_train.runtime.rankenv import RankEnv
 
 # (compiler flags, CPU features the loader requires) per --isa choice on x86-64.
 X86_ISA = {
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="only report: exit 0 if up to date, 1 if a build is needed")
     parser.add_argument("--isa", choices=sorted(X86_ISA), default=os.environ.get(
-        "KNL_TRAIN_KERNEL_ISA", "avx2"), help="instruction set on x86-64 (default avx2)")
+        RankEnv.var("kernel_isa"), "avx2"), help="instruction set on x86-64 (default avx2)")
     parser.add_argument("--cxx", default=os.environ.get("CXX", "g++"))
     parser.add_argument("--stamp", type=Path,
                         help="on success, write the library's path to this file")

@@ -3,6 +3,8 @@
 A backend submits a rendered job script, finds a job again after a crash, asks for the state of
 many jobs in one query, and checks a rendered script's directives before anything is submitted.
 Backends: ``slurm`` (:mod:`.slurm`) and ``pbs`` (PBS Professional / OpenPBS, :mod:`.pbs`).
+Submitting is the base class's (:meth:`Scheduler.submit`: run, check, parse the id); a backend
+gives the command line (``submit_argv``) and reads the id from its output (``parse_job_id``).
 
 Errors: :class:`TransientError` is a failure worth retrying (controller busy or unreachable,
 command timed out); :class:`~knl_train.errors.UserError` is anything the user has to fix (script
@@ -14,6 +16,7 @@ from __future__ import annotations
 import abc
 import importlib
 import os
+import re
 import shlex
 import subprocess
 import time
@@ -21,7 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from knl_train import log as knl_log
 from knl_train.errors import UserError
+
+log = knl_log.get(__name__)
 
 STATES = ("pending", "running", "completed", "failed", "timeout", "cancelled", "unknown")
 FINISHED = frozenset({"completed", "failed", "timeout", "cancelled"})
@@ -65,12 +71,12 @@ class Scheduler(abc.ABC):
     script_name: ClassVar[str]
     directive: ClassVar[str]
     submit_command: ClassVar[str]
+    status_command: ClassVar[str]      # what a user asks for a job's state (squeue, qstat)
     transient_patterns: ClassVar[Tuple[str, ...]] = ()
 
     def __init__(self, timeout: float = COMMAND_TIMEOUT):
         self.timeout = timeout
 
-    @abc.abstractmethod
     def submit(self, script: Path, *, cwd: Path, after: Optional[str] = None,
                env: Env = None) -> str:
         """Run the submit command once in ``cwd``; return the job id.
@@ -78,6 +84,24 @@ class Scheduler(abc.ABC):
         ``after``: a job id this job waits for (any exit state). Raises TransientError for
         failures matching :attr:`transient_patterns` or a timeout, UserError otherwise.
         """
+        proc = self.run(self.submit_argv(script, after), cwd=cwd, env=env)
+        if proc.returncode != 0:
+            raise self.submit_failed(script, proc)
+        job_id = self.parse_job_id(proc.stdout)
+        if job_id is None:
+            # Accepted, yet no id: the job may be queued, so submitting again could run it twice.
+            raise UserError(f"{self.submit_command} accepted {script} but printed no job id: "
+                            f"{(proc.stdout + proc.stderr).strip() or '(no output)'!r}; check "
+                            f"the job with {self.status_command} before submitting it again")
+        return job_id
+
+    @abc.abstractmethod
+    def submit_argv(self, script: Path, after: Optional[str]) -> List[str]:
+        """The submit command line for ``script``, waiting for job ``after`` if given."""
+
+    @abc.abstractmethod
+    def parse_job_id(self, stdout: str) -> Optional[str]:
+        """The job id in the submit command's output, or None if there is none."""
 
     @abc.abstractmethod
     def find(self, job_name: str, token: str, env: Env = None) -> Optional[str]:
@@ -147,17 +171,32 @@ def get(name: str) -> Scheduler:
     return getattr(importlib.import_module(module), cls)()
 
 
+def detect(text: str) -> str:
+    """The scheduler a job script is for, by its directives: #PBS lines mean PBS, else Slurm."""
+    return "pbs" if re.search(r"^#PBS", text, re.M) else "slurm"
+
+
+def check_script(path, scheduler: Optional[str] = None) -> Tuple[str, List[str]]:
+    """(scheduler, problems) for the job script at ``path``; the scheduler detected if not given."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    name = scheduler or detect(text)
+    return name, get(name).check(text)
+
+
 def submit_with_retry(scheduler: Scheduler, script: Path, *, cwd: Path,
                       after: Optional[str] = None, env: Env = None, attempts: int = 5,
                       base_delay: float = 2.0, max_delay: float = 60.0,
                       sleep: Callable[[float], None] = time.sleep,
-                      log: Optional[Callable[[str], None]] = None,
                       job_name: Optional[str] = None, token: Optional[str] = None) -> str:
     """Submit, retrying transient failures with exponential backoff; return the job id.
 
-    Delays are ``base_delay * 2**k`` capped at ``max_delay``. With ``job_name`` and ``token``,
-    each retry first asks :meth:`Scheduler.find`: a submit command that timed out may still
-    have queued the job, and submitting it again would run the point twice.
+    Delays are ``base_delay * 2**k`` capped at ``max_delay``; each retry is logged as a warning.
+    With ``job_name`` and ``token``, each retry first asks :meth:`Scheduler.find`: a submit
+    command that timed out may still have queued the job, and submitting it again would run
+    the point twice.
     """
     if attempts < 1:
         raise ValueError("attempts must be at least 1")
@@ -165,9 +204,8 @@ def submit_with_retry(scheduler: Scheduler, script: Path, *, cwd: Path,
     for k in range(attempts):
         if k:
             delay = min(base_delay * 2 ** (k - 1), max_delay)
-            if log is not None:
-                log(f"{scheduler.submit_command} {script}: {last}; retry {k}/{attempts - 1} "
-                    f"in {delay:g} s")
+            log.warning(f"{scheduler.submit_command} {script}: {last}; retry {k}/{attempts - 1} "
+                        f"in {delay:g} s")
             sleep(delay)
             if job_name and token:
                 found = scheduler.find(job_name, token, env=env)
@@ -275,5 +313,5 @@ def check_directives_first(text: str, directive: str, reader: str) -> List[str]:
             for n, _ in directive_lines(text, directive) if n > first]
 
 
-__all__ = ["STATES", "FINISHED", "JobState", "TransientError", "Scheduler", "BACKENDS", "get",
-           "submit_with_retry", "COMMAND_TIMEOUT"]
+__all__ = ["STATES", "FINISHED", "JobState", "TransientError", "RetriesExhausted", "Scheduler",
+           "BACKENDS", "get", "detect", "check_script", "submit_with_retry", "COMMAND_TIMEOUT"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from knl_train.errors import UserError
+from knl_train.studies import walltime
 
 from . import (Env, JobState, Scheduler, TransientError, check_directives_first,
                check_foreign_directives, check_shebang, command_program, directive_lines,
@@ -64,7 +65,6 @@ LAUNCHERS = frozenset({"mpirun", "mpiexec", "aprun", "srun", "knl-train"})
 _CD_WORKDIR = re.compile(r'^cd\s+("?)\$(PBS_O_WORKDIR|\{PBS_O_WORKDIR\})\1\s*(?:(?:\|\||&&|;).*)?$')
 _PBS_FLAGS = set("VzIXhf")    # qsub options without a value
 _ARRAY_RANGE = re.compile(r"^(\d+)-(\d+)(?::(\d+))?(?:%(\d+))?$")
-_WALLTIME = re.compile(r"^(\d+:[0-5]\d:[0-5]\d|\d+)$")
 
 
 def parse_select(value: str) -> List[Dict[str, str]]:
@@ -291,7 +291,7 @@ def rule_place(text: str) -> List[str]:
 def rule_walltime(text: str) -> List[str]:
     return [f"[walltime] line {n}: walltime={value!r} is neither HH:MM:SS nor seconds"
             for n, key, value in resources(text) if key == "walltime"
-            and not _WALLTIME.match(value)]
+            and not walltime.valid_pbs(value)]
 
 
 def rule_no_cput(text: str) -> List[str]:
@@ -349,25 +349,20 @@ class Pbs(Scheduler):
     script_name = "job.pbs"
     directive = "#PBS"
     submit_command = "qsub"
+    status_command = "qstat"
     transient_patterns = TRANSIENT_PATTERNS
 
-    def submit(self, script: Path, *, cwd: Path, after: Optional[str] = None,
-               env: Env = None) -> str:
+    def submit_argv(self, script: Path, after: Optional[str]) -> List[str]:
         argv = ["qsub"]
         if after:
             argv += ["-W", f"depend=afterany:{after}"]
-        argv.append(str(script))
-        proc = self.run(argv, cwd=cwd, env=env)
-        if proc.returncode != 0:
-            raise self.submit_failed(script, proc)
-        words = proc.stdout.split()
+        return argv + [str(script)]
+
+    def parse_job_id(self, stdout: str) -> Optional[str]:
+        words = stdout.split()
         # The id is "<sequence>.<server>": keep it whole, other servers' jobs share sequences.
         job_id = words[0] if words else ""
-        if not _JOB_ID.match(job_id):
-            raise UserError(f"qsub accepted {script} but printed no job id: "
-                            f"{(proc.stdout + proc.stderr).strip() or '(no output)'!r}; check "
-                            f"the job with qstat before submitting it again")
-        return job_id
+        return job_id if _JOB_ID.match(job_id) else None
 
     def find(self, job_name: str, token: str, env: Env = None) -> Optional[str]:
         """Always None: PBS has no reliable way to find our job again.

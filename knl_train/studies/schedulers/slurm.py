@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from knl_train.errors import UserError
+from knl_train.studies import walltime
 
 from . import (Env, JobState, Scheduler, TransientError, check_directives_first,
                check_foreign_directives, check_shebang, command_program, directive_lines,
@@ -39,14 +40,6 @@ STATE_MAP = {
 SEVERITY = ("failed", "timeout", "cancelled", "completed")
 
 _JOB_ID = re.compile(r"^\d+$")
-_TIME_FORMS = (
-    re.compile(r"^(\d+)$"),                                   # MM
-    re.compile(r"^(\d+):(\d{1,2})$"),                         # MM:SS
-    re.compile(r"^(\d+):(\d{1,2}):(\d{1,2})$"),               # HH:MM:SS
-    re.compile(r"^(\d+)-(\d{1,2})$"),                         # D-HH
-    re.compile(r"^(\d+)-(\d{1,2}):(\d{1,2})$"),               # D-HH:MM
-    re.compile(r"^(\d+)-(\d{1,2}):(\d{1,2}):(\d{1,2})$"),     # D-HH:MM:SS
-)
 _SHORT = {"N": "nodes", "n": "ntasks", "c": "cpus-per-task", "t": "time", "J": "job-name",
           "p": "partition", "A": "account", "q": "qos", "o": "output", "e": "error",
           "C": "constraint", "w": "nodelist", "x": "exclude", "d": "dependency", "a": "array",
@@ -112,20 +105,6 @@ def parse_options(words: Sequence[str]) -> List[Tuple[str, Optional[str]]]:
             else:
                 out.append((name, None))
     return out
-
-
-def valid_time(value: str) -> bool:
-    """A Slurm --time value: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
-    for form in _TIME_FORMS:
-        m = form.match(value.strip())
-        if m:
-            fields = [int(g) for g in m.groups()]
-            if "-" in value and fields[1] > 23:
-                return False
-            # Every field after the leading one is a clock field.
-            first_clock = 2 if "-" in value else 1
-            return all(f < 60 for f in fields[first_clock:])
-    return False
 
 
 # -- checker rules: each takes the script text and returns messages --------------------------
@@ -218,7 +197,7 @@ def rule_srun_cpu_bind(text: str) -> List[str]:
 def rule_time_format(text: str) -> List[str]:
     return [f"[time-format] line {n}: --time={value!r} is not a Slurm time (MM, MM:SS, HH:MM:SS, "
             f"D-HH, D-HH:MM or D-HH:MM:SS)" for n, name, value in _sbatch_options(text)
-            if name == "time" and not valid_time(value or "")]
+            if name == "time" and not walltime.valid_slurm(value or "")]
 
 
 def rule_job_name(text: str) -> List[str]:
@@ -239,26 +218,22 @@ class Slurm(Scheduler):
     script_name = "job.sbatch"
     directive = "#SBATCH"
     submit_command = "sbatch"
+    status_command = "squeue"
     transient_patterns = TRANSIENT_PATTERNS
 
-    def submit(self, script: Path, *, cwd: Path, after: Optional[str] = None,
-               env: Env = None) -> str:
+    def submit_argv(self, script: Path, after: Optional[str]) -> List[str]:
         argv = ["sbatch", "--parsable"]
         if after:
             # afterany: the next point runs whether or not this one failed; scaling points
             # are independent, the chain only serialises them.
             argv.append(f"--dependency=afterany:{after}")
-        argv.append(str(script))
-        proc = self.run(argv, cwd=cwd, env=env)
-        if proc.returncode != 0:
-            raise self.submit_failed(script, proc)
-        lines = [ln.strip() for ln in proc.stdout.splitlines() if ln.strip()]
+        return argv + [str(script)]
+
+    def parse_job_id(self, stdout: str) -> Optional[str]:
+        # --parsable: "<id>" or "<id>;<cluster>" on the last line.
+        lines = [ln.strip() for ln in stdout.splitlines() if ln.strip()]
         job_id = lines[-1].split(";", 1)[0].strip() if lines else ""
-        if not _JOB_ID.match(job_id):
-            raise UserError(f"sbatch accepted {script} but printed no job id: "
-                            f"{(proc.stdout + proc.stderr).strip() or '(no output)'!r}; check "
-                            f"the job with squeue before submitting it again")
-        return job_id
+        return job_id if _JOB_ID.match(job_id) else None
 
     def find(self, job_name: str, token: str, env: Env = None) -> Optional[str]:
         # -t all: a job that already ended (within MinJobAge) was submitted too; submitting

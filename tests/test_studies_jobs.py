@@ -1,7 +1,7 @@
 """Study submit / status / wait (knl_train.studies.jobs) against a FAKE scheduler backend.
 
 The fake is a small in-process :class:`~knl_train.studies.schedulers.Scheduler` installed with
-monkeypatch on ``schedulers.get`` (the module ``track`` calls through). Study directories are
+monkeypatch on ``schedulers.get`` (the module ``jobs`` calls through). Study directories are
 real renders of a small spec into tmp_path; nothing reaches a real scheduler. The real Slurm
 end-to-end test lives elsewhere; these tests cover the paths a real scheduler cannot easily
 produce on demand: interrupted and refused submissions, transient errors, lock contention,
@@ -10,6 +10,7 @@ jobs the scheduler has forgotten, missing or partial job records, and the wait l
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass
@@ -87,6 +88,12 @@ class FakeScheduler(schedulers.Scheduler):
         job_id = str(self.next_id)
         self.next_id += 1
         return job_id
+
+    def submit_argv(self, script, after):
+        raise AssertionError("the fake submits itself")
+
+    def parse_job_id(self, stdout):
+        raise AssertionError("the fake submits itself")
 
     def find(self, job_name, token, env=None):
         self.events.append("find")
@@ -167,8 +174,14 @@ def write_record(study: Path, pid: str, key: str, *, state: str, exit_code=None,
     return path
 
 
+def submit(study: Path, **options) -> list:
+    """study_jobs.submit, its Submissions as dicts; its output lines dropped unless ``echo``."""
+    options.setdefault("echo", lambda s: None)
+    return [dataclasses.asdict(s) for s in study_jobs.submit(study, **options)]
+
+
 def submit_all(study: Path, fake: FakeScheduler) -> list:
-    out = study_jobs.submit(study, log=lambda s: None)
+    out = submit(study)
     assert [r["job_id"] for r in out] == ["1001", "1002", "1003"]
     return out
 
@@ -198,7 +211,7 @@ def test_submit_records_ids_in_point_order(make_study, fake):
 
     fake.on_submit = on_submit
     logs = []
-    out = study_jobs.submit(study, env={"SLURM_CONF": "/x"}, log=logs.append)
+    out = submit(study, env={"SLURM_CONF": "/x"}, echo=logs.append)
     assert out == [{"id": "n0001", "job_id": "1001", "new": True},
                    {"id": "n0002", "job_id": "1002", "new": True},
                    {"id": "n0004", "job_id": "1003", "new": True}]
@@ -226,7 +239,7 @@ def test_second_submit_submits_nothing(make_study, fake):
     study = make_study()
     submit_all(study, fake)
     before = read(study)
-    again = study_jobs.submit(study, log=lambda s: None)
+    again = submit(study)
     assert len(fake.submits) == 3
     assert fake.finds == []
     assert again == [{"id": "n0001", "job_id": "1001", "new": False},
@@ -238,7 +251,7 @@ def test_second_submit_submits_nothing(make_study, fake):
 def test_chain_waits_for_the_previous_job(make_study, fake):
     study = make_study("chain")
     logs = []
-    study_jobs.submit(study, log=logs.append)
+    submit(study, echo=logs.append)
     assert [s.after for s in fake.submits] == [None, "1001", "1002"]
     assert [j["after"] for j in jobs(study)] == [None, "1001", "1002"]
     assert logs[1] == "n0002: 2 node(s), job 1002 (after 1001)"
@@ -249,7 +262,7 @@ def test_chain_continues_after_an_adopted_job(make_study, fake):
     set_job(study, "n0001", {"id": "500", "state": "submitted"})
     set_job(study, "n0002", {"id": None, "state": "submitting"})
     fake.found = "77"
-    out = study_jobs.submit(study, log=lambda s: None)
+    out = submit(study)
     assert [r["job_id"] for r in out] == ["500", "77", "1001"]
     assert [s.script.parent.name for s in fake.submits] == ["n0004"]
     assert fake.submits[0].after == "77"
@@ -261,7 +274,7 @@ def test_interrupted_submission_is_adopted(make_study, fake):
     set_job(study, "n0002", {"id": None, "state": "submitting"})
     fake.found = "77"
     logs = []
-    out = study_jobs.submit(study, log=logs.append)
+    out = submit(study, echo=logs.append)
     assert out == [{"id": "n0001", "job_id": "1001", "new": True},
                    {"id": "n0002", "job_id": "77", "new": False},
                    {"id": "n0004", "job_id": "1002", "new": True}]
@@ -277,7 +290,7 @@ def test_interrupted_submission_not_found_is_resubmitted_on_slurm(make_study, fa
     study = make_study()
     p2 = point(study, "n0002")
     set_job(study, "n0002", {"id": None, "state": "submitting"})
-    out = study_jobs.submit(study, log=lambda s: None)
+    out = submit(study)
     assert out[1] == {"id": "n0002", "job_id": "1002", "new": True}
     assert fake.finds == [(p2["job_name"], p2["token"])]
     assert [s.script.parent.name for s in fake.submits] == IDS
@@ -291,7 +304,7 @@ def test_interrupted_submission_on_pbs_needs_resubmit(make_study, fake):
     study = make_study()
     set_job(study, "n0002", {"id": None, "state": "submitting"})
     with pytest.raises(UserError) as e:
-        study_jobs.submit(study, log=lambda s: None)
+        submit(study)
     msg = str(e.value)
     assert msg.startswith("n0002: an earlier submission was cut off")
     assert "track_test_n2" in msg
@@ -300,7 +313,7 @@ def test_interrupted_submission_on_pbs_needs_resubmit(make_study, fake):
     assert [(j["id"], j["state"]) for j in jobs(study)] == [
         ("1001", "submitted"), (None, "submitting"), (None, "rendered")]
 
-    out = study_jobs.submit(study, resubmit=True, log=lambda s: None)
+    out = submit(study, resubmit=True, echo=lambda s: None)
     assert out == [{"id": "n0001", "job_id": "1001", "new": False},
                    {"id": "n0002", "job_id": "1002", "new": True},
                    {"id": "n0004", "job_id": "1003", "new": True}]
@@ -313,7 +326,7 @@ def test_permanent_failure_keeps_earlier_ids_and_rerun_resumes(make_study, fake)
     fake.outcomes = [None, UserError("sbatch rejected job.sbatch (exit 1):\n"
                                      "sbatch: error: Invalid account or account/partition")]
     with pytest.raises(UserError, match="Invalid account"):
-        study_jobs.submit(study, log=lambda s: None)
+        submit(study)
     got = jobs(study)
     assert got[0]["id"] == "1001" and got[0]["state"] == "submitted"
     assert got[1]["id"] is None and got[1]["state"] == "submit-failed"
@@ -325,7 +338,7 @@ def test_permanent_failure_keeps_earlier_ids_and_rerun_resumes(make_study, fake)
         ("unknown", "1001", ""), ("submit-failed", None, "manifest"), ("rendered", None, "manifest")]
     assert rows[1].reason == "sbatch rejected job.sbatch (exit 1):"
 
-    out = study_jobs.submit(study, log=lambda s: None)
+    out = submit(study)
     assert out == [{"id": "n0001", "job_id": "1001", "new": False},
                    {"id": "n0002", "job_id": "1002", "new": True},
                    {"id": "n0004", "job_id": "1003", "new": True}]
@@ -336,7 +349,7 @@ def test_permanent_failure_keeps_earlier_ids_and_rerun_resumes(make_study, fake)
     assert got[1]["error"] is None and got[1]["state"] == "submitted"
 
 
-def test_transient_errors_are_retried_and_find_is_asked_between(make_study, fake):
+def test_transient_errors_are_retried_and_find_is_asked_between(make_study, fake, capsys):
     study = make_study()
     p1 = point(study, "n0001")
     fake.outcomes = [TransientError("Socket timed out on send/recv"),
@@ -347,7 +360,7 @@ def test_transient_errors_are_retried_and_find_is_asked_between(make_study, fake
         sleeps.append(d)
         fake.events.append("sleep")
 
-    out = study_jobs.submit(study, base_delay=0.01, sleep=sleep, log=logs.append)
+    out = submit(study, base_delay=0.01, sleep=sleep, echo=logs.append)
     assert out[0] == {"id": "n0001", "job_id": "1001", "new": True}
     assert [j["id"] for j in jobs(study)] == ["1001", "1002", "1003"]
     assert sleeps == [0.01, 0.02]
@@ -355,14 +368,18 @@ def test_transient_errors_are_retried_and_find_is_asked_between(make_study, fake
     assert fake.events == ["submit", "sleep", "find", "submit", "sleep", "find", "submit",
                            "submit", "submit"]
     assert [s.script.parent.name for s in fake.submits] == ["n0001"] * 3 + ["n0002", "n0004"]
-    assert "retry 1/4 in 0.01 s" in logs[0] and "Socket timed out" in logs[0]
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings[0].startswith("knl-train: warning: sbatch ")
+    assert "retry 1/4 in 0.01 s" in warnings[0] and "Socket timed out" in warnings[0]
+    assert logs == ["n0001: 1 node(s), job 1001", "n0002: 2 node(s), job 1002",
+                    "n0004: 4 node(s), job 1003"]
 
 
 def test_transient_retry_adopts_a_job_the_failed_attempt_queued(make_study, fake):
     study = make_study()
     fake.outcomes = [TransientError("Socket timed out on send/recv")]
     fake.found = "4242"
-    out = study_jobs.submit(study, base_delay=0.0, sleep=lambda d: None, log=lambda s: None)
+    out = submit(study, base_delay=0.0, sleep=lambda d: None, echo=lambda s: None)
     assert out[0] == {"id": "n0001", "job_id": "4242", "new": True}
     assert [j["id"] for j in jobs(study)] == ["4242", "1001", "1002"]
     assert [s.script.parent.name for s in fake.submits] == ["n0001", "n0002", "n0004"]
@@ -373,13 +390,13 @@ def test_exhausted_transient_retries_are_looked_up_on_rerun(make_study, fake):
     study = make_study()
     fake.outcomes = [TransientError("Socket timed out on send/recv")] * 2
     with pytest.raises(UserError, match="failed 2 times with transient"):
-        study_jobs.submit(study, attempts=2, base_delay=0.0, sleep=lambda d: None, log=lambda s: None)
+        submit(study, attempts=2, base_delay=0.0, sleep=lambda d: None, echo=lambda s: None)
     # The last attempt may have queued the job: the point stays "submitting", to be looked up.
     assert point(study, "n0001")["job"]["state"] == "submitting"
     # The last timed-out sbatch did queue the job: find now knows it.
     fake.found = "555"
     submits_before = len(fake.submits)
-    study_jobs.submit(study, log=lambda s: None)
+    submit(study)
     assert point(study, "n0001")["job"]["id"] == "555"
     assert [s.script.parent.name for s in fake.submits[submits_before:]] == ["n0002", "n0004"]
 
@@ -390,10 +407,10 @@ def test_submit_refuses_while_the_study_is_locked(make_study, fake):
     with manifest_file.locked(study):
         with pytest.raises(UserError, match=r"another knl-train study command is changing .*"
                                             r"wait for it to finish"):
-            study_jobs.submit(study, log=lambda s: None)
+            submit(study)
     assert fake.submits == []
     assert read(study) == before
-    assert [r["new"] for r in study_jobs.submit(study, log=lambda s: None)] == [True] * 3
+    assert [r["new"] for r in submit(study)] == [True] * 3
 
 
 # ---- status ----------------------------------------------------------------------------------------
@@ -677,25 +694,32 @@ def test_wait_backoff_is_capped_at_30_seconds(make_study, fake):
     assert clock.sleeps == pytest.approx(expected)
 
 
-# ---- table -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("state, failed", [
+    ("completed", False), ("pending", False), ("running", False), ("rendered", False),
+    ("failed", True), ("timeout", True), ("cancelled", True), ("unknown", True), ("submit-failed", True)])
+def test_which_states_fail_a_wait(state, failed):
+    assert PointStatus("n0001", 1, None, state, None, "", "", 0, 1).failed is failed
+
+
+# ---- status_text -----------------------------------------------------------------------------------------
 def test_table_lines():
     rows = [PointStatus("n0001", 1, "1001", "completed", 0, "ended 2026-01-02T03:05:00Z", "job record", 3, 3),
             PointStatus("n0002", 2, None, "rendered", None, "", "manifest", 0, 3),
             PointStatus("n0004", 16, "123456", "failed", 143, "NonZeroExitCode", "sacct", 1, 3)]
-    assert study_jobs.table(rows).splitlines() == [
+    assert study_jobs.status_text(rows).splitlines() == [
         "point  nodes  job     state      exit  runs  source      reason",
         "n0001  1      1001    completed  0     3/3   job record  ended 2026-01-02T03:05:00Z",
         "n0002  2      -       rendered         0/3   manifest",
         "n0004  16     123456  failed     143   1/3   sacct       NonZeroExitCode",
     ]
-    assert study_jobs.table([]) == "point  nodes  job  state  exit  runs  source  reason"
+    assert study_jobs.status_text([]) == "point  nodes  job  state  exit  runs  source  reason"
 
 
 def test_table_of_a_real_status(make_study, fake):
     study = make_study()
     submit_all(study, fake)
     write_record(study, "n0002", "1002", state="finished", exit_code=0, end=END)
-    lines = study_jobs.table(study_jobs.status(study)).splitlines()
+    lines = study_jobs.status_text(study_jobs.status(study)).splitlines()
     assert len(lines) == 4
     assert lines[0].split() == ["point", "nodes", "job", "state", "exit", "runs", "source", "reason"]
     assert lines[1].split()[:4] == ["n0001", "1", "1001", "unknown"]

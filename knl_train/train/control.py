@@ -1,0 +1,171 @@
+"""The run's control: where it stands (``Position``) and what keeps it safe (``RunControl``).
+
+Every rank runs ``RunControl``, because the ranks' agreement is a collective that all ranks
+must enter in the same order; only rank 0 writes checkpoints. It keeps the run's position
+(epoch, batch, optimizer update), watches the loss, and at every ``guard_every``-th update runs
+the agreement of ``knl_train.dist.guard``: weight checksums, non-finite losses, stop signals,
+timed checkpoints. It also writes the epoch checkpoints. Before the loop, ``agree_on_start``
+settles where the run starts (rank 0 decides, every rank learns).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import tensorflow as tf
+
+from knl_train.dist import guard
+from knl_train.dist import horovod as dist
+from knl_train.errors import UserError
+from knl_train.train import resume as resuming
+
+
+@dataclass
+class Position:
+    """Where the run stands. One update = ``passes`` micro-batches (gradient accumulation)."""
+    updates_per_epoch: int
+    passes: int
+    total_updates: int
+    epoch: int = 0          # the epoch in progress, from 0
+    batch: int = 0          # micro-batches done in it
+    end_batch: int = 0      # where the current fit call stops
+    stopped: bool = False   # a stop request ended the run early
+
+    @property
+    def micro_per_epoch(self) -> int:
+        return self.updates_per_epoch * self.passes
+
+    @property
+    def update(self) -> int:
+        """Optimizer updates done."""
+        return self.epoch * self.updates_per_epoch + self.batch // self.passes
+
+    @property
+    def at_update_boundary(self) -> bool:
+        return self.batch % self.passes == 0
+
+    @property
+    def epoch_complete(self) -> bool:
+        return self.batch >= self.micro_per_epoch
+
+    @property
+    def finished(self) -> bool:
+        return self.update >= self.total_updates
+
+    @property
+    def epoch_ended(self) -> bool:
+        """The epoch is over: complete, or the run's last (partial) one, and not stopped."""
+        return not self.stopped and (self.epoch_complete or self.finished)
+
+    def state(self) -> dict:
+        """For the checkpoint: the next batch to train (a complete epoch's end is the next one's
+        start)."""
+        if self.epoch_complete:
+            return {"epoch": self.epoch + 1, "batch": 0}
+        return {"epoch": self.epoch, "batch": self.batch}
+
+
+def agree_on_start(world, run_dir: Path, mode: str, global_batch: int, passes: int,
+                   resolved: dict) -> Optional[dict]:
+    """Rank 0 finds the checkpoint to resume from (or none); every rank gets its answer."""
+    answer = None
+    if world.is_root:
+        try:
+            answer = ("ok", resuming.find(run_dir / "checkpoints", mode, global_batch=global_batch,
+                                          passes=passes, config=resolved))
+        except UserError as e:
+            answer = ("error", str(e))
+    kind, value = dist.broadcast_object(answer, name="knl_train.resume")
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+class RunControl(tf.keras.callbacks.Callback):
+    """Position, loss watch, the ranks' agreement, and checkpoints (written by rank 0)."""
+
+    def __init__(self, *, world, position: Position, guard_every: int, manager,
+                 checkpoint_every_epochs: int, checkpoint_every_minutes: Optional[float],
+                 stop_request, lr_at: Callable[[int], float], state_extra: dict,
+                 last_checkpoint: Optional[str] = None):
+        super().__init__()
+        self.world = world
+        self.pos = position
+        self.guard_every = guard_every
+        self.manager = manager  # a CheckpointManager on rank 0, None elsewhere
+        self.every_epochs = checkpoint_every_epochs
+        self.every_seconds = None if checkpoint_every_minutes is None else checkpoint_every_minutes * 60
+        self.stop_request = stop_request
+        self.lr_at = lr_at
+        self.state_extra = state_extra
+        self.first_nonfinite: Optional[int] = None
+        self.last_checkpoint = last_checkpoint  # the resumed-from checkpoint, until one is written
+        self._last_save = time.monotonic()
+
+    # ---- steps -------------------------------------------------------------------------------
+    def on_train_batch_end(self, batch, logs=None):
+        pos = self.pos
+        pos.batch += 1
+        if self.first_nonfinite is None and not math.isfinite(float(logs["loss"])):
+            # The running epoch mean turns non-finite at the first bad micro-batch.
+            self.first_nonfinite = pos.update + (0 if pos.at_update_boundary else 1)
+        if not pos.at_update_boundary:
+            return
+        if pos.update % self.guard_every and pos.batch < pos.end_batch:
+            return
+        self.check()
+
+    def check(self):
+        """The agreement (every rank, same step); acts on its answer."""
+        pos = self.pos
+        timed = (self.world.is_root and self.every_seconds is not None
+                 and time.monotonic() - self._last_save >= self.every_seconds)
+        checksum = (guard.weights_checksum(self.model.trainable_variables)
+                    if self.world.size > 1 else None)
+        answer = guard.agree(stop=self.stop_request.requested, checkpoint=timed,
+                             nonfinite_step=self.first_nonfinite, checksum=checksum)
+        if answer.nonfinite_step is not None:
+            s = answer.nonfinite_step
+            raise UserError(
+                f"the loss is not finite (nan or inf) at step {s} (epoch {(s - 1) // pos.updates_per_epoch + 1}), "
+                f"learning rate {self.lr_at(s - 1):.6g}; the last good checkpoint is "
+                f"{self.last_checkpoint or 'none (none written yet)'}. Lower schedule.peak_lr or "
+                "lengthen schedule.warmup_epochs, then rerun: the run resumes from that checkpoint.")
+        if answer.diverged:
+            raise UserError(guard.describe_divergence(pos.update, guard.checksums_by_rank(checksum)))
+        # A timed checkpoint at an epoch's end is left to on_epoch_end; a stop saves here,
+        # since on_epoch_end does nothing once the run has stopped.
+        if answer.stop or (answer.checkpoint and not pos.epoch_ended):
+            self.save()
+        if answer.stop:
+            pos.stopped = True
+            self.model.stop_training = True
+
+    # ---- epochs ------------------------------------------------------------------------------
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.pos.epoch_ended:
+            return
+        if (epoch + 1) % self.every_epochs == 0 or self.pos.finished:
+            self.save()
+        else:  # evaluation needs the averaged BN statistics too
+            dist.average_non_trainable(self.model)
+
+    def save(self):
+        """Rank 0 writes; every rank learns the outcome, so a failed write stops all of them."""
+        # BN moving statistics differ per rank; averaged, every rank holds what rank 0 saves.
+        dist.average_non_trainable(self.model)
+        error = None
+        if self.manager is not None:
+            try:
+                path = self.manager.save(self.pos.update, {**self.pos.state(), **self.state_extra})
+                self.last_checkpoint = str(path)
+            except UserError as e:
+                error = str(e)
+        self._last_save = time.monotonic()
+        error = dist.broadcast_object(error, name="knl_train.checkpoint")
+        if error:
+            raise UserError(error)
