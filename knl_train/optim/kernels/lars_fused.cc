@@ -102,31 +102,25 @@ inline Double4 ToDouble(Double4 x) { return x; }
 template <typename T>
 struct Elem;
 
-template <>
-struct Elem<float> {
-  using Storage = float;
-  using Compute = float;
-  static float Load(float x) { return x; }
-  static float Store(float x) { return x; }
-  static Float4 Load4(const float* p) {
-    Float4 x;
+// float and double are stored as they are computed.
+template <typename T, typename Vec4>
+struct PlainElem {
+  using Storage = T;
+  using Compute = T;
+  static T Load(T x) { return x; }
+  static T Store(T x) { return x; }
+  static Vec4 Load4(const T* p) {
+    Vec4 x;
     std::memcpy(&x, p, sizeof x);
     return x;
   }
 };
 
 template <>
-struct Elem<double> {
-  using Storage = double;
-  using Compute = double;
-  static double Load(double x) { return x; }
-  static double Store(double x) { return x; }
-  static Double4 Load4(const double* p) {
-    Double4 x;
-    std::memcpy(&x, p, sizeof x);
-    return x;
-  }
-};
+struct Elem<float> : PlainElem<float, Float4> {};
+
+template <>
+struct Elem<double> : PlainElem<double, Double4> {};
 
 template <>
 struct Elem<tf::bfloat16> {
