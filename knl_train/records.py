@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Union
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
 
 from knl_train.atomic import append_jsonl, write_json_atomic
 
@@ -23,6 +23,8 @@ METRICS = "metrics.jsonl"
 
 class _Record:
     kind: ClassVar[str] = ""
+    # Fields a reader does without: a line or summary lacking them reads as None.
+    optional: ClassVar[Tuple[str, ...]] = ()
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON object: ``kind`` first where there is one, unset optional fields left out."""
@@ -33,41 +35,49 @@ class _Record:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]):
-        """The record in ``data``; keys it does not know (a newer writer's) are ignored."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        """The record in ``data``; keys it does not know (a newer writer's) are ignored, and
+        missing optional ones read as None (``TypeError`` if a required one is missing)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in data and n not in cls.optional]
+        if missing:
+            raise TypeError(f"{cls.__name__} needs {', '.join(missing)}")
+        return cls(**{n: data.get(n) for n in names})
 
 
 @dataclass(frozen=True)
-class StepRecord(_Record):
-    """Training progress at one optimizer step: running epoch means averaged over ranks."""
-    kind: ClassVar[str] = "step"
+class _Progress(_Record):
+    """Where a run stands and how fast it goes: what step and epoch records share."""
     step: int
+    epoch: int
+    loss: float    # the epoch's running mean so far, averaged over ranks
+    top1: float
+    top5: float
+    lr: float
     images_per_sec: float
-    epoch: Optional[int] = None
-    loss: Optional[float] = None
-    top1: Optional[float] = None
-    top5: Optional[float] = None
-    lr: Optional[float] = None
-    step_seconds: Optional[float] = None
-    images_per_sec_per_rank: Optional[float] = None
+    images_per_sec_per_rank: float
 
 
 @dataclass(frozen=True)
-class EpochRecord(_Record):
+class StepRecord(_Progress):
+    """Training progress at one optimizer step (every ``log_every`` steps)."""
+    kind: ClassVar[str] = "step"
+    # Throughput is measured from step and images_per_sec; the rest may be absent.
+    optional: ClassVar[Tuple[str, ...]] = ("epoch", "loss", "top1", "top5", "lr", "step_seconds",
+                                           "images_per_sec_per_rank")
+    step_seconds: float
+
+
+@dataclass(frozen=True)
+class EpochRecord(_Progress):
     """One epoch: its training means, its validation (when evaluated) and its throughput."""
     kind: ClassVar[str] = "epoch"
-    epoch: int
-    step: int
-    loss: Optional[float] = None
-    top1: Optional[float] = None
-    top5: Optional[float] = None
-    skipped_images: Optional[int] = None
-    lr: Optional[float] = None
-    epoch_seconds: Optional[float] = None
-    images_per_sec: Optional[float] = None
-    images_per_sec_per_rank: Optional[float] = None
-    val_loss: Optional[float] = None
+    optional: ClassVar[Tuple[str, ...]] = ("loss", "top1", "top5", "lr", "images_per_sec",
+                                           "images_per_sec_per_rank", "skipped_images",
+                                           "epoch_seconds", "val_loss", "val_top1", "val_top5",
+                                           "val_count")
+    skipped_images: int
+    epoch_seconds: float
+    val_loss: Optional[float] = None      # the val_* fields: only after an evaluation
     val_top1: Optional[float] = None
     val_top5: Optional[float] = None
     val_count: Optional[int] = None
@@ -77,46 +87,49 @@ class EpochRecord(_Record):
 class TrustRatioRecord(_Record):
     """The spread of LARS's per-layer trust ratios at one step."""
     kind: ClassVar[str] = "trust_ratio"
+    optional: ClassVar[Tuple[str, ...]] = ("batch", "count", "min", "median", "max", "argmin", "argmax")
     step: int
-    batch: Optional[int] = None
-    count: Optional[int] = None
-    min: Optional[float] = None
-    median: Optional[float] = None
-    max: Optional[float] = None
-    argmin: Optional[str] = None
-    argmax: Optional[str] = None
+    batch: int
+    count: int
+    min: float
+    median: float
+    max: float
+    argmin: str
+    argmax: str
 
 
 @dataclass(frozen=True)
 class RunSummary(_Record):
     """What a finished run reports: accuracy, throughput (epochs after the first), its shape."""
-    top1: Optional[float] = None
-    top5: Optional[float] = None
-    val_loss: Optional[float] = None
-    train_loss: Optional[float] = None
-    train_top1: Optional[float] = None
-    images_per_sec: Optional[float] = None
-    images_per_sec_per_rank: Optional[float] = None
-    world_size: Optional[int] = None
-    controller: Optional[str] = None
-    global_batch: Optional[int] = None
-    per_rank_batch: Optional[int] = None
-    backward_passes_per_step: Optional[int] = None
-    epochs: Optional[int] = None
-    steps: Optional[int] = None
-    num_classes: Optional[int] = None
-    resumed_from_step: Optional[int] = None
-    model: Optional[str] = None
-    optimizer: Optional[str] = None
-    precision: Optional[str] = None
-    horovod: Optional[Dict[str, Any]] = None
-    intra_op_threads: Optional[int] = None
-    inter_op_threads: Optional[int] = None
-    wall_seconds: Optional[float] = None
-    config_hash: Optional[str] = None
-    versions: Optional[Dict[str, Any]] = None
+    top1: Optional[float]            # the last evaluation's; None if none ran
+    top5: Optional[float]
+    val_loss: Optional[float]
+    train_loss: float
+    train_top1: float
+    images_per_sec: float
+    images_per_sec_per_rank: float
+    world_size: int
+    controller: str
+    global_batch: int
+    per_rank_batch: int
+    backward_passes_per_step: int
+    epochs: int
+    steps: int
+    num_classes: int
+    resumed_from_step: Optional[int]
+    model: str
+    optimizer: str
+    precision: str
+    horovod: Dict[str, Any]
+    intra_op_threads: int
+    inter_op_threads: int
+    wall_seconds: float
+    config_hash: str
+    versions: Dict[str, Any]
 
 
+# Any field may be absent from a summary written by hand or by an older knl-train.
+RunSummary.optional = tuple(f.name for f in dataclasses.fields(RunSummary))
 # Fields written even when None: a summary says "no validation" or "not resumed" explicitly.
 _ALWAYS = {"RunSummary": tuple(f.name for f in dataclasses.fields(RunSummary))}
 METRIC_KINDS = {c.kind: c for c in (StepRecord, EpochRecord, TrustRatioRecord)}
@@ -187,4 +200,4 @@ def is_integer(x) -> bool:
 
 
 def _required(cls) -> List[str]:
-    return [f"'{f.name}'" for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+    return [f"'{f.name}'" for f in dataclasses.fields(cls) if f.name not in cls.optional]

@@ -156,11 +156,12 @@ def _coerce(tp, value, where):
 # ---- shared checks ------------------------------------------------------------------------------
 def number(name: str, value, *, minimum: Optional[float] = None, above: Optional[float] = None,
            maximum: Optional[float] = None, below: Optional[float] = None, integer: bool = False,
-           optional: bool = False):
+           optional: bool = False, hint: str = ""):
     """``value`` as a finite number within the bounds, or ``ValueError`` naming ``name``.
 
     ``minimum``/``maximum`` are inclusive, ``above``/``below`` exclusive; ``integer`` wants a
-    whole number (returned as int); ``optional`` lets None through.
+    whole number (returned as int); ``optional`` lets None through; ``hint`` says what the
+    bound's edge means (``0: automatic``) in the error.
     """
     if value is None and optional:
         return None
@@ -172,7 +173,7 @@ def number(name: str, value, *, minimum: Optional[float] = None, above: Optional
     for bound, fails, op in ((minimum, lambda b: value < b, ">="), (above, lambda b: value <= b, ">"),
                              (maximum, lambda b: value > b, "<="), (below, lambda b: value >= b, "<")):
         if bound is not None and fails(bound):
-            raise ValueError(f"{name} must be {op} {bound:g}, got {value!r}")
+            raise ValueError(f"{name} must be {op} {bound:g}{f' ({hint})' if hint else ''}, got {value!r}")
     return int(value) if integer else float(value)
 
 

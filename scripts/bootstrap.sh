@@ -43,7 +43,7 @@ if [ "${1:-}" = "--check" ]; then
     if up_to_date; then say "environment is up to date ($VENV)"; exit 0; fi
     say "environment needs 'make env' ($VENV)"; exit 1
 fi
-# ---- Slurm for the scheduler tests (tests/helpers/slurm_cluster.py) -----------------------
+# ---- Slurm for the scheduler tests (tests/support/slurm_cluster.py) -----------------------
 # Runs even on the fast path (Slurm is not part of the stamp), so it must cost nothing once
 # Slurm is there. Only root with apt installs it; elsewhere the Slurm tests are skipped.
 have_slurm() {

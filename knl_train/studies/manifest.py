@@ -70,16 +70,18 @@ class JobRecord:
 _JOB_FIELDS = frozenset(f.name for f in dataclasses.fields(JobRecord)) - {"recorded"}
 
 
-@dataclass(frozen=True, kw_only=True)
+# Fields a rendering always has carry an empty default, checked after construction: keyword
+# arguments then stay in the JSON's order on every Python this supports (kw_only is 3.10+).
+@dataclass(frozen=True)
 class PointRecord:
     """One point as rendered: its shape, its files (relative to the study directory), its job."""
-    id: str
-    nodes: int
+    id: str = ""
+    nodes: int = 0
     ranks_per_node: Optional[int] = None
-    ranks: int
+    ranks: int = 0
     cores_per_rank: Optional[int] = None
     cpus_per_task: Optional[int] = None
-    global_batch: int
+    global_batch: int = 0
     per_rank_batch: Optional[int] = None
     steps: Optional[int] = None
     epochs: Optional[int] = None
@@ -88,9 +90,14 @@ class PointRecord:
     constraints: Tuple[str, ...] = ()
     job_name: Optional[str] = None
     script: Optional[str] = None           # points/<id>/job.sbatch or job.pbs
-    run_dirs: Tuple[str, ...]              # one per repeat: points/<id>/run-<r>
+    run_dirs: Tuple[str, ...] = ()         # one per repeat: points/<id>/run-<r>
     token: Optional[str] = None            # in the job's comment: finds it again after a crash
     job: Optional[JobRecord] = None        # None: none recorded (a manifest not made by render)
+
+    def __post_init__(self):
+        missing = [k for k in ("id", "nodes", "ranks", "global_batch", "run_dirs") if not getattr(self, k)]
+        if missing:
+            raise ValueError(f"a point record needs {', '.join(missing)}")
 
     def to_dict(self) -> Dict[str, Any]:
         out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "job"}
@@ -99,30 +106,35 @@ class PointRecord:
         return out
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class Manifest:
     """What was rendered (the study, where, how) and each point's record."""
     version: int = VERSION
-    study: str
+    study: str = ""
     uid: Optional[str] = None              # in every point's token
     scheduler: Optional[str] = None
     site: Optional[str] = None
     launcher: Optional[str] = None
     preset: Optional[str] = None
     preset_ref: Optional[str] = None       # a built-in preset's name or a preset file's path
-    scaling: str
+    scaling: str = ""
     repeats: Optional[int] = None
     array: bool = False
     chain: bool = False
-    warmup_steps: int
-    images_per_epoch: float
-    project_epochs: float
+    warmup_steps: int = 0
+    images_per_epoch: float = 0.0
+    project_epochs: float = 0.0
     memory_mode: Optional[str] = None
     spec_path: Optional[str] = None
     created: Optional[str] = None
     knl_train: Optional[str] = None        # the version that rendered it
     notes: Tuple[str, ...] = ()
-    points: Tuple[PointRecord, ...]
+    points: Tuple[PointRecord, ...] = ()
+
+    def __post_init__(self):
+        missing = [k for k in ("study", "scaling", "images_per_epoch", "project_epochs") if not getattr(self, k)]
+        if missing:
+            raise ValueError(f"a manifest needs {', '.join(missing)}")
 
     @classmethod
     def new(cls, **fields) -> "Manifest":

@@ -255,8 +255,10 @@ def _manifest(study: Study, uid: str, points: List[PointRecord]) -> Manifest:
 def _submitted_jobs(out: Path) -> int:
     try:
         m = Manifest.load(out)
-    except UserError:
-        return 0  # a damaged manifest records no job: --force may replace it
+    except UserError as e:
+        # Jobs may have been submitted from it: a study we cannot read is never replaced.
+        raise UserError(f"{e}; --force replaces only a study whose manifest it can read, "
+                        "so that no submitted job loses its record. Render into a new directory") from None
     return sum(1 for p in m.points if p.job is not None and p.job.id)
 
 

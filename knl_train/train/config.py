@@ -40,7 +40,7 @@ class DataConfig:
 
     def __post_init__(self):
         in_range(self, "image_size", "shuffle_buffer", "num_classes", "num_examples", above=0)
-        in_range(self, "threads", minimum=0)  # 0: the launcher preset's, else 1
+        in_range(self, "threads", minimum=0, hint="0: the launcher preset's, else 1")
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class ThreadsConfig:
     inter_op: int = 0
 
     def __post_init__(self):
-        in_range(self, "intra_op", "inter_op", minimum=0)  # 0 = automatic
+        in_range(self, "intra_op", "inter_op", minimum=0, hint="0 = automatic")
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,7 @@ class Request:
 class Launcher:
     """One launcher; ``command(request)`` gives its tokens, up to the program the ranks run."""
     name = ""                 # set by ``register``
-    program = ""              # the usual executable
+    program = ""              # the executable; "": the registered name
     hostfile_option = ""      # the option naming a host list; "": the scheduler names the hosts
 
     def command(self, request: Request) -> List[str]:
@@ -129,6 +129,8 @@ def register(name: str):
     """Class decorator: ``get(name)`` answers with an instance of the class."""
     def add(cls):
         cls.name = name
+        # Most launchers' executables bear their names; Hydra's (mpiexec.hydra) does not.
+        cls.program = cls.program or name
         LAUNCHERS.register(name)(cls)
         return cls
     return add
@@ -154,7 +156,6 @@ def _with_env(exports: Mapping[str, str], line: List[str]) -> List[str]:
 @register("mpirun")
 class OpenMpi(Launcher):
     """Open MPI's mpirun: ppr:R:node:PE=T core binding; -x passes variables to remote ranks."""
-    program = "mpirun"
     hostfile_option = "--hostfile"
 
     def command(self, request: Request) -> List[str]:
@@ -213,7 +214,6 @@ class Hydra(Launcher):
 @register("srun")
 class Srun(Launcher):
     """Slurm's srun: one CPU mask per local rank (--cpu-bind=mask_cpu), block distribution."""
-    program = "srun"
 
     def command(self, request: Request) -> List[str]:
         node = self._node(request)
@@ -232,10 +232,24 @@ class Srun(Launcher):
         return line + list(request.options)
 
 
+@register("ibrun")
+class Ibrun(Launcher):
+    """TACC's ibrun: takes the task count from the job; Intel MPI pins by I_MPI_PIN_DOMAIN."""
+
+    def binding_env(self, node: NodePlan) -> Dict[str, str]:
+        return intel_mpi_pinning(node)
+
+    def command(self, request: Request) -> List[str]:
+        node = self._node(request)
+        line = [*self._start(request), *request.options]
+        if request.exported:
+            return line
+        return _with_env({**self.binding_env(node), **request.exports}, line)
+
+
 @register("aprun")
 class Aprun(Launcher):
     """Cray ALPS aprun: -cc lists each local rank's CPUs, -j hardware threads per core."""
-    program = "aprun"
 
     def command(self, request: Request) -> List[str]:
         node = self._node(request)
@@ -250,26 +264,9 @@ class Aprun(Launcher):
         return line + list(request.options)
 
 
-@register("ibrun")
-class Ibrun(Launcher):
-    """TACC's ibrun: takes the task count from the job; Intel MPI pins by I_MPI_PIN_DOMAIN."""
-    program = "ibrun"
-
-    def binding_env(self, node: NodePlan) -> Dict[str, str]:
-        return intel_mpi_pinning(node)
-
-    def command(self, request: Request) -> List[str]:
-        node = self._node(request)
-        line = [*self._start(request), *request.options]
-        if request.exported:
-            return line
-        return _with_env({**self.binding_env(node), **request.exports}, line)
-
-
 @register("horovodrun")
 class HorovodrunGloo(Launcher):
     """``horovodrun --gloo``: Horovod's own launcher, without MPI."""
-    program = "horovodrun"
     hostfile_option = "--hostfile"
 
     def command(self, request: Request) -> List[str]:

@@ -27,8 +27,6 @@ from knl_train.errors import UserError
 from knl_train.tuning import topology as topologies
 from knl_train.tuning.topology import Topology
 
-PACKAGE = "knl_train.tuning.presets"
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -38,13 +36,13 @@ class Settings:
     spare_cores: int = 0
     # Hardware threads each compute core runs (ALCF Theta: 2 on KNL; Intel: 1 on Xeon).
     threads_per_core: int = 1
+    # How OpenMP (ITEX's libiomp5) pins: kmp = KMP_AFFINITY explicit proclist; omp =
+    # OMP_PLACES + OMP_PROC_BIND (libiomp5 warns when both styles are set, so one is emitted).
+    affinity: Literal["kmp", "omp"] = "kmp"
     # TF intra-op threads; 0 = one per compute hardware thread.
     intra_op: int = 0
     inter_op: int = 1
     data_threads: int = 1
-    # How OpenMP (ITEX's libiomp5) pins: kmp = KMP_AFFINITY explicit proclist; omp =
-    # OMP_PLACES + OMP_PROC_BIND (libiomp5 warns when both styles are set, so one is emitted).
-    affinity: Literal["kmp", "omp"] = "kmp"
     kmp_blocktime: int = 1
     itex: bool = False
     onednn: bool = True
@@ -175,6 +173,10 @@ def _read(text: str, where: str) -> Dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{where}: the top level must be a mapping (name, title, settings, ...)")
     return data
+
+
+# The built-in presets: package data beside this module.
+PACKAGE = "knl_train.tuning.presets"
 
 
 @functools.lru_cache(maxsize=None)

@@ -74,6 +74,16 @@ class Scheduler(abc.ABC):
     status_command: ClassVar[str]      # what a user asks for a job's state (squeue, qstat)
     transient_patterns: ClassVar[Tuple[str, ...]] = ()
 
+    def __init_subclass__(cls, **described):
+        # A backend describes itself on its class line: class Slurm(Scheduler, name="slurm", ...).
+        super().__init_subclass__()
+        unknown = set(described) - {"name", "script_name", "directive", "submit_command",
+                                    "status_command", "transient_patterns"}
+        if unknown:
+            raise TypeError(f"{cls.__name__}: unknown scheduler attribute(s) {sorted(unknown)}")
+        for key, value in described.items():
+            setattr(cls, key, value)
+
     def __init__(self, timeout: float = COMMAND_TIMEOUT):
         self.timeout = timeout
 

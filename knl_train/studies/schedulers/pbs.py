@@ -342,15 +342,10 @@ RULES = (rule_shebang, rule_no_sbatch, rule_directives_first, rule_job_name, rul
          rule_place, rule_walltime, rule_no_cput, rule_cd_workdir, rule_array)
 
 
-class Pbs(Scheduler):
+class Pbs(Scheduler, name="pbs", script_name="job.pbs", directive="#PBS",
+          submit_command="qsub", status_command="qstat",
+          transient_patterns=TRANSIENT_PATTERNS):
     """PBS Professional / OpenPBS."""
-
-    name = "pbs"
-    script_name = "job.pbs"
-    directive = "#PBS"
-    submit_command = "qsub"
-    status_command = "qstat"
-    transient_patterns = TRANSIENT_PATTERNS
 
     def submit_argv(self, script: Path, after: Optional[str]) -> List[str]:
         argv = ["qsub"]

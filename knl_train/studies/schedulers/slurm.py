@@ -211,15 +211,10 @@ RULES = (rule_shebang, rule_no_pbs, rule_directives_first, rule_nodes_with_ntask
          rule_job_name)
 
 
-class Slurm(Scheduler):
+class Slurm(Scheduler, name="slurm", script_name="job.sbatch", directive="#SBATCH",
+            submit_command="sbatch", status_command="squeue",
+            transient_patterns=TRANSIENT_PATTERNS):
     """Slurm: ``sbatch --parsable``; tracking through squeue, sacct only where it works."""
-
-    name = "slurm"
-    script_name = "job.sbatch"
-    directive = "#SBATCH"
-    submit_command = "sbatch"
-    status_command = "squeue"
-    transient_patterns = TRANSIENT_PATTERNS
 
     def submit_argv(self, script: Path, after: Optional[str]) -> List[str]:
         argv = ["sbatch", "--parsable"]
