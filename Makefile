@@ -29,6 +29,8 @@ demo: env
 	$(KT) launch -np $(NP) $(OVERSUBSCRIBE) -- $(KT) train --fresh --config $(DEMO_CONFIG) --set data.path=$(DATA) --set run_dir=$(RUN)
 	@echo "summary: $(RUN)/summary.json"; cat $(RUN)/summary.json
 
+# make test PYTEST_ARGS="-m 'not slurm'" selects by marker (mpi, slurm, slow: see setup.cfg);
+# PYTEST_ARGS reaches the shell unquoted, so its inner quotes group the expression.
 test: env
 	$(PY) -m pytest $(PYTEST_ARGS)
 

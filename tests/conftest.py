@@ -1,41 +1,38 @@
-"""Shared fixtures: one per real component (mpirun + Horovod, the demo dataset)."""
+"""Fixtures shared by the test packages, one per real component, and the markers they imply.
+
+- ``hvd``: Horovod's Keras module, initialised in this process as one rank.
+- ``launch``: run a command on N real ranks through ``knl-train launch`` (marks the test ``mpi``).
+- ``background``: start such a job without waiting for it; killed at the end (marks it ``mpi``).
+- ``tiny_dataset``: a 4-class, 16 px mini-ImageNet of real JPEG files, made once per session.
+- ``slurm``, ``slurm2``: a real one-node and a fake two-node Slurm cluster on this host, started
+  once per session and skipped when Slurm is absent (mark the test ``slurm``).
+- ``big``: the big ImageNet networks, each built once per test module.
+- ``fakes``, ``job_script``: fake scheduler commands on a private PATH, and a job script to submit.
+
+Helpers the tests import live in tests/support (``from tests.support import run_cli``).
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.support import BackgroundJob, run_cli
+from tests.support.schedulers import Fakes
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-KNL_TRAIN = str(BIN / "knl-train")
-HELPERS = ROOT / "tests" / "helpers"
+# A test that asks for one of these fixtures, directly or through another fixture, gets the mark.
+MARKS_BY_FIXTURE = {"launch": "mpi", "background": "mpi", "slurm": "slurm", "slurm2": "slurm"}
 
 
-def clean_env():
-    """The environment for child processes, as Python sees it.
-
-    Tests that call hvd.init() in-process make Open MPI set OMPI_*/PMIX_* variables with C
-    setenv; os.environ never shows them, but a child started with env=None inherits them, and
-    an mpirun among them then exits 1 without a word. Passing os.environ explicitly avoids it.
-    """
-    return dict(os.environ)
-
-
-def run_cli(*args, timeout=300, env=None, check=False):
-    """Run the installed ``knl-train`` console script; returns the CompletedProcess."""
-    proc = subprocess.run([KNL_TRAIN, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=clean_env() if env is None else env, cwd=ROOT)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"knl-train {' '.join(map(str, args))} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
-    return proc
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items):
+    for item in items:
+        for fixture, mark in MARKS_BY_FIXTURE.items():
+            if fixture in item.fixturenames:
+                item.add_marker(getattr(pytest.mark, mark))
 
 
 @pytest.fixture(scope="module")
@@ -57,86 +54,6 @@ def launch():
     return _launch
 
 
-@pytest.fixture(scope="session")
-def tiny_dataset(tmp_path_factory):
-    """A 4-class, 16 px mini-ImageNet of real JPEG files: 480 train, 40 val (made once)."""
-    from knl_train.data.demo import DemoSpec, make_demo
-    out = tmp_path_factory.mktemp("data") / "tiny"
-    make_demo(out, DemoSpec(classes=4, train_per_class=120, val_per_class=10, size=16, seed=3),
-              progress=False)
-    return out
-
-
-class BackgroundJob:
-    """A job started by ``knl-train launch`` (mpirun) in its own session, read line by line."""
-
-    def __init__(self, *command, np=2):
-        import queue
-        import threading
-        extra = ["--oversubscribe"] if np > len(os.sched_getaffinity(0)) else []
-        self.proc = subprocess.Popen([KNL_TRAIN, "launch", "-np", str(np), *extra, "--", *map(str, command)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=clean_env(), cwd=ROOT, start_new_session=True)
-        self.lines = []
-        self._queue = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self):
-        for line in self.proc.stdout:
-            self._queue.put(line)
-        self._queue.put(None)
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def wait_for(self, pattern, timeout=240):
-        """Block until a line of output matches ``pattern`` (a regex); returns the match."""
-        import queue
-        import re
-        import time
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(f"no line matched {pattern!r} in {timeout} s:\n{self.output}") from None
-            if line is None:
-                raise AssertionError(f"the job ended before a line matched {pattern!r}:\n{self.output}")
-            self.lines.append(line)
-            m = re.search(pattern, line)
-            if m:
-                return m
-
-    def wait(self, timeout):
-        """The launcher's exit status, once it and its output have ended."""
-        rc = self.proc.wait(timeout=timeout)
-        while (line := self._queue.get(timeout=timeout)) is not None:
-            self.lines.append(line)
-        return rc
-
-    def ranks(self):
-        """{rank: psutil.Process} of the job's rank processes (mpirun's children)."""
-        import psutil
-        out = {}
-        for child in psutil.Process(self.proc.pid).children(recursive=True):
-            try:
-                env = child.environ()
-            except psutil.Error:
-                continue
-            if "OMPI_COMM_WORLD_RANK" in env:
-                out[int(env["OMPI_COMM_WORLD_RANK"])] = child
-        return out
-
-    def kill(self):
-        import signal
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(timeout=60)
-
-
 @pytest.fixture()
 def background():
     """Start jobs with ``background(*command)``; whatever is left running is killed at the end."""
@@ -150,28 +67,19 @@ def background():
         job.kill()
 
 
-def write_study_spec(tmp_path, drop=(), **fields) -> Path:
-    """A small valid study spec (skx-2s, weak, 1-2 nodes) with ``fields`` on top, as a file."""
-    import yaml
-    data = {"name": "t", "site": "skx-2s", "nodes": [1, 2], "scaling": "weak",
-            "train": {"config": str(ROOT / "jobs" / "train" / "resnet50-synthetic.yaml")}, "steps": 20}
-    data.update(fields)
-    for key in drop:
-        del data[key]
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """A 4-class, 16 px mini-ImageNet of real JPEG files: 480 train, 40 val (made once)."""
+    from knl_train.data.demo import DemoSpec, make_demo
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    make_demo(out, DemoSpec(classes=4, train_per_class=120, val_per_class=10, size=16, seed=3),
+              progress=False)
+    return out
 
 
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-# ---- real Slurm clusters (tests/helpers/slurm_cluster.py; skipped when Slurm is absent) ----
+# ---- real Slurm clusters (tests/support/slurm_cluster.py; skipped when Slurm is absent) ----
 def _slurm_cluster(tmp_path_factory, name, nodes):
-    if str(HELPERS) not in sys.path:
-        sys.path.insert(0, str(HELPERS))
-    from slurm_cluster import SlurmCluster, available
+    from tests.support.slurm_cluster import SlurmCluster, available
     reason = available()
     if reason:
         pytest.skip(reason)
@@ -189,3 +97,34 @@ def slurm(tmp_path_factory):
 def slurm2(tmp_path_factory):
     """A real fake 2-node Slurm cluster (nodes n1, n2: two slurmd on this host)."""
     yield from _slurm_cluster(tmp_path_factory, "slurm2", ("n1", "n2"))
+
+
+# ---- the big networks (tests/unit/models) ----------------------------------------------------
+@pytest.fixture(scope="module")
+def big():
+    """Each big model built once at 1000 classes, 224 px (graph only, never trained)."""
+    from knl_train import models
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = models.build(name, num_classes=1000, image_size=224)
+        return built[name]
+    return get
+
+
+# ---- fake scheduler commands (tests/unit/studies/schedulers) ---------------------------------
+@pytest.fixture()
+def fakes(tmp_path):
+    """Fake sbatch/squeue/sacct/qsub/qstat, added per test into a bin/ that is alone on PATH."""
+    return Fakes(tmp_path)
+
+
+@pytest.fixture()
+def job_script(tmp_path):
+    """An (empty) job script where a study puts one: points/n0001/job.sbatch."""
+    point = tmp_path / "points" / "n0001"
+    point.mkdir(parents=True)
+    path = point / "job.sbatch"
+    path.write_text("#!/bin/bash\n")
+    return path

@@ -1,0 +1,16 @@
+"""The trainer's position (knl_train/train/control.py): updates, micro-batches, the next batch."""
+
+from __future__ import annotations
+
+from knl_train.train.control import Position
+
+
+def test_position_counts_updates_and_states_the_next_batch():
+    pos = Position(updates_per_epoch=30, passes=2, total_updates=45, epoch=1, batch=0, end_batch=30)
+    assert (pos.micro_per_epoch, pos.update, pos.at_update_boundary) == (60, 30, True)
+    pos.batch = 7
+    assert (pos.update, pos.at_update_boundary, pos.state()) == (33, False, {"epoch": 1, "batch": 7})
+    pos.batch = 30
+    assert pos.finished and pos.epoch_ended and not pos.epoch_complete
+    pos = Position(updates_per_epoch=30, passes=1, total_updates=90, epoch=0, batch=30)
+    assert pos.state() == {"epoch": 1, "batch": 0}  # an epoch's end is the next one's start
