@@ -23,14 +23,16 @@ METRICS = "metrics.jsonl"
 
 class _Record:
     kind: ClassVar[str] = ""
-    # Fields a reader does without: a line or summary lacking them reads as None.
+    # Fields a reader does without: a line or summary lacking them reads as None ("*": all).
     optional: ClassVar[Tuple[str, ...]] = ()
+    # Write None fields too (a summary says "no validation" or "not resumed" explicitly).
+    keep_none: ClassVar[bool] = False
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON object: ``kind`` first where there is one, unset optional fields left out."""
         out = {"kind": self.kind} if self.kind else {}
         out.update({k: v for k, v in dataclasses.asdict(self).items()
-                    if v is not None or k in _ALWAYS.get(type(self).__name__, ())})
+                    if v is not None or self.keep_none})
         return out
 
     @classmethod
@@ -38,10 +40,19 @@ class _Record:
         """The record in ``data``; keys it does not know (a newer writer's) are ignored, and
         missing optional ones read as None (``TypeError`` if a required one is missing)."""
         names = [f.name for f in dataclasses.fields(cls)]
-        missing = [n for n in names if n not in data and n not in cls.optional]
+        missing = [n for n in names if n not in data and not cls.is_optional(n)]
         if missing:
             raise TypeError(f"{cls.__name__} needs {', '.join(missing)}")
         return cls(**{n: data.get(n) for n in names})
+
+    @classmethod
+    def is_optional(cls, name: str) -> bool:
+        return "*" in cls.optional or name in cls.optional
+
+    @classmethod
+    def check(cls, data: Dict[str, Any]) -> Optional[str]:
+        """What a line needs and lacks for a reader to use it, or None."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -65,6 +76,13 @@ class StepRecord(_Progress):
     optional: ClassVar[Tuple[str, ...]] = ("epoch", "loss", "top1", "top5", "lr", "step_seconds",
                                            "images_per_sec_per_rank")
     step_seconds: float
+
+    @classmethod
+    def check(cls, data: Dict[str, Any]) -> Optional[str]:
+        # Throughput is measured from these two.
+        if is_integer(data.get("step")) and is_number(data.get("images_per_sec")) and data["images_per_sec"] > 0:
+            return None
+        return "a step record needs an integer 'step' and a positive 'images_per_sec'"
 
 
 @dataclass(frozen=True)
@@ -101,6 +119,9 @@ class TrustRatioRecord(_Record):
 @dataclass(frozen=True)
 class RunSummary(_Record):
     """What a finished run reports: accuracy, throughput (epochs after the first), its shape."""
+    # Any field may be absent from a summary written by hand or by an older knl-train.
+    optional: ClassVar[Tuple[str, ...]] = ("*",)
+    keep_none: ClassVar[bool] = True
     top1: Optional[float]            # the last evaluation's; None if none ran
     top5: Optional[float]
     val_loss: Optional[float]
@@ -128,10 +149,6 @@ class RunSummary(_Record):
     versions: Dict[str, Any]
 
 
-# Any field may be absent from a summary written by hand or by an older knl-train.
-RunSummary.optional = tuple(f.name for f in dataclasses.fields(RunSummary))
-# Fields written even when None: a summary says "no validation" or "not resumed" explicitly.
-_ALWAYS = {"RunSummary": tuple(f.name for f in dataclasses.fields(RunSummary))}
 METRIC_KINDS = {c.kind: c for c in (StepRecord, EpochRecord, TrustRatioRecord)}
 MetricRecord = Union[StepRecord, EpochRecord, TrustRatioRecord]
 
@@ -179,10 +196,9 @@ def read_metrics(path, name: Optional[str] = None,
             cls = METRIC_KINDS.get(data.get("kind"))
             if cls is None or (kinds is not None and cls.kind not in kinds):
                 continue
-            if cls is StepRecord and not (is_integer(data.get("step")) and is_number(data.get("images_per_sec"))
-                                          and data["images_per_sec"] > 0):
-                raise ValueError(f"{name} line {n}: a step record needs an integer 'step' and a "
-                                 "positive 'images_per_sec'")
+            problem = cls.check(data)
+            if problem:
+                raise ValueError(f"{name} line {n}: {problem}")
             try:
                 out.append(cls.from_dict(data))
             except TypeError:  # a required field is missing
@@ -200,4 +216,4 @@ def is_integer(x) -> bool:
 
 
 def _required(cls) -> List[str]:
-    return [f"'{f.name}'" for f in dataclasses.fields(cls) if f.name not in cls.optional]
+    return [f"'{f.name}'" for f in dataclasses.fields(cls) if not cls.is_optional(f.name)]

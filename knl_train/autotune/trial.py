@@ -88,7 +88,8 @@ def run(args):
     setup.configure_keras(cfg)
     total = args.warmup + args.steps
     schedule = setup.build_schedule(cfg, updates_per_epoch=total, total_updates=total,
-                                    global_batch=args.batch * world.size, passes=1)
+                                    global_batch=args.batch * world.size,
+                                    passes=cfg.horovod.backward_passes_per_step)
     model, _ = setup.build_model_and_optimizer(cfg, schedule, args.classes)
     data = synthetic.dataset(per_rank_batch=args.batch, image_size=args.image_size,
                              num_classes=args.classes, seed=cfg.seed, rank=world.rank,

@@ -9,9 +9,11 @@ import sys
 from typing import List, Optional
 
 from knl_train import __version__
+from knl_train import log as knl_log
 from knl_train.errors import UserError
 from knl_train.cli import data, study, train, tune, tuning
-from knl_train.runtime.rankenv import launcher_rank
+
+log = knl_log.get("cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,11 +49,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             itex.enable()
         return args.fn(args)
     except UserError as e:
-        if launcher_rank() == 0:
-            print(f"knl-train: error: {e}", file=sys.stderr, flush=True)
-        elif getattr(args, "errors_per_rank", False):
-            # What goes wrong in exec (binding, numactl, a local rank) is often one rank's alone.
-            print(f"knl-train: error (rank {launcher_rank()}): {e}", file=sys.stderr, flush=True)
+        # What goes wrong in exec (binding, numactl, a local rank) is often one rank's alone.
+        log.error(str(e), extra=knl_log.EVERY_RANK if getattr(args, "errors_per_rank", False) else None)
         return 2
     except KeyboardInterrupt:
         return 130

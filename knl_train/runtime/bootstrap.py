@@ -28,9 +28,10 @@ def apply(environ=None, *, via_exec: bool = False) -> Optional[Tuple[NodePlan, R
     before TensorFlow is imported; running it twice is harmless.
     """
     environ = os.environ if environ is None else environ
-    asked = RankEnv.from_environ(environ)
+    asked = RankEnv.from_environ(environ, ("preset", "applied"))
     if not asked.preset or asked.applied:
         return None
+    asked = RankEnv.from_environ(environ, ("preset", "ranks_per_node", "cores_per_rank", "oversubscribe"))
     node = node_plan(asked.preset, asked.ranks_per_node or 0, cores_per_rank=asked.cores_per_rank or 0,
                      oversubscribe=bool(asked.oversubscribe))
     me = local_rank(node.ranks_per_node, environ)
@@ -44,10 +45,11 @@ def apply(environ=None, *, via_exec: bool = False) -> Optional[Tuple[NodePlan, R
                   if k in environ and environ[k] != v]
     if overridden:
         _say(me, f"note: preset {node.preset.name} overrides {', '.join(overridden)}")
+    planned = rank.environ
     for name in THREADING_VARS:
-        if name in environ and name not in rank.environ:
+        if name in environ and name not in planned:
             del environ[name]
-    environ.update(rank.env)
+    environ.update(planned)
     if node.numactl and not via_exec:
         _say(me, f"the preset's memory policy ({' '.join(node.numactl)}) is applied only by "
              "'knl-train exec -- COMMAND' (knl-train launch uses it); this run has none", warning=True)

@@ -45,10 +45,7 @@ def site_version() -> Optional[str]:
 
 
 def requested(environ=None) -> bool:
-    value = (os.environ if environ is None else environ).get(ENV_VAR, "0").strip().lower()
-    if value not in ("0", "1", "", "off", "on", "false", "true"):
-        raise UserError(f"{ENV_VAR}={value!r}: use 1 (ITEX on) or 0 (off)")
-    return value in ("1", "on", "true")
+    return bool(RankEnv.from_environ(environ, ("itex",)).itex)
 
 
 def enable() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -65,15 +66,20 @@ class RankEnv:
                 for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
     @classmethod
-    def from_environ(cls, environ: Optional[Mapping[str, str]] = None) -> "RankEnv":
-        """The fields found in ``environ`` (default ``os.environ``); a malformed one is a UserError."""
+    def from_environ(cls, environ: Optional[Mapping[str, str]] = None,
+                     fields: Optional[Tuple[str, ...]] = None) -> "RankEnv":
+        """The fields found in ``environ`` (default ``os.environ``); a malformed one is a UserError.
+
+        ``fields``: read only these (the others stay None), so that a caller asking for one
+        value is not stopped by another variable it never uses.
+        """
         environ = os.environ if environ is None else environ
         values = {}
-        for f in dataclasses.fields(cls):
-            raw = environ.get(f.metadata["var"], "").strip()
+        for name in fields or _FIELDS:
+            var = _FIELDS[name].metadata["var"]
+            raw = environ.get(var, "").strip()
             if raw:
-                values[f.name] = _parse(f.metadata["var"], raw, _TYPES.get(f.name, str),
-                                       lenient=f.name in _LENIENT)
+                values[name] = _parse(var, raw, _TYPES[name], lenient=name in _LENIENT)
         return cls(**values)
 
     def replace(self, **changes) -> "RankEnv":
@@ -81,10 +87,9 @@ class RankEnv:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(RankEnv)}
-_TYPES = {"ranks_per_node": int, "cores_per_rank": int, "oversubscribe": bool, "applied": bool,
-          "intra_op": int, "inter_op": int, "omp_threads": int, "onednn": bool, "itex": bool,
-          "data_threads": int, "fusion_threshold_bytes": int,
-          "cycle_time_ms": float}
+# Each field's value type: the X of its Optional[X] annotation.
+_TYPES = {name: next(a for a in typing.get_args(hint) if a is not type(None))
+          for name, hint in typing.get_type_hints(RankEnv).items()}
 # Other libraries' variables, which may hold forms we do not plan (OMP_NUM_THREADS=4,2): one we
 # cannot read is reported as unknown (None), not refused; the library itself judges it.
 _LENIENT = ("omp_threads", "onednn", "fusion_threshold_bytes", "cycle_time_ms")
@@ -131,12 +136,12 @@ def _parse(var: str, raw: str, kind, *, lenient: bool):
 
 def count_var(name: str, environ: Optional[Mapping[str, str]] = None) -> int:
     """A count field of ``RankEnv`` (threads, ranks, cores) from the environment; 0 if unset."""
-    return getattr(RankEnv.from_environ(environ), name) or 0
+    return getattr(RankEnv.from_environ(environ, (name,)), name) or 0
 
 
 # ---- who this process is ------------------------------------------------------------------------
-# What mpirun (Open MPI), Hydra (MPICH, Intel MPI), srun and horovodrun tell each rank.
-RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID")
+# What mpirun (Open MPI), Hydra (MPICH, Intel MPI), srun, horovodrun and aprun tell each rank.
+RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID", "ALPS_APP_PE")
 SIZE_VARS = ("HOROVOD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 # Local rank as Open MPI, Hydra (MPICH, Intel MPI), Cray PMI, horovodrun and srun set it. The
 # MPI launchers' come first: started inside a Slurm job, Hydra and horovodrun launch one proxy

@@ -13,7 +13,7 @@ import dataclasses
 import datetime as dt
 import fcntl
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -48,6 +48,8 @@ class JobRecord:
     exit_code: Optional[int] = None
     checked: Optional[str] = None     # when status last changed its state
     recorded: Tuple[str, ...] = ()
+    # Keys this knl-train does not know (a newer one's, a user's): kept, and written back.
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     @classmethod
     def new(cls) -> "JobRecord":
@@ -59,19 +61,20 @@ class JobRecord:
         return dataclasses.replace(self, **changes, recorded=self.recorded + added)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {k: getattr(self, k) for k in self.recorded}
+        return {**self.extra, **{k: getattr(self, k) for k in self.recorded}}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "JobRecord":
         known = tuple(k for k in data if k in _JOB_FIELDS)
-        return cls(**{k: data[k] for k in known}, recorded=known)
+        return cls(**{k: data[k] for k in known}, recorded=known,
+                   extra={k: v for k, v in data.items() if k not in _JOB_FIELDS})
 
 
-_JOB_FIELDS = frozenset(f.name for f in dataclasses.fields(JobRecord)) - {"recorded"}
+_JOB_FIELDS = frozenset(f.name for f in dataclasses.fields(JobRecord)) - {"recorded", "extra"}
 
 
-# Fields a rendering always has carry an empty default, checked after construction: keyword
-# arguments then stay in the JSON's order on every Python this supports (kw_only is 3.10+).
+# Fields a rendering always has carry an empty default (``Manifest.load`` checks they are there):
+# keyword arguments then stay in the JSON's order on every Python this supports (kw_only is 3.10+).
 @dataclass(frozen=True)
 class PointRecord:
     """One point as rendered: its shape, its files (relative to the study directory), its job."""
@@ -93,14 +96,11 @@ class PointRecord:
     run_dirs: Tuple[str, ...] = ()         # one per repeat: points/<id>/run-<r>
     token: Optional[str] = None            # in the job's comment: finds it again after a crash
     job: Optional[JobRecord] = None        # None: none recorded (a manifest not made by render)
-
-    def __post_init__(self):
-        missing = [k for k in ("id", "nodes", "ranks", "global_batch", "run_dirs") if not getattr(self, k)]
-        if missing:
-            raise ValueError(f"a point record needs {', '.join(missing)}")
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)  # keys we do not know: kept
 
     def to_dict(self) -> Dict[str, Any]:
-        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "job"}
+        out = {**self.extra, **{f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                if f.name not in ("job", "extra")}}
         if self.job is not None:
             out["job"] = self.job.to_dict()
         return out
@@ -130,11 +130,7 @@ class Manifest:
     knl_train: Optional[str] = None        # the version that rendered it
     notes: Tuple[str, ...] = ()
     points: Tuple[PointRecord, ...] = ()
-
-    def __post_init__(self):
-        missing = [k for k in ("study", "scaling", "images_per_epoch", "project_epochs") if not getattr(self, k)]
-        if missing:
-            raise ValueError(f"a manifest needs {', '.join(missing)}")
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)  # keys we do not know: kept
 
     @classmethod
     def new(cls, **fields) -> "Manifest":
@@ -153,7 +149,8 @@ class Manifest:
         return dataclasses.replace(self, points=points)
 
     def to_dict(self) -> Dict[str, Any]:
-        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "points"}
+        out = {**self.extra, **{f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                                if f.name not in ("points", "extra")}}
         out["points"] = [p.to_dict() for p in self.points]
         return out
 
@@ -211,9 +208,10 @@ def _point(path: Path, data) -> PointRecord:
 
 
 def _known(cls, data: dict, path: Path, lists: Tuple[str, ...]) -> Dict[str, Any]:
-    """The fields of ``cls`` that ``data`` has (others are ignored), JSON lists as tuples."""
-    names = {f.name for f in dataclasses.fields(cls)} - {"points", "job"}
+    """The fields of ``cls`` that ``data`` has, JSON lists as tuples; other keys go in ``extra``."""
+    names = {f.name for f in dataclasses.fields(cls)} - {"points", "job", "extra"}
     out = {k: v for k, v in data.items() if k in names}
+    out["extra"] = {k: v for k, v in data.items() if k not in names and k not in ("points", "job")}
     for key in lists:
         if key in out:
             if not isinstance(out[key], list):

@@ -88,10 +88,7 @@ class StudySpec:
             raise ValueError(f"nodes must be >= 1, got {list(self.nodes)}")
         if list(self.nodes) != sorted(set(self.nodes)):
             raise ValueError(f"nodes must be increasing, without repeats, got {list(self.nodes)}")
-        try:
-            yamlconfig.at_least(self, 0, "ranks_per_node", "cores_per_rank")
-        except ValueError as e:
-            raise ValueError(f"{e} (0: the preset's)") from None
+        yamlconfig.in_range(self, "ranks_per_node", "cores_per_rank", minimum=0, hint="0: the preset's")
         yamlconfig.at_least(self, 1, "per_rank_batch", "global_batch", "steps", "epochs")
         if self.steps is not None and self.epochs is not None:
             raise ValueError("set steps or epochs per point, not both")

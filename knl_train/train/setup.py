@@ -138,6 +138,7 @@ class Schedule:
     at_update: LearningRateSchedule          # the learning rate at optimizer update n
     peak_lr: float                           # after batch scaling
     warmup_steps: int
+    passes: int                              # micro-batches per update, as the schedules count
 
 
 def build_schedule(cfg: TrainConfig, *, updates_per_epoch: int, total_updates: int,
@@ -160,7 +161,8 @@ def build_schedule(cfg: TrainConfig, *, updates_per_epoch: int, total_updates: i
     return Schedule(learning_rate=schedules.per_update(at_update, passes),
                     momentum=schedules.per_update(momentum, passes), at_update=at_update,
                     peak_lr=peak_lr,
-                    warmup_steps=min(total_updates, round(warmup_epochs * updates_per_epoch)))
+                    warmup_steps=min(total_updates, round(warmup_epochs * updates_per_epoch)),
+                    passes=passes)
 
 
 # ---- the model and its optimizer ------------------------------------------------------------------
@@ -172,7 +174,7 @@ def build_model_and_optimizer(cfg: TrainConfig, schedule: Schedule, num_classes:
     try:
         optimizer = dist.distributed_optimizer(
             build_optimizer(cfg.optimizer, schedule.learning_rate, schedule.momentum),
-            backward_passes_per_step=cfg.horovod.backward_passes_per_step,
+            backward_passes_per_step=schedule.passes,
             compression=cfg.horovod.compression)
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -104,9 +104,12 @@ class Launcher:
     def command(self, request: Request) -> List[str]:
         raise NotImplementedError
 
+    # Intel MPI (Hydra, ibrun) binds through its environment, not through options.
+    binds_by_env = False
+
     def binding_env(self, node: NodePlan) -> Dict[str, str]:
         """Variables that bind the ranks, for launchers that bind through the environment."""
-        return {}
+        return intel_mpi_pinning(node) if self.binds_by_env else {}
 
     def hosts(self, hostfile: str) -> List[str]:
         """The options that name a host list (a path, or a shell word such as "$PBS_NODEFILE");
@@ -186,11 +189,9 @@ class OpenMpi(Launcher):
 @register("impi")
 class Hydra(Launcher):
     """Hydra (Intel MPI, MPICH): -ppn ranks per node; Intel MPI pins by I_MPI_PIN_DOMAIN masks."""
+    binds_by_env = True
     program = "mpiexec.hydra"
     hostfile_option = "-f"
-
-    def binding_env(self, node: NodePlan) -> Dict[str, str]:
-        return intel_mpi_pinning(node)
 
     def command(self, request: Request) -> List[str]:
         start = self._start(request)
@@ -235,9 +236,7 @@ class Srun(Launcher):
 @register("ibrun")
 class Ibrun(Launcher):
     """TACC's ibrun: takes the task count from the job; Intel MPI pins by I_MPI_PIN_DOMAIN."""
-
-    def binding_env(self, node: NodePlan) -> Dict[str, str]:
-        return intel_mpi_pinning(node)
+    binds_by_env = True
 
     def command(self, request: Request) -> List[str]:
         node = self._node(request)
