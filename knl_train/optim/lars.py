@@ -25,10 +25,15 @@ Slot ``momentum``: the ``you`` and ``model_garden`` variants keep −v (TF's Ker
 convention, so TF's ResourceApplyKerasMomentum kernel does the update); ``tf_contrib``
 keeps +v as TF's ApplyMomentum did.
 
-Two implementations of the same formulas: the fused C++ op built by ``make env``
-(``knl_train/optim/kernels``: two passes over each variable, deterministic norms) and the
-pure-TF code below. ``KNL_TRAIN_LARS_KERNEL=auto|fused|tf`` chooses; ``auto`` takes the op
-when it is built, except for float16 variables and inside XLA-compiled functions.
+Two implementations of the same formulas: the fused C++ ops built by ``make env``
+(``knl_train/optim/kernels``: deterministic norms, two passes over the weights) and the
+pure-TF code below. ``KNL_TRAIN_LARS_KERNEL=auto|fused|tf`` chooses; ``auto`` takes the ops
+when they are built, except for float16 variables and inside XLA-compiled functions. On the
+fused path a step is one ``KnlLarsApplyMulti`` per variable dtype (every variable's norms in
+one pass, every update in a second, the trust ratios written to their slots), so a model of
+many small variables does not pay an op launch per variable; a step it cannot take whole
+(a sparse gradient, a float16 variable, a distribution strategy) goes variable by variable,
+through the one-variable ``KnlLarsApply`` where it can. Both ops give the same bits.
 """
 
 from __future__ import annotations
@@ -142,6 +147,58 @@ class LARS(ExclusionMixin, tf.keras.optimizers.legacy.Optimizer):
         # Nested where: no division result is used where a norm is 0 (XLA-safe, no NaN).
         return tf.where(w_norm > 0, tf.where(d_norm > 0, ratio, tf.ones_like(ratio)),
                         tf.ones_like(ratio))
+
+    def _distributed_apply(self, distribution, grads_and_vars, apply_state, name):
+        """The whole step in one multi-variable op per dtype where it can be (see above);
+        else the base class's loop over ``_resource_apply_dense``."""
+        grads_and_vars = list(grads_and_vars)
+        groups = self._fused_groups(grads_and_vars, apply_state)
+        if groups is None:
+            return super()._distributed_apply(distribution, grads_and_vars, apply_state, name)
+        if tf.executing_eagerly():  # each op has run by now
+            for key, pairs in groups.items():
+                self._apply_multi(pairs, *apply_state[key]["fused"])
+            return self.iterations.assign_add(1)
+        with tf.name_scope(name or self._name):
+            updates = [self._apply_multi(pairs, *apply_state[key]["fused"])
+                       for key, pairs in groups.items()]
+            with tf.control_dependencies(updates):
+                return self.iterations.assign_add(1, read_value=False)
+
+    def _fused_groups(self, grads_and_vars, apply_state):
+        """{(device, dtype): [(grad, var), ...]} if the fused op can apply every gradient,
+        else None: a sparse gradient, a dtype without the op (float16), XLA, the pure-TF path,
+        a variable listed twice, or a distribution strategy (which applies per variable)."""
+        if tf.distribute.has_strategy() or not apply_state:
+            return None
+        groups, seen = {}, set()
+        for grad, var in grads_and_vars:
+            key = (var.device, var.dtype.base_dtype)
+            if (not isinstance(grad, tf.Tensor) or isinstance(var, tf.Tensor)
+                    or var.ref() in seen or "fused" not in apply_state.get(key, {})):
+                return None
+            seen.add(var.ref())
+            groups.setdefault(key, []).append((grad, var))
+        return groups
+
+    def _apply_multi(self, pairs, op, scalars):
+        """One KnlLarsApplyMulti over variables of one dtype; it fills their trust_ratio slots."""
+        grads, variables = zip(*pairs)
+        adapt = [self.uses_adaptation(var) for var in variables]
+        update = op.knl_lars_apply_multi(
+            vars=[var.handle for var in variables],
+            accums=[self.get_slot(var, "momentum").handle for var in variables],
+            trust_ratio_slots=[self.get_slot(var, "trust_ratio").handle
+                               for var, adapted in zip(variables, adapt) if adapted],
+            grads=list(grads), lr=scalars["lr"], momentum=scalars["momentum"],
+            weight_decay=scalars["weight_decay"], trust_coefficient=scalars["trust_coefficient"],
+            epsilon=scalars["epsilon"], lars_variant=self.variant, nesterov=self.nesterov,
+            adapt=adapt, use_weight_decay=[self.uses_weight_decay(var) for var in variables])
+        constrained = [var for var in variables if var.constraint is not None]
+        if not constrained:
+            return update
+        with tf.control_dependencies([update]):  # as the base class: constrain after the step
+            return tf.group(update, *[var.assign(var.constraint(var)) for var in constrained])
 
     def _resource_apply_dense(self, grad, var, apply_state=None):
         var_device, var_dtype = var.device, var.dtype.base_dtype

@@ -1,10 +1,14 @@
-"""The fused LARS op (``lars_fused.cc``), compiled by ``make env``, and when to use it.
+"""The fused LARS ops (``lars_fused.cc``), compiled by ``make env``, and when to use them.
+
+The library holds two ops with one implementation of the formulas: ``KnlLarsApply`` updates
+one variable, ``KnlLarsApplyMulti`` all of a step's variables of one dtype (LARS's usual
+path, one op per step) and gives each variable the same bits.
 
 ``KNL_TRAIN_LARS_KERNEL`` chooses the path LARS takes:
 
-``auto`` (default)  the fused op if it is built for this TensorFlow, else the pure-TF path,
-                    saying so once per process on stderr;
-``fused``           the fused op, or a :class:`~knl_train.errors.UserError` saying why not;
+``auto`` (default)  the fused ops if they are built for this TensorFlow, else the pure-TF
+                    path, saying so once per process on stderr;
+``fused``           the fused ops, or a :class:`~knl_train.errors.UserError` saying why not;
 ``tf``              the pure-TF path.
 
 In every mode, float16 variables (no kernel) and XLA-compiled steps (no custom ops) take the

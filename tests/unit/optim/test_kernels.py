@@ -1,6 +1,7 @@
-"""The fused LARS op and its loader (knl_train/optim/kernels): which path a run takes, how it
-says so, and the op's own properties (bfloat16 arithmetic, determinism, copy-on-write).
-Numerical agreement of both paths with the reference is in test_lars.py."""
+"""The fused LARS ops and their loader (knl_train/optim/kernels): which path a run takes, how it
+says so, and the ops' own properties (bfloat16 arithmetic, determinism, copy-on-write, the
+multi-variable op equal to the one-variable op bit for bit). Numerical agreement of both paths
+with the reference is in test_lars.py."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tests.support import ROOT
 
 HP = dict(learning_rate=0.75, momentum=0.875, weight_decay=0.05, trust_coefficient=0.02,
           epsilon=0.3)
+FUSED_OPS = {"KnlLarsApply", "KnlLarsApplyMulti"}
 
 
 @pytest.fixture(autouse=True)
@@ -42,12 +44,16 @@ def built():
     return kernels.library_path()
 
 
-def op_types(opt, variables, grads):
-    """Op types of one traced apply_gradients step."""
+def op_list(opt, variables, grads):
+    """Op types of one traced apply_gradients step, one entry per op."""
     @tf.function
     def step():
         opt.apply_gradients(zip(grads, variables))
-    return {op.type for op in step.get_concrete_function().graph.get_operations()}
+    return [op.type for op in step.get_concrete_function().graph.get_operations()]
+
+
+def op_types(opt, variables, grads):
+    return set(op_list(opt, variables, grads))
 
 
 def kernel_var(dtype=tf.float32, name="dense/kernel"):
@@ -78,7 +84,7 @@ def test_forced_tf_path_uses_no_custom_op(monkeypatch, capsys):
     assert kernels.lars_op(tf.float32) is None
     var = kernel_var()
     types = op_types(LARS(**HP), [var], [tf.ones((4, 3))])
-    assert "KnlLarsApply" not in types and "ResourceApplyKerasMomentum" in types
+    assert not types & FUSED_OPS and "ResourceApplyKerasMomentum" in types
     assert capsys.readouterr().err == ""  # a deliberate choice is not announced
 
 
@@ -105,7 +111,7 @@ def test_auto_falls_back_and_says_so_once(monkeypatch, tmp_path, capsys):
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1, lines
     assert str(missing) in lines[0] and "make env" in lines[0] and "pure-TF" in lines[0]
-    assert "KnlLarsApply" not in op_types(opt, [var], [tf.ones((4, 3))])
+    assert not op_types(opt, [var], [tf.ones((4, 3))]) & FUSED_OPS
     assert np.all(np.isfinite(var.numpy())) and not np.allclose(var.numpy(), 1.0)
 
 
@@ -119,10 +125,11 @@ def test_only_rank_zero_reports_the_fallback(monkeypatch, tmp_path, capsys):
 def test_auto_uses_the_op_when_built(built, capsys):
     var = kernel_var()
     types = op_types(LARS(**HP), [var], [tf.ones((4, 3))])
-    assert "KnlLarsApply" in types and "ResourceApplyKerasMomentum" not in types
+    assert "KnlLarsApplyMulti" in types
+    assert not types & {"KnlLarsApply", "ResourceApplyKerasMomentum"}
     # Not for float16 (the op has no half kernel) nor under XLA (no custom ops): pure TF.
     half = kernel_var(tf.float16, "half/kernel")
-    assert "KnlLarsApply" not in op_types(LARS(**HP), [half], [tf.ones((4, 3), tf.float16)])
+    assert not op_types(LARS(**HP), [half], [tf.ones((4, 3), tf.float16)]) & FUSED_OPS
     xla_var = kernel_var()
     opt = LARS(**HP)
 
@@ -132,6 +139,25 @@ def test_auto_uses_the_op_when_built(built, capsys):
     xla_step()
     assert np.all(np.isfinite(xla_var.numpy()))
     assert capsys.readouterr().err == ""
+
+
+def test_one_multi_op_per_dtype_per_step(built):
+    """Variables of three dtypes in one step: one KnlLarsApplyMulti each, no per-variable op and
+    no trust-ratio assignment (the op writes the slots). A float16 variable, which no kernel
+    takes, sends the whole step down the per-variable path: the one-variable op where it can,
+    pure TF for the float16 variable."""
+    dtypes = (tf.float32, tf.float64, tf.bfloat16, tf.float32)
+    variables = [kernel_var(d, f"layer{k}/kernel") for k, d in enumerate(dtypes)]
+    variables.append(tf.Variable(tf.ones(3), name="layer0/bias"))  # excluded: rank 1
+    grads = [tf.ones(v.shape, v.dtype) for v in variables]
+    ops = op_list(LARS(**HP), variables, grads)
+    assert ops.count("KnlLarsApplyMulti") == 3 and ops.count("AssignAddVariableOp") == 1
+    assert not set(ops) & {"KnlLarsApply", "AssignVariableOp", "ResourceApplyKerasMomentum"}
+
+    half = kernel_var(tf.float16, "half/kernel")
+    ops = op_list(LARS(**HP), variables + [half], grads + [tf.ones((4, 3), tf.float16)])
+    assert "KnlLarsApplyMulti" not in ops and ops.count("KnlLarsApply") == len(variables)
+    assert ops.count("ResourceApplyKerasMomentum") == 1
 
 
 def _copy_library(src, dst_dir, **record_changes):
@@ -218,16 +244,18 @@ def test_bfloat16_step_is_float32_arithmetic_rounded_once(built, monkeypatch, va
 
 def _big_step(dtype, blocks=3, seed=21):
     """Three steps on a variable spanning several kernel blocks (16384 elements) plus a
-    ragged tail; returns the bytes of the weights, the momentum slot and the trust ratio."""
+    ragged tail, and a small one beside it in the same op; returns the bytes of the weights,
+    the momentum slots and the trust ratios."""
     rng = np.random.default_rng(seed)
-    shape = ((blocks * 16384 + 1234) // 2, 2)
-    w = tf.Variable(tf.constant(rng.normal(size=shape), dtype), name="big/kernel")
+    shapes = {"big/kernel": ((blocks * 16384 + 1234) // 2, 2), "small/kernel": (3, 3, 5)}
+    ws = [tf.Variable(tf.constant(rng.normal(size=shape), dtype), name=name)
+          for name, shape in shapes.items()]
     opt = LARS(**HP, variant="model_garden", nesterov=True)
     for k in range(3):
-        g = tf.constant(rng.normal(size=shape) * (k + 1), dtype)
-        opt.apply_gradients([(g, w)])
-    return (w.numpy().tobytes(), opt.get_slot(w, "momentum").numpy().tobytes(),
-            opt.get_slot(w, "trust_ratio").numpy().tobytes())
+        opt.apply_gradients([(tf.constant(rng.normal(size=w.shape) * (k + 1), dtype), w)
+                             for w in ws])
+    return tuple(x.numpy().tobytes() for w in ws for x in (
+        w, opt.get_slot(w, "momentum"), opt.get_slot(w, "trust_ratio")))
 
 
 @pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16])
@@ -294,3 +322,113 @@ def test_op_checks_its_inputs(built):
     np.testing.assert_array_equal(var.numpy(), np.ones((4, 3)))
     np.testing.assert_array_equal(accum.numpy(), np.zeros((4, 3)))
     assert apply().dtype == tf.float32  # t comes back in the variable's dtype, as its slot
+
+
+# ---- the multi-variable op ----------------------------------------------------------------------
+# name: (shape, adapted, weight decay); several blocks, a ragged tail, exclusions both ways,
+# ‖w‖ = 0 (t = 1) and an empty variable.
+MULTI_VARS = {
+    "conv/kernel": ((3, 3, 3, 8), True, True),
+    "bn/gamma": ((8,), False, False),
+    "big/kernel": ((2 * 16384 + 77,), True, True),
+    "head/kernel": ((5, 7), True, False),
+    "head/bias": ((7,), False, True),
+    "zero/kernel": ((4, 4), True, True),
+    "empty/kernel": ((0, 3), True, True),
+}
+
+
+def _scalars(**hp):
+    f64 = lambda x: tf.constant(x, tf.float64)  # noqa: E731
+    return dict(lr=f64(hp["learning_rate"]), momentum=f64(hp["momentum"]),
+                trust_coefficient=f64(hp["trust_coefficient"]), epsilon=f64(hp["epsilon"]))
+
+
+def _fresh(dtype, seed=31):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, (shape, _, _) in MULTI_VARS.items():
+        w = np.zeros(shape) if name.startswith("zero") else rng.normal(size=shape)
+        out[name] = (tf.Variable(tf.constant(w, dtype)), tf.Variable(tf.zeros(shape, dtype)),
+                     tf.Variable(tf.constant(0.0, dtype)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64, tf.bfloat16])
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("variant", ["you", "tf_contrib", "model_garden"])
+def test_multi_op_equals_the_single_op_bit_for_bit(built, variant, nesterov, dtype):
+    """Three steps of KnlLarsApplyMulti over all of MULTI_VARS against KnlLarsApply on each:
+    the same weights, momentum slots and trust ratios, bit for bit; the multi op writes the
+    adapted variables' ratios to their slots and leaves the excluded ones' alone."""
+    op = tf.load_op_library(str(built))
+    single, multi = _fresh(dtype), _fresh(dtype)
+    flags = list(MULTI_VARS.values())
+    rng = np.random.default_rng(32)
+    beta = tf.constant(HP["weight_decay"], tf.float64)
+    for step in range(3):
+        grads = [tf.constant(rng.normal(size=shape) * (step + 1), dtype) for shape, _, _ in flags]
+        want = [op.knl_lars_apply(var=w.handle, accum=v.handle, grad=g, adapt=adapt,
+                                  weight_decay=beta if decay else tf.constant(0.0, tf.float64),
+                                  lars_variant=variant, nesterov=nesterov, **_scalars(**HP))
+                for (w, v, _), g, (_, adapt, decay) in zip(single.values(), grads, flags)]
+        got = op.knl_lars_apply_multi(
+            vars=[w.handle for w, _, _ in multi.values()],
+            accums=[v.handle for _, v, _ in multi.values()],
+            trust_ratio_slots=[t.handle for (_, _, t), (_, adapt, _) in zip(multi.values(), flags)
+                               if adapt],
+            grads=grads, weight_decay=beta, lars_variant=variant, nesterov=nesterov,
+            adapt=[a for _, a, _ in flags], use_weight_decay=[d for _, _, d in flags],
+            **_scalars(**HP))
+        assert got.dtype == dtype and got.shape == (len(flags),)
+        assert got.numpy().tobytes() == b"".join(t.numpy().tobytes() for t in want)
+        if step == 0:
+            first = got
+    for name, (shape, adapt, _) in MULTI_VARS.items():
+        (w1, v1, _), (w2, v2, t2) = single[name], multi[name]
+        assert w1.numpy().tobytes() == w2.numpy().tobytes(), name
+        assert v1.numpy().tobytes() == v2.numpy().tobytes(), name
+        k = list(MULTI_VARS).index(name)
+        assert t2.numpy().tobytes() == (got[k].numpy().tobytes() if adapt else
+                                        np.zeros((), t2.dtype.as_numpy_dtype).tobytes()), name
+        # t = 1 without adaptation, for an empty variable, and while ‖w‖ = 0 (first step).
+        unit = not adapt or name.startswith("empty")
+        assert (float(got[k]) == 1.0) == unit, name
+        assert (float(first[k]) == 1.0) == (unit or name.startswith("zero")), name
+
+
+def test_multi_op_checks_its_inputs(built):
+    """Every check runs before any write: a bad entry anywhere leaves all variables as they
+    were, the earlier ones in the list included."""
+    op = tf.load_op_library(str(built))
+    kernel, bias = tf.Variable(tf.ones((4, 3))), tf.Variable(tf.ones(3))
+    m_kernel, m_bias = tf.Variable(tf.zeros((4, 3))), tf.Variable(tf.zeros(3))
+    slot = tf.Variable(0.0)
+    one = tf.constant(1.0, tf.float64)
+
+    def apply(**changes):
+        args = dict(vars=[kernel.handle, bias.handle], accums=[m_kernel.handle, m_bias.handle],
+                    trust_ratio_slots=[slot.handle], grads=[tf.ones((4, 3)), tf.ones(3)],
+                    lr=one, momentum=one, weight_decay=one, trust_coefficient=one, epsilon=one,
+                    lars_variant="you", adapt=[True, False], use_weight_decay=[True, False])
+        return op.knl_lars_apply_multi(**{**args, **changes})
+
+    bad = [
+        (dict(grads=[tf.ones((4, 3)), tf.ones(4)]), "shape"),
+        (dict(accums=[m_kernel.handle, kernel.handle]),
+         r"vars\[0\] and accums\[1\] are one variable"),
+        (dict(trust_ratio_slots=[m_bias.handle]), "one variable"),
+        (dict(adapt=[True, True]), "2 adapted, 1 slots"),
+        (dict(use_weight_decay=[True]), "one entry per variable"),
+        (dict(trust_ratio_slots=[tf.Variable(tf.zeros(2)).handle]), "must be a scalar"),
+        (dict(vars=[kernel.handle, tf.Variable(tf.ones(3, tf.float64)).handle]), "dtype"),
+        (dict(epsilon=tf.constant([1.0], tf.float64)), "epsilon must be a scalar"),
+    ]
+    for changes, message in bad:
+        with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=message):
+            apply(**changes)
+    for var, value in ((kernel, 1.0), (bias, 1.0), (m_kernel, 0.0), (m_bias, 0.0), (slot, 0.0)):
+        np.testing.assert_array_equal(var.numpy(), np.full(var.shape, value))
+    t = apply()
+    assert t.dtype == tf.float32 and t.shape == (2,) and float(t[1]) == 1.0
+    assert float(slot.numpy()) == float(t[0]) != 0.0

@@ -392,6 +392,126 @@ def test_exclusions_survive_horovod_wrapping(hvd, exclusions):
         np.testing.assert_allclose(got[n], want[n][0], rtol=1e-12, atol=1e-14, err_msg=n)
 
 
+# ---- one multi-variable op per step (fused path) ----------------------------------------------------
+@pytest.fixture()
+def fused(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_VAR, "fused")
+    info = kernels.status()
+    if not info["fused"]:
+        pytest.skip(f"fused LARS op unavailable: {info['reason']}; run 'make env'")
+
+
+def _cnn_variables(dtype, seed=12):
+    """Copies of small_cnn's 14 trainable variables (5 adapted, 9 of rank 1) in ``dtype``, with
+    their names, and a fixed gradient sequence for them."""
+    tf.keras.utils.set_random_seed(seed)
+    model = build("small_cnn", num_classes=4, image_size=16)
+    variables = [tf.Variable(tf.cast(v, dtype), name=v.name.split(":")[0])
+                 for v in model.trainable_variables]
+    rng = np.random.default_rng(seed)
+    grads = [[tf.constant(rng.normal(size=v.shape) * 0.1 * (k + 1), dtype) for v in variables]
+             for k in range(3)]
+    return variables, grads
+
+
+def _state(opt, variables):
+    """Bytes of every weight, momentum slot and trust-ratio slot."""
+    return [x.numpy().tobytes() for v in variables for x in (
+        v, opt.get_slot(v, "momentum"), opt.get_slot(v, "trust_ratio"))]
+
+
+def _run_steps(opt, variables, grads, traced):
+    """Apply ``grads`` eagerly or through one tf.function; returns the final state and the
+    fused ops the step used (eagerly: not known, None)."""
+    def step(gs):
+        opt.apply_gradients(zip(gs, variables))
+    apply = tf.function(step) if traced else step
+    for gs in grads:
+        apply(gs)
+    used = None
+    if traced:
+        graph = apply.get_concrete_function(grads[0]).graph
+        used = {op.type for op in graph.get_operations()} & {"KnlLarsApply", "KnlLarsApplyMulti"}
+    return _state(opt, variables), used
+
+
+@pytest.mark.usefixtures("fused")
+@pytest.mark.parametrize("dtype", [tf.float32, tf.float64, tf.bfloat16])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_op_per_step_equals_one_op_per_variable(monkeypatch, variant, dtype):
+    """The multi-variable op and the per-variable op give the same bits for every weight, slot
+    and trust ratio, eagerly and traced, with a learning-rate schedule and nesterov."""
+    sched = WarmupPolyDecay(peak_lr=1.2, total_steps=6, warmup_steps=2, warmup_start_lr=0.1)
+    make = lambda: LARS(**{**HP, "learning_rate": sched}, variant=variant, nesterov=True)  # noqa: E731
+    results = {}
+    for path in ("multi", "per-variable"):
+        if path == "per-variable":
+            monkeypatch.setattr(LARS, "_fused_groups", lambda self, *args: None)
+        for traced in (False, True):
+            variables, grads = _cnn_variables(dtype)
+            opt = make()
+            results[path, traced], used = _run_steps(opt, variables, grads, traced)
+            if traced:
+                assert used == {"KnlLarsApplyMulti" if path == "multi" else "KnlLarsApply"}
+            ratios = opt.trust_ratios(include_excluded=True)
+            assert len(ratios) == 14
+            assert sum(r != 1.0 for r in ratios.values()) == 5  # the adapted ones moved
+            assert int(opt.iterations.numpy()) == 3
+    assert results["multi", False] == results["per-variable", False]
+    assert results["multi", True] == results["per-variable", True]
+
+
+@pytest.mark.usefixtures("fused")
+def test_constraints_apply_after_the_multi_op(monkeypatch):
+    """A constrained variable is projected after the step, as Keras' per-variable loop does."""
+    def run():
+        rng = np.random.default_rng(13)
+        kernel = tf.Variable(rng.normal(size=(6, 4)), name="fc/kernel",
+                             constraint=lambda w: tf.clip_by_value(w, -0.5, 0.5))
+        bias = tf.Variable(rng.normal(size=4), name="fc/bias")
+        opt = LARS(**HP)
+        for k in range(3):
+            opt.apply_gradients([(tf.constant(rng.normal(size=v.shape) * (k + 1)), v)
+                                 for v in (kernel, bias)])
+        assert np.abs(kernel.numpy()).max() <= 0.5 and np.abs(bias.numpy()).max() > 0.5
+        return _state(opt, [kernel, bias])
+    multi = run()
+    monkeypatch.setattr(LARS, "_fused_groups", lambda self, *args: None)
+    assert run() == multi
+
+
+@pytest.mark.usefixtures("fused")
+def test_horovod_step_is_one_multi_op(hvd, monkeypatch):
+    """Through hvd.DistributedOptimizer (rebuilt from get_config, base apply_gradients after
+    the allreduce) a step is one KnlLarsApplyMulti and the iteration count: no per-variable
+    op, no slot assignment; the slots hold the same trust ratios, and the weights the same
+    bits, as a plain LARS applying one op per variable."""
+    variables, grads = _cnn_variables(tf.float32)
+    opt = LARS(**HP, variant="you")
+    wrapped = hvd.DistributedOptimizer(opt)
+    assert isinstance(wrapped, LARS) and wrapped is not opt
+    assert {k: v for k, v in wrapped.get_config().items() if k != "name"} == {
+        k: v for k, v in opt.get_config().items() if k != "name"}
+
+    @tf.function
+    def step(gs):
+        wrapped.apply_gradients(zip(gs, variables))
+    ops = [op.type for op in step.get_concrete_function(grads[0]).graph.get_operations()]
+    assert ops.count("KnlLarsApplyMulti") == 1 and ops.count("AssignAddVariableOp") == 1
+    assert not set(ops) & {"KnlLarsApply", "AssignVariableOp", "ResourceApplyKerasMomentum"}
+    for gs in grads:
+        step(gs)
+    got = _state(wrapped, variables)
+    ratios = wrapped.trust_ratios()
+    assert len(ratios) == 5 and all(0.0 < r < 1.0 for r in ratios.values())
+
+    monkeypatch.setattr(LARS, "_fused_groups", lambda self, *args: None)
+    ref_vars, _ = _cnn_variables(tf.float32)
+    ref = LARS(**HP, variant="you")
+    assert _run_steps(ref, ref_vars, grads, traced=True) == (got, {"KnlLarsApply"})
+    assert list(ref.trust_ratios().values()) == list(ratios.values())
+
+
 # ---- sparse gradients -------------------------------------------------------------------------------
 @pytest.mark.usefixtures("lars_path")
 def test_sparse_gradient_raises_with_clear_message():
