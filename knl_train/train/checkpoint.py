@@ -1,19 +1,30 @@
-"""Rank-0 checkpoints, written atomically and rotated.
+"""Rank-0 checkpoints, written atomically and rotated, in the background or at once.
 
 Each checkpoint is a directory ``step-NNNNNNNN`` (optimizer updates done) holding a
 ``tf.train.Checkpoint`` of the model and optimizer (weights, slots, iteration count) and
 ``state.json``: where in the data the run stands. It is written under a temporary name and
 renamed into place, and ``latest.json`` is replaced atomically afterwards, so a crash mid-write
 leaves the previous checkpoint as the latest.
+
+``save`` writes at once. ``begin`` only snapshots the variables on the calling thread (a read of
+each: cheap, see ``_snapshot``) and writes the same files from the snapshot in a background
+thread while training goes on; one write at most is in flight, and its failure is reported by
+the next ``begin`` or ``wait``. The thread is not a daemon, so an interpreter that exits
+normally finishes the write first; a process killed mid-write leaves a temporary directory
+and the previous ``latest.json``.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import tensorflow as tf
 
@@ -40,27 +51,162 @@ def latest_state(directory) -> Optional[dict]:
     return state
 
 
+@dataclass
+class _Write:
+    """One checkpoint on its way to disk."""
+    step: int
+    state: dict
+    final: Path
+    tmp: Path
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Optional[BaseException] = None
+
+
+class _Shadows:
+    """The saver's object map: each variable's snapshot copy, looked up by identity (variables
+    are not hashable)."""
+
+    def __init__(self, pairs):
+        self._by_id = {id(v): (v, shadow) for v, shadow in pairs}
+
+    def get(self, obj, default=None):
+        hit = self._by_id.get(id(obj))
+        return hit[1] if hit is not None and hit[0] is obj else default
+
+
 class CheckpointManager:
+    """Writes, rotates and restores the checkpoints of one run directory (rank 0 only).
+
+    ``last_written`` is the newest checkpoint this manager completed; ``blocked_seconds`` the
+    time its callers spent in ``save``, ``begin`` and ``wait``.
+    """
+
     def __init__(self, directory, model, optimizer, keep: int = 3):
         self.directory = Path(directory)
         self.keep = keep
+        self.last_written: Optional[Path] = None
+        self.blocked_seconds = 0.0
+        self._optimizer = optimizer
         self._ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer)
+        # Background writes go through a second Checkpoint over the same objects whose saver
+        # reads the snapshot copies instead of the live variables. Its object map is the hook
+        # TF's own async checkpoint uses (a private attribute): without it, write at once.
+        self._writer = tf.train.Checkpoint(model=model, optimizer=optimizer)
+        self._can_shadow = hasattr(getattr(self._writer, "_saver", None), "_object_map")
+        self._flight: Optional[_Write] = None
 
+    # ---- writing -----------------------------------------------------------------------------
     def save(self, step: int, state: Optional[dict] = None) -> Path:
-        """Write the checkpoint of update ``step``; ``state`` (JSON) is stored beside it."""
+        """Write the checkpoint of update ``step`` now; ``state`` (JSON) is stored beside it.
+
+        A write still in flight is finished first (and its failure raised)."""
+        self.wait()
+        start = time.monotonic()
+        try:
+            job = self._job(step, state)
+            self._write(job, self._ckpt)
+            return job.final
+        finally:
+            self.blocked_seconds += time.monotonic() - start
+
+    def begin(self, step: int, state: Optional[dict] = None) -> None:
+        """Snapshot the checkpoint of update ``step`` and write it in the background.
+
+        The previous write is finished first: at most one is in flight, and if it failed, its
+        error is raised here and nothing new is written. ``wait`` ends this one."""
+        self.wait()
+        start = time.monotonic()
+        try:
+            job = self._job(step, state)
+            if not self._can_shadow:
+                self._run(job, None)  # at once; wait() reports the outcome as usual
+            else:
+                threading.Thread(target=self._run, args=(job, self._snapshot()), daemon=False,
+                                 name=f"knl-train-checkpoint-{step}").start()
+            self._flight = job
+        finally:
+            self.blocked_seconds += time.monotonic() - start
+
+    def wait(self) -> Optional[Path]:
+        """Finish the write in flight: its checkpoint's path, or None if there was none.
+
+        Raises the write's error (once): the UserError ``save`` would have raised."""
+        job = self._flight
+        if job is None:
+            return None
+        start = time.monotonic()
+        job.done.wait()
+        self.blocked_seconds += time.monotonic() - start
+        self._flight = None  # only now: a wait cut short by a signal leaves the write in flight
+        if job.error is not None:
+            raise job.error
+        return job.final
+
+    @property
+    def in_flight(self) -> bool:
+        """A background write is running (its outcome is collected by ``wait`` or ``begin``)."""
+        return self._flight is not None and not self._flight.done.is_set()
+
+    def _job(self, step: int, state: Optional[dict]) -> _Write:
         name = checkpoint_name(step)
-        final = self.directory / name
-        tmp = self.directory / f".{name}.tmp"
-        state = {"name": name, "step": step, **(state or {})}
+        # A copy: the caller may change its dict while the write is in flight.
+        state = copy.deepcopy({"name": name, "step": step, **(state or {})})
+        return _Write(step, state, final=self.directory / name, tmp=self.directory / f".{name}.tmp")
+
+    def _snapshot(self) -> List[Tuple[tf.Variable, tf.Tensor]]:
+        """Every saved variable with its value now.
+
+        On the CPU a read shares the variable's buffer, and TF's in-place updates (the
+        ResourceApply* kernels, assign_add, the fused LARS op) copy a buffer that a reader still
+        holds before writing it (copy-on-write): the read is a snapshot that copies nothing
+        here; the first update of each variable while the write holds it pays for one copy."""
+        found = {}
+        for obj in tf.train.TrackableView(self._ckpt).descendants():
+            if isinstance(obj, tf.Variable):
+                found[id(obj)] = obj
+        # Slots of the Keras 2 (legacy) optimizers hang off the optimizer, not the object tree.
+        slots = self._optimizer.variables
+        for v in (slots() if callable(slots) else slots):
+            found.setdefault(id(v), v)
+        snapshot = []
+        for v in found.values():
+            try:
+                snapshot.append((v, tf.raw_ops.ReadVariableOp(resource=v.handle, dtype=v.dtype)))
+            except tf.errors.FailedPreconditionError:
+                pass  # uninitialized: the saver skips it too
+        return snapshot
+
+    def _run(self, job: _Write, snapshot) -> None:
+        """The background half (or all of it, ``snapshot`` None): write, record the outcome."""
+        try:
+            if snapshot is None:
+                self._write(job, self._ckpt)
+            else:
+                with tf.device("CPU:0"):
+                    shadows = _Shadows((v, tf.Variable(value, trainable=False, name=_plain_name(v)))
+                                       for v, value in snapshot)
+                self._writer._saver._object_map = shadows  # pylint: disable=protected-access
+                try:
+                    self._write(job, self._writer)
+                finally:
+                    self._writer._saver._object_map = None  # frees the copies
+        except BaseException as e:  # handed to the caller by wait(): never lost with the thread
+            job.error = e
+        finally:
+            job.done.set()
+
+    def _write(self, job: _Write, ckpt: tf.train.Checkpoint) -> None:
+        """Write ``ckpt`` as ``job``'s checkpoint, atomically; point latest.json at it; rotate."""
+        final, tmp = job.final, job.tmp
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
-            self._ckpt.write(str(tmp / "ckpt"))
-            write_json_atomic(tmp / STATE, state)
+            ckpt.write(str(tmp / "ckpt"))
+            write_json_atomic(tmp / STATE, job.state)
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
-            write_json_atomic(self.directory / LATEST, state)
+            write_json_atomic(self.directory / LATEST, job.state)
         except (OSError, tf.errors.OpError) as e:
             if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -69,14 +215,16 @@ class CheckpointManager:
                 f"could not write checkpoint {final}: {getattr(e, 'message', None) or e}. "
                 f"The previous checkpoint ({previous or 'none'}) is intact; "
                 "free space or fix the permissions of the run directory, then rerun to resume.") from None
-        self._rotate(step)
-        return final
+        self.last_written = final
+        self._rotate(job.step)
 
+    # ---- reading -----------------------------------------------------------------------------
     def latest(self) -> Optional[Path]:
         state = latest_state(self.directory)
         return self.directory / state["name"] if state else None
 
     def restore(self, path) -> None:
+        self.wait()
         self._ckpt.read(str(Path(path) / "ckpt")).assert_existing_objects_matched()
 
     def _rotate(self, current: int):
@@ -92,3 +240,8 @@ class CheckpointManager:
         kept = [p for p in done if step_of(p) <= current]
         for old in stale + kept[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _plain_name(v: tf.Variable) -> str:
+    """``v``'s name without the ``:0``: the copy's name, which the checkpoint records."""
+    return v.name.partition(":")[0]
