@@ -2,8 +2,10 @@
 
 Definitions follow jobs_and_schedulers.md 2.6: X is throughput (images/s), the median over
 repeats of each repeat's median per-step rate after the warm-up; the baseline is the smallest
-node count with data (N0, X0); speed-up X/X0; efficiency (X/N)/(X0/N0). The runs are read
-through :mod:`knl_train.records`, the study through its :class:`~.manifest.Manifest`.
+node count with data (N0, X0); speed-up X/X0; efficiency (X/N)/(X0/N0). The projected time to
+train adds the runs' measured start-up, evaluation and checkpoint costs (:mod:`.projection`).
+The runs are read through :mod:`knl_train.records`, the study through its
+:class:`~.manifest.Manifest`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Dict, List, Optional
 from knl_train import records
 from knl_train.atomic import save_figure_atomic, write_json_atomic, write_text_atomic
 from knl_train.errors import UserError
+from knl_train.studies import projection
 from knl_train.studies.manifest import Manifest, PointRecord
 
 RESULTS = "results.json"
@@ -26,7 +29,10 @@ GATE_SOURCE = ("CSC requires at least 75 % parallel efficiency for access to Mah
                "partition ([CSCfi/csc-user-guide PR #684]"
                "(https://github.com/CSCfi/csc-user-guide/pull/684))")
 BASE_COLUMNS = ("nodes", "ranks", "global_batch", "images_per_sec", "images_per_sec_min",
-                "images_per_sec_max", "repeats", "speedup", "efficiency", "epoch_seconds")
+                "images_per_sec_max", "repeats", "speedup", "efficiency", "epoch_seconds",
+                *projection.COSTS)
+# Marks a projection made from the step time alone (its runs have no time account).
+STEPS_ONLY = "\u2020"
 
 
 # ---- collect ---------------------------------------------------------------------------------
@@ -54,8 +60,8 @@ def _step_rates(path: Path, rel: str, warmup: int, resumed: Optional[int]) -> Li
     return rates
 
 
-def _repeat(study_dir: Path, rel: str, point: PointRecord, warmup: int) -> dict:
-    """One run directory's throughput, or why it has none."""
+def _repeat(study_dir: Path, rel: str, point: PointRecord, warmup: int, epochs: float) -> dict:
+    """One run directory's throughput and its costs per epoch of ``epochs``, or why it has none."""
     run_dir = study_dir / rel
     out = {"run_dir": rel}
     summary_path = run_dir / records.SUMMARY
@@ -94,22 +100,23 @@ def _repeat(study_dir: Path, rel: str, point: PointRecord, warmup: int) -> dict:
             return {**out, "status": "problem", "reason": f"{rel}/{records.METRICS}: {e}"}
         except ValueError as e:
             return {**out, "status": "problem", "reason": str(e)}
+    costs = projection.repeat_costs(summary, run_dir, epochs)
     if rates:
         return {**out, "status": "ok", "images_per_sec": statistics.median(rates),
-                "source": "metrics", "steps_used": len(rates)}
+                "source": "metrics", "steps_used": len(rates), **costs}
     # The whole-run rate includes the warm-up: a fallback, marked so the report can say so.
     return {**out, "status": "ok", "images_per_sec": float(summary.images_per_sec),
-            "source": "summary", "steps_used": 0}
+            "source": "summary", "steps_used": 0, **costs}
 
 
 def collect(study_dir) -> dict:
-    """Every point's repeats and median throughput; written to DIR/results.json."""
+    """Every point's repeats, median throughput and median costs; written to DIR/results.json."""
     study_dir = Path(study_dir)
     m = Manifest.load(study_dir)
     warmup = int(m.warmup_steps)
     points = []
     for p in m.points:
-        repeats = [_repeat(study_dir, rel, p, warmup) for rel in p.run_dirs]
+        repeats = [_repeat(study_dir, rel, p, warmup, m.project_epochs) for rel in p.run_dirs]
         values = [r["images_per_sec"] for r in repeats if r["status"] == "ok"]
         point = {"id": p.id, "nodes": p.nodes, "ranks_per_node": p.ranks_per_node, "ranks": p.ranks,
                  "global_batch": p.global_batch, "per_rank_batch": p.per_rank_batch, "steps": p.steps,
@@ -117,7 +124,8 @@ def collect(study_dir) -> dict:
         point.update({"repeats": repeats, "values": values, "n": len(values),
                       "images_per_sec": statistics.median(values) if values else None,
                       "images_per_sec_min": min(values) if values else None,
-                      "images_per_sec_max": max(values) if values else None})
+                      "images_per_sec_max": max(values) if values else None,
+                      **projection.point_costs(repeats)})
         points.append(point)
     results = {"version": 1, "study_dir": str(study_dir),
                **{k: getattr(m, k) for k in ("study", "scheduler", "scaling", "images_per_epoch",
@@ -164,12 +172,14 @@ def table(results: dict) -> List[dict]:
     rows = []
     for p in have:
         x, n = p["images_per_sec"], p["nodes"]
+        # Unknown costs (None) stay None: the projection is then from the step time alone.
+        costs = {k: p.get(k) for k in projection.COSTS}
         rows.append({"nodes": n, "ranks": p["ranks"], "global_batch": p["global_batch"],
                      "images_per_sec": x, "images_per_sec_min": p["images_per_sec_min"],
                      "images_per_sec_max": p["images_per_sec_max"], "repeats": p["n"],
                      "speedup": x / x0, "efficiency": efficiency(results["scaling"], x, n, x0, n0),
-                     "epoch_seconds": per_epoch / x,
-                     proj: epochs * per_epoch / x / 3600})
+                     "epoch_seconds": per_epoch / x, **costs,
+                     proj: projection.hours(epochs, per_epoch / x, costs)})
     return rows
 
 
@@ -208,36 +218,96 @@ def csv_text(results: dict, rows: List[dict]) -> str:
 
 
 def markdown(results: dict, rows: List[dict]) -> str:
-    base = rows[0]
-    proj = projection_column(results)
-    epochs = results["project_epochs"]
-    kind = results["scaling"]
+    lines = [f"# Scaling study {results['study']}: {results['scaling']} scaling", "",
+             *_definitions(results, rows), "", *_table_lines(results, rows),
+             *_gate_lines(rows), *_missing_lines(results)]
+    notes = _notes(results)
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def _definitions(results: dict, rows: List[dict]) -> List[str]:
+    """The baseline, and how each column is measured."""
+    base, kind, epochs = rows[0], results["scaling"], results["project_epochs"]
     held = ("per-rank batch fixed, global batch grows with the ranks" if kind == "weak"
             else "global batch fixed")
     eff_def = ("(X/N)/(X0/N0)" if kind == "weak" else "X·N0/(X0·N), i.e. T(N0)·N0/(T(N)·N)")
     repeats = results.get("repeats")
-    lines = [f"# Scaling study {results['study']}: {kind} scaling", "",
-             f"Baseline: {base['nodes']} node(s), {base['ranks']} ranks, "
+    lines = [f"Baseline: {base['nodes']} node(s), {base['ranks']} ranks, "
              f"{base['images_per_sec']:.1f} images/s (the smallest node count with data).", "",
              f"X = images/s: the median of per-step images/s after {results['warmup_steps']} "
              f"warm-up step(s), then the median over {repeats if repeats else 'the'} repeat(s) "
              f"(min-max shown). {kind.capitalize()} scaling ({held}): speed-up X/X0, "
-             f"efficiency {eff_def}. Epoch = {results['images_per_epoch']:,} images; "
-             f"projected time for {epochs:g} epochs.", "",
-             f"| nodes | ranks | global batch | images/s | min-max | repeats | speed-up "
-             f"| efficiency | epoch time | {epochs:g} epochs (h) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"efficiency {eff_def}. Epoch = {results['images_per_epoch']:,} images; epoch "
+             f"time = images per epoch / X, the steps alone. Projected time for {epochs:g} "
+             f"epochs = start-up + {epochs:g} × (epoch time + evaluation per epoch + checkpoint "
+             f"per epoch), each the median over repeats of what the runs measured (the time "
+             f"account in summary.json), with evaluations and checkpoints at the cadence of the "
+             f"runs' config.yaml (eval.every_epochs, checkpoint.every_epochs; the last epoch has "
+             f"both)."]
+    if any(projection.known(r) for r in rows):
+        lines += ["", "Evaluation is timed on the study's own validation set, the one its runs "
+                      "evaluated (with synthetic data, a few synthetic batches), not on the "
+                      "validation set of the training being projected. Checkpoint time is the "
+                      "time the training loop waited on checkpoints."]
+    return lines
+
+
+def _seconds(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def _table_lines(results: dict, rows: List[dict]) -> List[str]:
+    """The table, and a footnote naming the points projected from the step time alone."""
+    proj, epochs = projection_column(results), results["project_epochs"]
+    lines = [f"| nodes | ranks | global batch | images/s | min-max | repeats | speed-up "
+             f"| efficiency | epoch time | eval/epoch (s) | checkpoint/epoch (s) | start-up (s) "
+             f"| {epochs:g} epochs (h) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        mark = "" if projection.known(r) else f" {STEPS_ONLY}"
         lines.append(f"| {r['nodes']} | {r['ranks']} | {r['global_batch']} | "
                      f"{r['images_per_sec']:.1f} | {r['images_per_sec_min']:.1f}-"
                      f"{r['images_per_sec_max']:.1f} | {r['repeats']} | {r['speedup']:.2f} | "
                      f"{100 * r['efficiency']:.1f} % | {_hms(r['epoch_seconds'])} | "
-                     f"{r[proj]:.2f} |")
+                     + " | ".join(_seconds(r[k]) for k in projection.COSTS)
+                     + f" | {r[proj]:.2f}{mark} |")
+    unknown = [p for p in _sorted_points(results) if p["n"] and not projection.known(p)]
+    if unknown:
+        lines += ["", f"{STEPS_ONLY} From the epoch time alone: start-up, evaluations and "
+                      f"checkpoints are not counted, since these runs have no usable time "
+                      f"account:", ""]
+        lines += [f"- {p['nodes']} node(s): {r['run_dir']}: {r['costs_unknown']}"
+                  for p in unknown for r in p["repeats"] if "costs_unknown" in r]
+    return lines
+
+
+def _gate_lines(rows: List[dict]) -> List[str]:
     low = [r for r in rows if _below_gate(r)]
-    lines += ["", f"## Below {100 * EFFICIENCY_GATE:.0f} % efficiency", "",
-              f"{GATE_SOURCE}.", ""]
-    lines += ([f"- {r['nodes']} node(s): {100 * r['efficiency']:.1f} %" for r in low]
-              or [f"None: every point reaches {100 * EFFICIENCY_GATE:.0f} %."])
+    lines = ["", f"## Below {100 * EFFICIENCY_GATE:.0f} % efficiency", "", f"{GATE_SOURCE}.", ""]
+    return lines + ([f"- {r['nodes']} node(s): {100 * r['efficiency']:.1f} %" for r in low]
+                    or [f"None: every point reaches {100 * EFFICIENCY_GATE:.0f} %."])
+
+
+def _missing_lines(results: dict) -> List[str]:
+    gone = missing(results)
+    partial = [(p, r) for p in _sorted_points(results) if p["n"]
+               for r in p["repeats"] if r["status"] != "ok"]
+    lines = ["", "## Missing points and repeats", ""]
+    if not gone and not partial:
+        lines.append("None: every repeat has a usable summary.json.")
+    for m in gone:
+        lines.append(f"- point {m['id']} ({m['nodes']} node(s)), no data:")
+        lines += [f"  - {why}" for why in m["reasons"]]
+    for p, r in partial:
+        lines.append(f"- point {p['id']} ({p['nodes']} node(s)), repeat {r['run_dir']} "
+                     f"{r['status']}: {r['reason']}")
+    return lines
+
+
+def _notes(results: dict) -> List[str]:
+    kind = results["scaling"]
     batches = {p["global_batch" if kind == "strong" else "per_rank_batch"]
                for p in results["points"] if p["n"]}
     notes = []
@@ -251,21 +321,7 @@ def markdown(results: dict, rows: List[dict]) -> str:
             notes.append(f"{p['nodes']} node(s): no step records after the warm-up in "
                          f"{', '.join(fallback)}; used summary.json's whole-run images/s, "
                          "which includes the warm-up.")
-    gone = missing(results)
-    partial = [(p, r) for p in _sorted_points(results) if p["n"]
-               for r in p["repeats"] if r["status"] != "ok"]
-    lines += ["", "## Missing points and repeats", ""]
-    if not gone and not partial:
-        lines.append("None: every repeat has a usable summary.json.")
-    for m in gone:
-        lines.append(f"- point {m['id']} ({m['nodes']} node(s)), no data:")
-        lines += [f"  - {why}" for why in m["reasons"]]
-    for p, r in partial:
-        lines.append(f"- point {p['id']} ({p['nodes']} node(s)), repeat {r['run_dir']} "
-                     f"{r['status']}: {r['reason']}")
-    if notes:
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
-    return "\n".join(lines) + "\n"
+    return notes
 
 
 def chart(results: dict, rows: List[dict], path: Path) -> None:

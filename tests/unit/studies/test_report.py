@@ -93,7 +93,9 @@ def test_weak_table_values(tmp_path):
     rows = rep.table(rep.collect(weak_study(tmp_path)))
     assert list(rows[0]) == ["nodes", "ranks", "global_batch", "images_per_sec",
                              "images_per_sec_min", "images_per_sec_max", "repeats", "speedup",
-                             "efficiency", "epoch_seconds", "time_90_epochs_hours"]
+                             "efficiency", "epoch_seconds", "eval_seconds_per_epoch",
+                             "checkpoint_seconds_per_epoch", "startup_seconds",
+                             "time_90_epochs_hours"]
     assert [r["nodes"] for r in rows] == [1, 2, 4, 8]
     assert [r["ranks"] for r in rows] == [2, 4, 8, 16]
     assert [r["global_batch"] for r in rows] == [64, 128, 256, 512]
@@ -107,6 +109,10 @@ def test_weak_table_values(tmp_path):
     assert rows[0]["time_90_epochs_hours"] == pytest.approx(80.0729375)  # 90 epochs / 3600
     assert rows[1]["epoch_seconds"] == pytest.approx(IMAGES / 720)
     assert rows[3]["time_90_epochs_hours"] == pytest.approx(90 * IMAGES / 2240 / 3600)
+    # These summaries have no time account: its costs are unknown, not zero.
+    assert all(r[k] is None for r in rows for k in ("eval_seconds_per_epoch",
+                                                     "checkpoint_seconds_per_epoch",
+                                                     "startup_seconds"))
 
 
 def test_warmup_steps_excluded_from_each_repeat(tmp_path):
@@ -169,7 +175,8 @@ def test_fallback_to_summary_without_steps_after_warmup(tmp_path):
     r0, r1 = results["points"][0]["repeats"]
     assert (r0["source"], r0["images_per_sec"]) == ("metrics", 400.0)
     assert r1 == {"run_dir": "points/n0001/run-1", "status": "ok", "images_per_sec": 380.5,
-                  "source": "summary", "steps_used": 0}
+                  "source": "summary", "steps_used": 0,
+                  "costs_unknown": "summary.json has no time account (an older knl-train)"}
     assert results["points"][0]["images_per_sec"] == pytest.approx((400 + 380.5) / 2)
     # No metrics.jsonl at all: the same fallback.
     (root / "points/n0001/run-1/metrics.jsonl").unlink()
@@ -262,6 +269,9 @@ def test_report_csv_round_trips_the_table(tmp_path):
     assert len(back) == len(rows) == 4
     for got, want in zip(back, rows):
         for k, v in want.items():
+            if v is None:      # an unknown cost: an empty cell
+                assert got[k] == "", k
+                continue
             assert (int(got[k]) if isinstance(v, int) else float(got[k])) == v, k
 
 
@@ -272,11 +282,15 @@ def test_report_markdown(tmp_path):
     assert "Baseline: 1 node(s), 2 ranks, 400.0 images/s" in md
     assert "median of per-step images/s after 1 warm-up step(s)" in md
     assert "over 2 repeat(s)" in md
-    # 1 node: 400 images/s, epoch 3202.9 s = 0:53:23, 90 epochs = 80.07 h.
-    assert "| 1 | 2 | 64 | 400.0 | 390.0-410.0 | 2 | 1.00 | 100.0 % | 0:53:23 | 80.07 |" in md
+    # 1 node: 400 images/s, epoch 3202.9 s = 0:53:23, 90 epochs = 80.07 h; no time account:
+    # its costs n/a, and the projection from the step time alone, marked.
+    assert ("| 1 | 2 | 64 | 400.0 | 390.0-410.0 | 2 | 1.00 | 100.0 % | 0:53:23 | n/a | n/a "
+            "| n/a | 80.07 \u2020 |") in md
     # 2 nodes: 1281167/720 = 1779.4 s = 0:29:39; 44.485 h.
-    assert "| 2 | 4 | 128 | 720.0 | 710.0-730.0 | 2 | 1.80 | 90.0 % | 0:29:39 | 44.48 |" in md
-    assert "| 8 | 16 | 512 | 2240.0 | 2230.0-2250.0 | 2 | 5.60 | 70.0 % | 0:09:32 | 14.30 |" in md
+    assert ("| 2 | 4 | 128 | 720.0 | 710.0-730.0 | 2 | 1.80 | 90.0 % | 0:29:39 | n/a | n/a "
+            "| n/a | 44.48 \u2020 |") in md
+    assert ("| 8 | 16 | 512 | 2240.0 | 2230.0-2250.0 | 2 | 5.60 | 70.0 % | 0:09:32 | n/a | n/a "
+            "| n/a | 14.30 \u2020 |") in md
     below = md.split("## Below 75 % efficiency")[1].split("##")[0]
     assert "csc-user-guide PR #684" in below
     assert "- 8 node(s): 70.0 %" in below
@@ -313,7 +327,8 @@ def test_report_out_dir_and_projection_column(tmp_path):
     assert set(paths) == {"results", "csv", "md", "png"}
     assert all(p.parent == tmp_path / "elsewhere" for k, p in paths.items() if k != "results")
     header = paths["csv"].read_text().splitlines()[0]
-    assert header.endswith(",epoch_seconds,time_30_epochs_hours")
+    assert header.endswith(",epoch_seconds,eval_seconds_per_epoch,checkpoint_seconds_per_epoch,"
+                           "startup_seconds,time_30_epochs_hours")
     assert rep.table(rep.collect(root))[0]["time_30_epochs_hours"] == pytest.approx(
         30 * IMAGES / 400 / 3600)
     assert "| 30 epochs (h) |" in paths["md"].read_text()
@@ -326,6 +341,99 @@ def test_report_without_matplotlib_skips_png(tmp_path, monkeypatch):
         paths = rep.report(root)
     assert "png" not in paths and not (root / "report" / "scaling.png").exists()
     assert paths["csv"].is_file() and paths["md"].is_file()
+
+
+# ---- the projected time to train -------------------------------------------------------
+
+def add_account(run_dir: Path, *, startup: float, eval_s: float, evals: int, ckpt_s: float,
+                ckpts: int, every=(1, 1), epochs_trained: float = 0.0005):
+    """A newer knl-train's run: summary.json's time account, and config.yaml's cadence."""
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text())
+    summary.update({"startup_seconds": startup, "train_seconds": 20.0, "eval_seconds": eval_s,
+                    "checkpoint_seconds": ckpt_s, "other_seconds": 1.0,
+                    "startup": {"import": startup}, "images_trained": 640,
+                    "epochs_trained": epochs_trained, "evaluations": evals,
+                    "checkpoints": ckpts, "wall_images_per_sec": 20.0,
+                    "time_to_train_efficiency": 0.8})
+    path.write_text(json.dumps(summary))
+    (run_dir / "config.yaml").write_text(
+        f"model: resnet50_v1_5\neval:\n  every_epochs: {every[0]}\n"
+        f"checkpoint:\n  every_epochs: {every[1]}\n  keep: 1\n")
+
+
+def test_projection_adds_start_up_and_per_epoch_eval_and_checkpoint(tmp_path):
+    root = make_study(tmp_path / "s", "weak", [(1, 64, "completed", [400, 400]),
+                                                (2, 128, "completed", [720, 720])])
+    before = rep.table(rep.collect(root))
+    # Point 1: evaluation and checkpoint every epoch. Repeat medians: start-up (10+14)/2 = 12,
+    # evaluation (1.5+2.5)/2 = 2.0 s each, checkpoint (0.25+0.75)/2 = 0.5 s each.
+    add_account(root / "points/n0001/run-0", startup=10.0, eval_s=4.5, evals=3, ckpt_s=0.75,
+                ckpts=3)
+    add_account(root / "points/n0001/run-1", startup=14.0, eval_s=5.0, evals=2, ckpt_s=1.5,
+                ckpts=2)
+    # Point 2: one evaluation (4 s) and one checkpoint (9 s) every 1000 epochs: a 90-epoch run
+    # has one of each, at its end. Divided by its 0.0005 epochs trained it would be 8,000 s
+    # per epoch.
+    for r in range(2):
+        add_account(root / f"points/n0002/run-{r}", startup=30.0, eval_s=4.0, evals=1,
+                    ckpt_s=9.0, ckpts=1, every=(1000, 1000))
+    results = rep.collect(root)
+    first = results["points"][0]
+    assert [r["eval_seconds_each"] for r in first["repeats"]] == [1.5, 2.5]
+    assert [r["checkpoint_seconds_per_epoch"] for r in first["repeats"]] == [0.25, 0.75]
+    rows = rep.table(results)
+    assert (rows[0]["startup_seconds"], rows[0]["eval_seconds_per_epoch"],
+            rows[0]["checkpoint_seconds_per_epoch"]) == (12.0, 2.0, 0.5)
+    assert rows[1]["startup_seconds"] == 30.0
+    assert rows[1]["eval_seconds_per_epoch"] == pytest.approx(4.0 / 90)
+    assert rows[1]["checkpoint_seconds_per_epoch"] == pytest.approx(9.0 / 90)
+    # Exactly start-up + E x (eval + checkpoint per epoch) more than the step time alone.
+    proj = "time_90_epochs_hours"
+    assert rows[0][proj] - before[0][proj] == pytest.approx((12.0 + 90 * (2.0 + 0.5)) / 3600,
+                                                            rel=1e-12)
+    assert rows[1][proj] - before[1][proj] == pytest.approx((30.0 + 4.0 + 9.0) / 3600,
+                                                            rel=1e-12)
+    assert rows[0][proj] == pytest.approx(80.0729375 + 237 / 3600, rel=1e-12)
+    # Throughput, epoch time and efficiency do not change.
+    for got, was in zip(rows, before):
+        assert {k: got[k] for k in ("images_per_sec", "epoch_seconds", "efficiency")} == \
+            {k: was[k] for k in ("images_per_sec", "epoch_seconds", "efficiency")}
+
+
+def test_point_without_time_account_projects_from_steps_and_is_footnoted(tmp_path):
+    root = make_study(tmp_path / "s", "weak", [(1, 64, "completed", [400, 400]),
+                                                (2, 128, "completed", [720, 720])])
+    for r in range(2):
+        add_account(root / f"points/n0001/run-{r}", startup=12.0, eval_s=2.0, evals=1,
+                    ckpt_s=0.5, ckpts=1)
+    # Point 2 mixes an accounted repeat with an older knl-train's: not projected from the mix.
+    add_account(root / "points/n0002/run-0", startup=12.0, eval_s=2.0, evals=1, ckpt_s=0.5,
+                ckpts=1)
+    paths = rep.report(root)
+    rows = rep.table(rep.collect(root))
+    assert rows[1]["startup_seconds"] is None and rows[1]["eval_seconds_per_epoch"] is None
+    assert rows[1]["time_90_epochs_hours"] == pytest.approx(90 * IMAGES / 720 / 3600)
+    md = paths["md"].read_text()
+    assert ("| 1 | 2 | 64 | 400.0 | 400.0-400.0 | 2 | 1.00 | 100.0 % | 0:53:23 | 2.00 | 0.50 "
+            "| 12.00 | 80.14 |") in md       # 80.0729 + (12 + 90 x 2.5) / 3600
+    assert ("| 2 | 4 | 128 | 720.0 | 720.0-720.0 | 2 | 1.80 | 90.0 % | 0:29:39 | n/a | n/a "
+            "| n/a | 44.48 \u2020 |") in md
+    assert ("\u2020 From the epoch time alone: start-up, evaluations and checkpoints are not "
+            "counted, since these runs have no usable time account:\n\n"
+            "- 2 node(s): points/n0002/run-1: summary.json has no time account "
+            "(an older knl-train)\n") in md
+    assert "Evaluation is timed on the study's own validation set" in md
+    csv_rows = list(csv.DictReader(paths["csv"].open()))
+    assert (csv_rows[0]["eval_seconds_per_epoch"], csv_rows[0]["startup_seconds"]) == ("2.0", "12.0")
+    assert (csv_rows[1]["eval_seconds_per_epoch"], csv_rows[1]["startup_seconds"]) == ("", "")
+    assert float(csv_rows[1]["time_90_epochs_hours"]) == rows[1]["time_90_epochs_hours"]
+
+
+def test_no_time_account_anywhere_says_nothing_of_the_validation_set(tmp_path):
+    md = rep.report(weak_study(tmp_path))["md"].read_text()
+    assert "validation set" not in md
+    assert md.count("summary.json has no time account (an older knl-train)") == 8
 
 
 # ---- errors ------------------------------------------------------------------------------
