@@ -92,13 +92,15 @@ class EpochRecord(_Progress):
     optional: ClassVar[Tuple[str, ...]] = ("loss", "top1", "top5", "lr", "images_per_sec",
                                            "images_per_sec_per_rank", "skipped_images",
                                            "epoch_seconds", "val_loss", "val_top1", "val_top5",
-                                           "val_count")
+                                           "val_count", "eval_seconds", "checkpoint_seconds")
     skipped_images: int
-    epoch_seconds: float
+    epoch_seconds: float                  # its training steps
     val_loss: Optional[float] = None      # the val_* fields: only after an evaluation
     val_top1: Optional[float] = None
     val_top5: Optional[float] = None
     val_count: Optional[int] = None
+    eval_seconds: Optional[float] = None        # its evaluation
+    checkpoint_seconds: Optional[float] = None  # the training loop waiting on its checkpoint
 
 
 @dataclass(frozen=True)
@@ -144,9 +146,22 @@ class RunSummary(_Record):
     horovod: Dict[str, Any]
     intra_op_threads: int
     inter_op_threads: int
-    wall_seconds: float
+    wall_seconds: float              # this rank's process start to the summary
     config_hash: str
     versions: Dict[str, Any]
+    # Where the wall clock went: the five parts add up to wall_seconds.
+    startup_seconds: Optional[float] = None     # process start to the end of the first step
+    train_seconds: Optional[float] = None       # training steps after the first
+    eval_seconds: Optional[float] = None        # evaluations
+    checkpoint_seconds: Optional[float] = None  # the training loop waiting on checkpoints
+    other_seconds: Optional[float] = None       # the rest: epoch boundaries, metrics, shutdown
+    startup: Optional[Dict[str, float]] = None  # startup_seconds by phase
+    images_trained: Optional[int] = None        # by this process (a resumed run: since resuming)
+    epochs_trained: Optional[float] = None      # images_trained / images per epoch
+    evaluations: Optional[int] = None
+    checkpoints: Optional[int] = None
+    wall_images_per_sec: Optional[float] = None       # images_trained / wall_seconds
+    time_to_train_efficiency: Optional[float] = None  # images_trained / images_per_sec / wall
 
 
 METRIC_KINDS = {c.kind: c for c in (StepRecord, EpochRecord, TrustRatioRecord)}

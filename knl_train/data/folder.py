@@ -10,6 +10,7 @@ The module is a ``source.Reader`` (``train_dataset``, ``eval_dataset``) of ``Fol
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +69,8 @@ def scan(root, split: str, classes: List[str]) -> FolderSplit:
 
 def train_dataset(split: FolderSplit, *, rank: int, world: int, per_rank_batch: int,
                   image_size: int, seed: int, threads: int = 1, augment=None,
-                  skips: Optional[SkipCounter] = None, epoch: int = 0, skip_batches: int = 0,
-                  num_batches: Optional[int] = None) -> tf.data.Dataset:
+                  skips: Optional[SkipCounter] = None, epoch=0, skip_batches=0,
+                  num_batches=None, inner: bool = False) -> tf.data.Dataset:
     """This rank's batches of epoch ``epoch``, from batch ``skip_batches`` on.
 
     The epoch's order is a pure function of (seed, epoch), the same on every rank and in every
@@ -78,26 +79,37 @@ def train_dataset(split: FolderSplit, *, rank: int, world: int, per_rank_batch: 
     global_batch`` in all). Bad images are skipped and counted in ``skips``; the stream then
     runs on into a fixed fallback order, so a rank never runs short of batches (which would
     stall the allreduce). ``augment``: an ``augment.Augment``, a mode name ("flip",
-    "inception", "none") or None (flip).
+    "inception", "none") or None (flip). ``epoch``, ``skip_batches`` and ``num_batches`` may
+    be tensors (``inner``: one epoch of ``pipeline.across_epochs``).
     """
-    files, labels = np.asarray(split.files), np.asarray(split.labels, np.int32)
-    order = np.random.default_rng([seed, epoch]).permutation(len(split))[rank::world]
-    order = order[skip_batches * per_rank_batch:]
-    ds = tf.data.Dataset.from_tensor_slices((files[order], labels[order]))
+    files = tf.constant(np.asarray(split.files))
+    labels = tf.constant(np.asarray(split.labels, np.int32))
+    order = tf.numpy_function(functools.partial(_epoch_order, len(split), seed, rank, world),
+                              [tf.cast(epoch, tf.int64)], tf.int64, stateful=False)
+    order = tf.reshape(order, [-1])[tf.cast(skip_batches, tf.int64) * per_rank_batch:]
+    ds = tf.data.Dataset.from_tensor_slices((tf.gather(files, order), tf.gather(labels, order)))
     fallback = np.random.default_rng([seed, 1 << 30]).permutation(len(split))[rank::world]
-    ds = ds.concatenate(tf.data.Dataset.from_tensor_slices((files[fallback], labels[fallback])).repeat())
+    ds = ds.concatenate(tf.data.Dataset.from_tensor_slices(
+        (tf.gather(files, fallback), tf.gather(labels, fallback))).repeat())
     return train_batches(ds, _load, size=len(split), rank=rank, world=world,
                          per_rank_batch=per_rank_batch, image_size=image_size, seed=seed,
                          threads=threads, augment=augment, skips=skips, epoch=epoch,
-                         skip_batches=skip_batches, num_batches=num_batches)
+                         skip_batches=skip_batches, num_batches=num_batches, inner=inner)
+
+
+def _epoch_order(n: int, seed: int, rank: int, world: int, epoch) -> np.ndarray:
+    """This rank's share of epoch ``epoch``'s permutation of the ``n`` examples."""
+    return np.random.default_rng([seed, int(epoch)]).permutation(n)[rank::world].astype(np.int64)
 
 
 def eval_dataset(split: FolderSplit, *, rank: int, world: int, batch: int, image_size: int,
-                 threads: int = 1, augment=None, skips: Optional[SkipCounter] = None) -> tf.data.Dataset:
-    """This rank's share of the evaluation set; every (readable) example is evaluated exactly once."""
+                 threads: int = 1, augment=None, skips: Optional[SkipCounter] = None,
+                 cache: bool = False) -> tf.data.Dataset:
+    """This rank's share of the evaluation set; every (readable) example is evaluated exactly
+    once. ``cache``: decoded once, then held in memory."""
     ds = tf.data.Dataset.from_tensor_slices((list(split.files), list(split.labels))).shard(world, rank)
     return eval_batches(ds, _load, batch=batch, image_size=image_size, threads=threads,
-                        augment=augment, skips=skips)
+                        augment=augment, skips=skips, cache=cache)
 
 
 def _load(elem):

@@ -21,6 +21,9 @@ from knl_train.data import augment as aug
 from knl_train.errors import UserError
 
 TAG = "knl-train data error: "
+# Every function the pipelines trace is plain TensorFlow (tf.cond, no Python branch on a tensor),
+# so AutoGraph's source-to-source conversion, seconds of start-up, is skipped.
+plain = tf.autograph.experimental.do_not_convert
 END = " <<end>>"
 
 
@@ -71,15 +74,17 @@ def as_user_message(e):
 
 
 def images(ds, load, transform, *, image_size: int, seed: int, rank: int, threads: int,
-           skips: "SkipCounter | None", epoch: int = 0, start: int = 0):
+           skips: "SkipCounter | None", epoch=0, start=0, finite: "bool | None" = None):
     """Map a stream of raw elements to (image, label), skipping and counting bad images.
 
     ``load(elem) -> (bytes, label int32, problem string)``; ``problem`` non-empty stops the run.
     ``transform(bytes, seed[2]) -> float32 [image_size, image_size, 3]``. Element i of the
     stream (counted from ``start``, its position in the epoch) is augmented with the stateless
     seed (seed, rank, epoch, i), so a resumed epoch repeats its augmentations exactly.
+    ``epoch`` and ``start`` may be tensors (inside ``across_epochs``); ``finite`` says whether
+    the stream ends (None: ask its cardinality, which only an eager dataset can answer).
     """
-    base = tf.constant(stream_seed(seed, rank, epoch), tf.int64)
+    base = tf.cast(stream_seed(seed, rank, epoch), tf.int64)
     zeros = tf.zeros([image_size, image_size, 3], tf.float32)
 
     def decode(idx, elem):
@@ -92,10 +97,11 @@ def images(ds, load, transform, *, image_size: int, seed: int, rank: int, thread
     # A finite stream (evaluation) ends with a sentinel, so that a bad image at its very end still
     # leaves a gap to count. Training streams never end (they run on into a fallback order), and
     # skip the sentinel's per-element cost.
-    finite = int(ds.cardinality()) != tf.data.INFINITE_CARDINALITY
+    if finite is None:
+        finite = int(ds.cardinality()) != tf.data.INFINITE_CARDINALITY
     if finite:
         dummy = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec)
-        ds = ds.map(lambda *e: (e if len(e) > 1 else e[0], False))
+        ds = ds.map(plain(lambda *e: (e if len(e) > 1 else e[0], False)))
         ds = ds.concatenate(tf.data.Dataset.from_tensors((dummy, True)))
 
         def stage(idx, e):
@@ -107,7 +113,7 @@ def images(ds, load, transform, *, image_size: int, seed: int, rank: int, thread
         def stage(idx, *elem):
             return decode(idx, elem if len(elem) > 1 else elem[0]) + (tf.constant(False),)
 
-    ds = ds.enumerate(start=start).map(stage, num_parallel_calls=threads, deterministic=True)
+    ds = ds.enumerate(start=start).map(plain(stage), num_parallel_calls=threads, deterministic=True)
     # Whatever still fails to read or decode is dropped here and counted from the gap it leaves.
     ds = ds.ignore_errors()
     counter = skips.variable if skips is not None else None
@@ -122,8 +128,8 @@ def images(ds, load, transform, *, image_size: int, seed: int, rank: int, thread
         with tf.control_dependencies(checks):
             return tf.identity(idx), (tf.identity(img), label, ok)
 
-    ds = ds.scan(tf.constant(start - 1, tf.int64), count)
-    return ds.filter(_keep).map(_drop_flag)
+    ds = ds.scan(tf.cast(start, tf.int64) - 1, plain(count))
+    return ds.filter(plain(_keep)).map(plain(_drop_flag))
 
 
 def stream_seed(seed: int, rank: int, epoch: int = 0) -> int:
@@ -132,12 +138,13 @@ def stream_seed(seed: int, rank: int, epoch: int = 0) -> int:
 
 
 def train_batches(ds, load, *, size: int, rank: int, world: int, per_rank_batch: int,
-                  image_size: int, seed: int, threads: int, augment, skips, epoch: int,
-                  skip_batches: int, num_batches=None):
+                  image_size: int, seed: int, threads: int, augment, skips, epoch,
+                  skip_batches, num_batches=None, inner: bool = False):
     """A reader's training batches from ``ds``, its raw stream from batch ``skip_batches`` on
     (the reader has dropped what precedes it): decode, augment, batch, take, prefetch.
 
     ``size``: the split's image count; the epoch has ``size // global_batch`` batches.
+    ``inner``: one epoch of ``across_epochs``, which prefetches and sets the threads itself.
     """
     augment = aug.resolve(augment)
     steps = check_global_batch(size, per_rank_batch * world)
@@ -145,17 +152,46 @@ def train_batches(ds, load, *, size: int, rank: int, world: int, per_rank_batch:
         num_batches = steps - skip_batches
     ds = images(ds, load, lambda data, s: aug.train_image(data, s, image_size, augment),
                 image_size=image_size, seed=seed, rank=rank, threads=threads, skips=skips,
-                epoch=epoch, start=skip_batches * per_rank_batch)
+                epoch=epoch, start=skip_batches * per_rank_batch, finite=False)
     ds = ds.batch(per_rank_batch, drop_remainder=True).take(num_batches)
-    return with_threads(ds.prefetch(2), threads)
+    return ds if inner else with_threads(ds.prefetch(2), threads)
 
 
-def eval_batches(ds, load, *, batch: int, image_size: int, threads: int, augment, skips):
-    """A reader's evaluation batches from ``ds``, its raw stream: decode, center, batch."""
+def across_epochs(one_epoch, *, first_epoch: int, skip_batches: int, batches_per_epoch: int,
+                  num_batches: int, threads: int, prefetch: int = 2):
+    """``num_batches`` training batches from batch ``skip_batches`` of epoch ``first_epoch`` on,
+    epoch after epoch, as one stream.
+
+    ``one_epoch(epoch, skip, count)`` builds an epoch's batches ``skip .. skip + count - 1``
+    from tensors, so each epoch's order stays a pure function of (seed, epoch, position), yet the
+    stream is built once: nothing is rebuilt in Python at an epoch boundary, and the prefetch
+    runs on into the next epoch while this one's last steps train.
+    """
+    last_epoch = first_epoch + (skip_batches + num_batches - 1) // batches_per_epoch
+
+    def epoch_batches(epoch):
+        skip = tf.where(epoch == first_epoch, tf.constant(skip_batches, tf.int64),
+                        tf.constant(0, tf.int64))
+        return one_epoch(epoch, skip, batches_per_epoch - skip)
+
+    ds = tf.data.Dataset.range(first_epoch, last_epoch + 1).flat_map(plain(epoch_batches))
+    return with_threads(ds.take(num_batches).prefetch(prefetch), threads)
+
+
+def eval_batches(ds, load, *, batch: int, image_size: int, threads: int, augment, skips,
+                 cache: bool = False):
+    """A reader's evaluation batches from ``ds``, its raw stream: decode, center, batch.
+
+    ``cache``: keep the decoded batches in memory after the first pass, so later evaluations
+    read no file and decode nothing (unreadable images are then counted in the first only).
+    """
     augment = aug.resolve(augment)
     ds = images(ds, load, lambda data, s: aug.eval_image(data, image_size, augment),
                 image_size=image_size, seed=0, rank=0, threads=threads, skips=skips)
-    return with_threads(ds.batch(batch).prefetch(2), threads)
+    ds = ds.batch(batch)
+    if cache:
+        ds = ds.cache()
+    return with_threads(ds.prefetch(2), threads)
 
 
 def _keep(img, label, ok):
@@ -171,7 +207,10 @@ def with_threads(ds, threads: int):
     opts = tf.data.Options()
     opts.threading.private_threadpool_size = threads
     opts.threading.max_intra_op_parallelism = 1
-    opts.autotune.cpu_budget = threads
+    # The parallelism and buffers are set explicitly, so autotuning has nothing to tune; and its
+    # model thread can hold up the iterator's deletion (the end of a fit, of an evaluation) for
+    # up to its optimisation period, which grows to a minute.
+    opts.autotune.enabled = False
     return ds.with_options(opts)
 
 

@@ -13,7 +13,7 @@ import tensorflow as tf
 
 from knl_train.data import folder, synthetic, tfrecord
 from knl_train.data.augment import Augment
-from knl_train.data.pipeline import SkipCounter
+from knl_train.data.pipeline import SkipCounter, across_epochs, check_global_batch
 
 
 class Split(Protocol):
@@ -29,11 +29,12 @@ class Reader(Protocol):
 
     def train_dataset(self, split: Split, *, rank: int, world: int, per_rank_batch: int,
                       image_size: int, seed: int, threads: int = 1, augment=None, skips=None,
-                      epoch: int = 0, skip_batches: int = 0,
-                      num_batches: Optional[int] = None) -> tf.data.Dataset: ...
+                      epoch=0, skip_batches=0, num_batches=None,
+                      inner: bool = False) -> tf.data.Dataset: ...
 
     def eval_dataset(self, split: Split, *, rank: int, world: int, batch: int, image_size: int,
-                     threads: int = 1, augment=None, skips=None) -> tf.data.Dataset: ...
+                     threads: int = 1, augment=None, skips=None,
+                     cache: bool = False) -> tf.data.Dataset: ...
 
 
 @dataclass(frozen=True)
@@ -41,16 +42,39 @@ class DataSource:
     classes: Tuple[str, ...]
     num_train: int
     num_val: int
-    # (rank, world, per_rank_batch, epoch, skip_batches, num_batches) -> this rank's batches
-    # number skip_batches .. skip_batches + num_batches - 1 of epoch ``epoch``
+    # (rank, world, per_rank_batch, epoch, skip_batches, num_batches, batches_per_epoch=None)
+    # -> this rank's ``num_batches`` batches from batch ``skip_batches`` of epoch ``epoch`` on,
+    # running on into the next epochs (each ``batches_per_epoch`` long) as one stream
     train: Callable
-    # (rank, world, batch) -> this rank's share of the evaluation set
+    # (rank, world, batch, cache=False) -> this rank's share of the evaluation set
     eval: Callable
     skips: SkipCounter
 
 
-def open_source(cfg, *, seed: int) -> DataSource:
-    """``cfg`` is a ``DataConfig``. Validates the data (paths, layout, class count) up front."""
+@dataclass(frozen=True)
+class Listing:
+    """What a reader's ``scan`` found: the training and validation splits (picklable, so one
+    rank lists the dataset and broadcasts it, instead of every rank walking the file system)."""
+    train: Split
+    val: Split
+
+
+def list_splits(cfg) -> Optional[Listing]:
+    """The splits of ``cfg`` (a ``DataConfig``), checked: paths, layout, class count. None for
+    synthetic data, which has no files."""
+    if cfg.format == "synthetic":
+        return None
+    if cfg.format == "tfrecord":
+        return Listing(tfrecord.scan(cfg.path, "train", num_classes=cfg.num_classes,
+                                     label_offset=cfg.label_offset, num_examples=cfg.num_examples),
+                       tfrecord.scan(cfg.path, "val", num_classes=cfg.num_classes,
+                                     label_offset=cfg.label_offset))
+    classes = folder.list_classes(cfg.path)
+    return Listing(folder.scan(cfg.path, "train", classes), folder.scan(cfg.path, "val", classes))
+
+
+def open_source(cfg, *, seed: int, listing: Optional[Listing] = None) -> DataSource:
+    """``cfg`` is a ``DataConfig``; ``listing`` its ``list_splits`` (listed here if not given)."""
     augment = Augment(mode=cfg.augment, crop_scale=cfg.crop_scale)
     skips = SkipCounter()
     common = dict(image_size=cfg.image_size, threads=cfg.threads, augment=augment, skips=skips)
@@ -59,44 +83,44 @@ def open_source(cfg, *, seed: int) -> DataSource:
         classes = tuple(str(i) for i in range(cfg.num_classes or 1000))
         n = cfg.num_examples or 1024
 
-        def train(rank, world, per_rank_batch, epoch, skip_batches, num_batches):
-            per_epoch = n // (per_rank_batch * world)
-            return synthetic.dataset(per_rank_batch=per_rank_batch, image_size=cfg.image_size,
-                                     num_classes=len(classes), steps=num_batches, seed=seed,
-                                     rank=rank, threads=cfg.threads,
-                                     start=epoch * per_epoch + skip_batches)
+        def train(rank, world, per_rank_batch, epoch, skip_batches, num_batches,
+                  batches_per_epoch=None):
+            per_epoch = check_global_batch(n, per_rank_batch * world)
 
-        def evaluate(rank, world, batch):
+            def one_epoch(e, skip, count):  # batch b of epoch e is number e * per_epoch + b
+                return synthetic.dataset(per_rank_batch=per_rank_batch, image_size=cfg.image_size,
+                                         num_classes=len(classes), steps=count, seed=seed,
+                                         rank=rank, threads=cfg.threads, start=e * per_epoch + skip)
+            return across_epochs(one_epoch, first_epoch=epoch, skip_batches=skip_batches,
+                                 batches_per_epoch=batches_per_epoch or per_epoch,
+                                 num_batches=num_batches, threads=cfg.threads)
+
+        def evaluate(rank, world, batch, cache=False):
             return synthetic.dataset(per_rank_batch=batch, image_size=cfg.image_size,
                                      num_classes=len(classes), steps=2, seed=seed + 1, rank=rank,
                                      threads=cfg.threads)
         return DataSource(classes, n, 0, train, evaluate, skips)
 
-    reader: Reader
-    train_split: Split
-    val_split: Split
-    if cfg.format == "tfrecord":
-        reader = tfrecord
-        train_split = tfrecord.scan(cfg.path, "train", num_classes=cfg.num_classes,
-                                    label_offset=cfg.label_offset, num_examples=cfg.num_examples)
-        val_split = tfrecord.scan(cfg.path, "val", num_classes=cfg.num_classes,
-                                  label_offset=cfg.label_offset)
-        extra = dict(shuffle_buffer=cfg.shuffle_buffer)
-    else:
-        reader = folder
-        classes = folder.list_classes(cfg.path)
-        train_split = folder.scan(cfg.path, "train", classes)
-        val_split = folder.scan(cfg.path, "val", classes)
-        extra = {}
+    listing = listing or list_splits(cfg)
+    train_split, val_split = listing.train, listing.val
+    reader: Reader = tfrecord if cfg.format == "tfrecord" else folder
+    extra = dict(shuffle_buffer=cfg.shuffle_buffer) if cfg.format == "tfrecord" else {}
 
-    def train(rank, world, per_rank_batch, epoch, skip_batches, num_batches):
-        return reader.train_dataset(train_split, rank=rank, world=world,
-                                    per_rank_batch=per_rank_batch, seed=seed, epoch=epoch,
-                                    skip_batches=skip_batches, num_batches=num_batches,
-                                    **common, **extra)
+    def train(rank, world, per_rank_batch, epoch, skip_batches, num_batches, batches_per_epoch=None):
+        def one_epoch(e, skip, count):
+            return reader.train_dataset(train_split, rank=rank, world=world,
+                                        per_rank_batch=per_rank_batch, seed=seed, epoch=e,
+                                        skip_batches=skip, num_batches=count, inner=True,
+                                        **common, **extra)
+        if batches_per_epoch is None:
+            batches_per_epoch = check_global_batch(len(train_split), per_rank_batch * world)
+        return across_epochs(one_epoch, first_epoch=epoch, skip_batches=skip_batches,
+                             batches_per_epoch=batches_per_epoch, num_batches=num_batches,
+                             threads=cfg.threads)
 
-    def evaluate(rank, world, batch):
-        return reader.eval_dataset(val_split, rank=rank, world=world, batch=batch, **common)
+    def evaluate(rank, world, batch, cache=False):
+        return reader.eval_dataset(val_split, rank=rank, world=world, batch=batch, cache=cache,
+                                   **common)
 
     return DataSource(tuple(train_split.classes), len(train_split), len(val_split), train, evaluate,
                       skips)

@@ -11,7 +11,7 @@ from typing import Optional
 
 import tensorflow as tf
 
-from knl_train.data.pipeline import stream_seed, with_threads
+from knl_train.data.pipeline import plain, stream_seed, with_threads
 from knl_train.errors import UserError
 from knl_train.yamlconfig import number, one_of
 
@@ -46,5 +46,5 @@ def dataset(*, per_rank_batch: int, image_size: int, num_classes: int, steps: Op
         ds = tf.data.Dataset.from_tensors(make(0)).repeat(count)
     else:
         ds = tf.data.Dataset.range(start, start + count if steps is not None else 2 ** 62).map(
-            make, num_parallel_calls=threads, deterministic=True)
+            plain(make), num_parallel_calls=threads, deterministic=True)
     return with_threads(ds.prefetch(1), threads)

@@ -192,20 +192,21 @@ def _records(split: TFRecordSplit, *, rank: int, world: int, seed: Optional[int]
              shuffle_buffer: int = 0):
     """(serialized record, source file) of this rank's share; shuffled when ``seed`` is given."""
     import tensorflow as tf
+    from knl_train.data.pipeline import plain
     files = tf.data.Dataset.from_tensor_slices(list(split.files))
     if seed is not None:
         files = files.shuffle(len(split.files), seed=seed, reshuffle_each_iteration=True)
 
     def read(f):
-        return tf.data.TFRecordDataset(f).map(lambda r: (r, f))
+        return tf.data.TFRecordDataset(f).map(plain(lambda r: (r, f)))
 
     if _file_level(len(split.files), world):
         files = files.shard(world, rank)
         n = -(-len(split.files) // world)
-        ds = files.interleave(read, cycle_length=max(1, min(threads, n)), block_length=1,
+        ds = files.interleave(plain(read), cycle_length=max(1, min(threads, n)), block_length=1,
                               num_parallel_calls=max(1, min(threads, n)), deterministic=True)
     else:
-        ds = files.flat_map(read).shard(world, rank)
+        ds = files.flat_map(plain(read)).shard(world, rank)
     if seed is not None and shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, seed=seed * 7919 + rank, reshuffle_each_iteration=True)
     return ds
@@ -243,8 +244,8 @@ def _loader(split: TFRecordSplit):
 
 def train_dataset(split: TFRecordSplit, *, rank: int, world: int, per_rank_batch: int, image_size: int,
                   seed: int, threads: int = 1, augment=None, skips=None,
-                  shuffle_buffer: int = 1024, epoch: int = 0, skip_batches: int = 0,
-                  num_batches: Optional[int] = None):
+                  shuffle_buffer: int = 1024, epoch=0, skip_batches=0, num_batches=None,
+                  inner: bool = False):
     """Like ``folder.train_dataset``: epoch ``epoch`` from batch ``skip_batches`` on, 0-based
     labels, bad images skipped and counted, tagged errors for schema and label problems (wrap
     iteration in ``pipeline.user_errors()`` to get them as ``UserError``). Skipped batches are
@@ -257,13 +258,13 @@ def train_dataset(split: TFRecordSplit, *, rank: int, world: int, per_rank_batch
     return train_batches(ds, _loader(split), size=len(split), rank=rank, world=world,
                          per_rank_batch=per_rank_batch, image_size=image_size, seed=seed,
                          threads=threads, augment=augment, skips=skips, epoch=epoch,
-                         skip_batches=skip_batches, num_batches=num_batches)
+                         skip_batches=skip_batches, num_batches=num_batches, inner=inner)
 
 
 def eval_dataset(split: TFRecordSplit, *, rank: int, world: int, batch: int, image_size: int,
-                 threads: int = 1, augment=None, skips=None):
+                 threads: int = 1, augment=None, skips=None, cache: bool = False):
     from knl_train.data.pipeline import eval_batches
     ds = _records(split, rank=rank, world=world, seed=None, threads=threads)
     return eval_batches(ds, _loader(split), batch=batch, image_size=image_size, threads=threads,
-                        augment=augment, skips=skips)
+                        augment=augment, skips=skips, cache=cache)
 

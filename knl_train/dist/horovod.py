@@ -43,13 +43,42 @@ def distributed_optimizer(optimizer, backward_passes_per_step: int = 1, compress
     codecs = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}
     if compression not in codecs:
         raise ValueError(f"compression must be one of {', '.join(codecs)}, got {compression!r}")
-    return hvd.DistributedOptimizer(optimizer, backward_passes_per_step=k,
-                                    average_aggregated_gradients=True,
-                                    compression=codecs[compression])
+    wrapped = hvd.DistributedOptimizer(optimizer, backward_passes_per_step=k,
+                                       average_aggregated_gradients=True,
+                                       compression=codecs[compression])
+    _plain_allreduce(wrapped)
+    return wrapped
+
+
+def _plain_allreduce(wrapped) -> None:
+    """Trace Horovod's gradient allreduce without AutoGraph.
+
+    Horovod builds it as a ``tf.function`` of its own, AutoGraph on, and AutoGraph's
+    source-to-source conversion of it was a second of every run's first step; the function
+    branches on Python values only, so plain tracing builds the same graph. The two attributes
+    are Horovod 0.28's; if they are not there, nothing changes but the start-up time.
+    """
+    fn = getattr(wrapped, "_allreduce_grads", None)
+    if not hasattr(fn, "python_function"):
+        return
+    plain = tf.function(fn.python_function, autograph=False)
+    wrapped._allreduce_grads = plain
+    helper = getattr(wrapped, "_agg_helper", None)
+    if helper is not None and getattr(helper, "_allreduce_grads", None) is fn:
+        helper._allreduce_grads = plain
 
 
 def broadcast_from_root(variables) -> None:
-    hvd_tf.broadcast_variables(variables, root_rank=0)
+    """Rank 0's values in ``variables`` on every rank: Horovod's grouped broadcast, traced as
+    plain TensorFlow (Horovod's own ``broadcast_variables`` pays for AutoGraph at start-up)."""
+    variables = list(variables)
+
+    @tf.function(autograph=False)
+    def broadcast():
+        for v in variables:
+            v.assign(hvd_tf.broadcast(v, root_rank=0))
+
+    broadcast()
 
 
 def broadcast_object(obj, name: str):

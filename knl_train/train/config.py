@@ -138,6 +138,9 @@ class CheckpointConfig:
 class EvalConfig:
     # Evaluate every this many epochs; the last epoch is always evaluated.
     every_epochs: int = 1
+    # Keep the decoded evaluation batches in memory after the first evaluation: true, false, or
+    # auto (when this rank's share takes at most a quarter of the memory available per rank).
+    cache: Literal["auto", True, False] = "auto"
 
     def __post_init__(self):
         in_range(self, "every_epochs", above=0)

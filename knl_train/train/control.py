@@ -22,6 +22,7 @@ from knl_train.dist import guard
 from knl_train.dist import horovod as dist
 from knl_train.errors import UserError
 from knl_train.train import resume as resuming
+from knl_train.train.clock import Timeline
 
 
 @dataclass
@@ -32,7 +33,7 @@ class Position:
     total_updates: int
     epoch: int = 0          # the epoch in progress, from 0
     batch: int = 0          # micro-batches done in it
-    end_batch: int = 0      # where the current fit call stops
+    end_batch: int = 0      # where the epoch in progress stops (the last may be partial)
     stopped: bool = False   # a stop request ended the run early
 
     @property
@@ -60,6 +61,13 @@ class Position:
     def epoch_ended(self) -> bool:
         """The epoch is over: complete, or the run's last (partial) one, and not stopped."""
         return not self.stopped and (self.epoch_complete or self.finished)
+
+    def enter(self, epoch: int) -> None:
+        """Epoch ``epoch`` begins (a resumed one where the checkpoint left it)."""
+        if epoch != self.epoch:
+            self.epoch, self.batch = epoch, 0
+        self.end_batch = min(self.micro_per_epoch,
+                             (self.total_updates - epoch * self.updates_per_epoch) * self.passes)
 
     def state(self) -> dict:
         """For the checkpoint: the next batch to train (a complete epoch's end is the next one's
@@ -91,10 +99,11 @@ class RunControl(tf.keras.callbacks.Callback):
     def __init__(self, *, world, position: Position, guard_every: int, manager,
                  checkpoint_every_epochs: int, checkpoint_every_minutes: Optional[float],
                  stop_request, lr_at: Callable[[int], float], state_extra: dict,
-                 last_checkpoint: Optional[str] = None):
+                 timeline: Timeline, last_checkpoint: Optional[str] = None):
         super().__init__()
         self.world = world
         self.pos = position
+        self.timeline = timeline
         self.guard_every = guard_every
         self.manager = manager  # a CheckpointManager on rank 0, None elsewhere
         self.every_epochs = checkpoint_every_epochs
@@ -104,12 +113,20 @@ class RunControl(tf.keras.callbacks.Callback):
         self.state_extra = state_extra
         self.first_nonfinite: Optional[int] = None
         self.last_checkpoint = last_checkpoint  # the resumed-from checkpoint, until one is written
+        self.saves = 0
         self._last_save = time.monotonic()
 
     # ---- steps -------------------------------------------------------------------------------
+    def on_epoch_begin(self, epoch, logs=None):
+        self.pos.enter(epoch)
+        self.timeline.steps_begin()
+
     def on_train_batch_end(self, batch, logs=None):
+        self.timeline.step_end()  # first: what follows (checks, a checkpoint) is not training
         pos = self.pos
         pos.batch += 1
+        if pos.finished:  # a run of ``steps`` ends inside its last epoch
+            self.model.stop_training = True
         if self.first_nonfinite is None and not math.isfinite(float(logs["loss"])):
             # The running epoch mean turns non-finite at the first bad micro-batch.
             self.first_nonfinite = pos.update + (0 if pos.at_update_boundary else 1)
@@ -128,6 +145,8 @@ class RunControl(tf.keras.callbacks.Callback):
                     if self.world.size > 1 else None)
         answer = guard.agree(stop=self.stop_request.requested, checkpoint=timed,
                              nonfinite_step=self.first_nonfinite, checksum=checksum)
+        if answer.nonfinite_step is not None or answer.diverged:
+            self.settle()  # the message names the last good checkpoint: let it finish first
         if answer.nonfinite_step is not None:
             s = answer.nonfinite_step
             raise UserError(
@@ -140,32 +159,56 @@ class RunControl(tf.keras.callbacks.Callback):
         # A timed checkpoint at an epoch's end is left to on_epoch_end; a stop saves here,
         # since on_epoch_end does nothing once the run has stopped.
         if answer.stop or (answer.checkpoint and not pos.epoch_ended):
-            self.save()
+            self.save(wait=answer.stop)
         if answer.stop:
             pos.stopped = True
             self.model.stop_training = True
 
     # ---- epochs ------------------------------------------------------------------------------
     def on_epoch_end(self, epoch, logs=None):
+        self.timeline.steps_end()
         if not self.pos.epoch_ended:
             return
         if (epoch + 1) % self.every_epochs == 0 or self.pos.finished:
-            self.save()
+            # The run's last checkpoint is complete before the run reports success.
+            self.save(wait=self.pos.finished)
         else:  # evaluation needs the averaged BN statistics too
             dist.average_non_trainable(self.model)
 
-    def save(self):
-        """Rank 0 writes; every rank learns the outcome, so a failed write stops all of them."""
-        # BN moving statistics differ per rank; averaged, every rank holds what rank 0 saves.
-        dist.average_non_trainable(self.model)
-        error = None
-        if self.manager is not None:
-            try:
-                path = self.manager.save(self.pos.update, {**self.pos.state(), **self.state_extra})
-                self.last_checkpoint = str(path)
-            except UserError as e:
-                error = str(e)
-        self._last_save = time.monotonic()
-        error = dist.broadcast_object(error, name="knl_train.checkpoint")
+
+    def save(self, wait: bool = False):
+        """Rank 0 snapshots the model and writes it in the background (``wait``: to the end);
+        every rank learns the outcome, so a failed write stops all of them. A background write
+        that fails is reported at the next checkpoint or at the end of the run."""
+        with self.timeline.spent("checkpoint"):
+            # BN moving statistics differ per rank; averaged, every rank holds what rank 0 saves.
+            dist.average_non_trainable(self.model)
+            self.saves += 1
+            error = None
+            if self.manager is not None:
+                try:
+                    self.manager.begin(self.pos.update, {**self.pos.state(), **self.state_extra})
+                    if wait:
+                        self.manager.wait()
+                except UserError as e:
+                    error = str(e)
+                self._note_written()
+            self._last_save = time.monotonic()
+            error = dist.broadcast_object(error, name="knl_train.checkpoint")
         if error:
             raise UserError(error)
+
+    def settle(self) -> None:
+        """Rank 0: let the write in flight finish (its error, if any, is not this caller's)."""
+        if self.manager is None:
+            return
+        with self.timeline.spent("checkpoint"):
+            try:
+                self.manager.wait()
+            except UserError:
+                pass
+            self._note_written()
+
+    def _note_written(self) -> None:
+        if self.manager.last_written is not None:
+            self.last_checkpoint = str(self.manager.last_written)

@@ -18,6 +18,7 @@ from knl_train import log as knl_log
 from knl_train import records
 from knl_train.dist import horovod as dist
 from knl_train.runtime.rankenv import RankEnv, under_launcher
+from knl_train.train.clock import Timeline
 from knl_train.train.control import Position
 
 log = knl_log.get(__name__)
@@ -36,7 +37,7 @@ def progress_mode() -> str:
 
 
 def make_eval_step(model, top_k: int):
-    @tf.function
+    @tf.function(autograph=False)  # plain TensorFlow: no conversion to pay for at the first call
     def eval_step(x, y):
         logits = tf.cast(model(x, training=False), tf.float32)
         y = tf.cast(y, tf.int32)
@@ -54,10 +55,12 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
     def __init__(self, *, world, position: Position, global_batch: int, epochs: int,
                  eval_dataset_fn: Callable[[], tf.data.Dataset], eval_every: int, num_classes: int,
                  metrics_path: Optional[str], log_dir: Optional[str], log_every: int,
-                 lr_fn: Callable[[], float], skips=None):
+                 lr_fn: Callable[[], float], skips=None, timeline: Optional[Timeline] = None):
         super().__init__()
         self.world = world
         self.pos = position
+        self.timeline = timeline or Timeline()
+        self._eval_ds: Optional[tf.data.Dataset] = None  # built once (and cached, if asked)
         self.global_batch = global_batch
         self.epochs = epochs
         self.eval_dataset_fn = eval_dataset_fn
@@ -76,6 +79,7 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
     # ---- training steps ------------------------------------------------------------------
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = self._t_last = self._t_end = time.perf_counter()
+        self._checkpoint_mark = self.timeline.spent_seconds["checkpoint"]
         self._first_batch = self.pos.batch
         self._update_last = self.pos.update
         if self._tty:
@@ -119,7 +123,9 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
             return
         # logs were averaged over ranks by Horovod's MetricAverageCallback, which runs first.
         due = (epoch + 1) % self.eval_every == 0 or self.pos.finished
-        val = self.evaluate() if due else None
+        spent = dict(self.timeline.spent_seconds)
+        with self.timeline.spent("eval"):
+            val = self.evaluate() if due else None
         # Unreadable images (corrupt, truncated, empty) are skipped per rank; one sum for the job.
         skipped = int(dist.allreduce_sum([self.skips.take() if self.skips else 0],
                                          name="monitor.skips")[0])
@@ -129,6 +135,8 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
             top1=float(logs["top1"]), top5=float(logs["top5"]),
             **({f"val_{k}": v for k, v in val.items()} if val else {}),
             skipped_images=skipped, lr=self.lr_fn(), epoch_seconds=seconds,
+            eval_seconds=self.timeline.spent_seconds["eval"] - spent["eval"] if val else None,
+            checkpoint_seconds=self.timeline.spent_seconds["checkpoint"] - self._checkpoint_mark,
             images_per_sec=images / seconds, images_per_sec_per_rank=images / seconds / self.world.size)
         self.history.append(rec)
         if self.world.is_root:
@@ -153,8 +161,10 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
         """Exact top-1/top-k over the whole evaluation set: per-rank sums, then one allreduce."""
         if self._eval_step is None:
             self._eval_step = make_eval_step(self.model, self.top_k)
+        if self._eval_ds is None:
+            self._eval_ds = self.eval_dataset_fn()
         totals = np.zeros(4)
-        for x, y in self.eval_dataset_fn():
+        for x, y in self._eval_ds:
             totals += self._eval_step(x, y).numpy()
         loss, top1, topk, n = dist.allreduce_sum(totals, name="monitor.eval")
         n = max(n, 1.0)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import tensorflow as tf
 
 from knl_train import models
 from knl_train.data.pipeline import check_global_batch
-from knl_train.data.source import DataSource, open_source
+from knl_train.data.source import DataSource, Listing, list_splits, open_source
 from knl_train.dist import horovod as dist
 from knl_train.errors import UserError
 from knl_train.optim import build_optimizer, schedules
@@ -113,20 +113,50 @@ class RunSizes:
     epochs: int  # epochs begun: the last may be partial when ``steps`` is set
 
 
-def data_and_sizes(cfg: TrainConfig, world_size: int) -> Tuple[DataSource, RunSizes]:
+def data_and_sizes(cfg: TrainConfig, world_size: int,
+                   listing: Optional[Listing] = None) -> Tuple[DataSource, RunSizes]:
     """The batch sizes (checked first, so a bad batch is named before any data is read), the
-    data source, and the step counts its training set gives."""
+    data source (from ``listing`` when given: see ``shared_listing``), and the step counts its
+    training set gives."""
     try:
         global_batch, per_rank = cfg.batch_sizes(world_size)
     except ValueError as e:
         raise UserError(str(e)) from None
-    data = open_source(cfg.data, seed=cfg.seed)
+    data = open_source(cfg.data, seed=cfg.seed, listing=listing)
     updates_per_epoch = check_global_batch(data.num_train, global_batch)
     total_updates = cfg.steps or cfg.epochs * updates_per_epoch
     return data, RunSizes(global_batch=global_batch, per_rank=per_rank,
                           passes=cfg.horovod.backward_passes_per_step,
                           updates_per_epoch=updates_per_epoch, total_updates=total_updates,
                           epochs=-(-total_updates // updates_per_epoch))
+
+
+def eval_cache(cfg: TrainConfig, num_val: int, world) -> bool:
+    """Whether to keep the decoded evaluation set in memory (``eval.cache``; auto: when this
+    rank's share, as float32 images, takes at most a quarter of the memory available per rank
+    on this node)."""
+    if cfg.eval.cache != "auto":
+        return bool(cfg.eval.cache)
+    import psutil
+    share = -(-num_val // world.size) * cfg.data.image_size ** 2 * 3 * 4
+    return share <= psutil.virtual_memory().available / max(1, world.local_size) / 4
+
+
+def shared_listing(cfg: TrainConfig, world) -> Optional[Listing]:
+    """The dataset's file listing, made by rank 0 alone and broadcast: one walk of the (parallel)
+    file system per job, not one per rank. A bad dataset stops every rank with rank 0's error."""
+    answer = None
+    if world.is_root:
+        try:
+            answer = ("ok", list_splits(cfg.data))
+        except UserError as e:
+            answer = ("error", str(e))
+    if world.size > 1:
+        answer = dist.broadcast_object(answer, name="knl_train.listing")
+    kind, value = answer
+    if kind == "error":
+        raise UserError(value)
+    return value
 
 
 # ---- the schedule, finished before the optimizer ----------------------------------------------
@@ -186,6 +216,9 @@ def build_model_and_optimizer(cfg: TrainConfig, schedule: Schedule, num_classes:
     model.compile(optimizer=optimizer, loss=loss(num_classes, cfg.label_smoothing),
                   metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="top1"),
                            tf.keras.metrics.SparseTopKCategoricalAccuracy(min(5, num_classes), name="top5")])
+    # The step (forward, loss, Horovod's allreduce, the optimizer) has no Python branch on a
+    # tensor: tracing it as plain TensorFlow skips AutoGraph's conversion, seconds of start-up.
+    model.train_step = tf.autograph.experimental.do_not_convert(model.train_step)
     # Slots exist before a restore, so the checkpoint fills them now rather than lazily.
     create_slots(optimizer, model.trainable_variables)
     return model, optimizer

@@ -8,7 +8,7 @@ agreement, checkpoints) and ``train.monitor`` (metrics and evaluation).
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -25,6 +25,7 @@ from knl_train.runtime import itex, versions
 from knl_train.train import resume as resuming
 from knl_train.train import setup
 from knl_train.train.checkpoint import CheckpointManager
+from knl_train.train.clock import Timeline
 from knl_train.train.config import TrainConfig
 from knl_train.train.control import Position, RunControl, agree_on_start
 from knl_train.train.monitor import TrainingMonitor
@@ -39,14 +40,17 @@ def run(cfg: TrainConfig, resume: str = "auto") -> dict:
     ``resume``: ``auto`` (from the run directory's newest checkpoint, if any), ``resume``
     (there must be one) or ``fresh``.
     """
-    t_start = time.perf_counter()
+    timeline = Timeline()
+    timeline.mark("imports")  # Python, TensorFlow, Horovod, the config
     cfg = setup.with_data_threads(cfg)
     # Horovod: its tunables go in the environment first, since init reads them.
     horovod_settings = setup.horovod_environment(cfg)
     world = dist.init()
     intra, inter = setup.configure_threads(cfg, world)
     setup.configure_keras(cfg)
-    data, size = setup.data_and_sizes(cfg, world.size)
+    timeline.mark("horovod")
+    data, size = setup.data_and_sizes(cfg, world.size, setup.shared_listing(cfg, world))
+    timeline.mark("data")
 
     run_dir = Path(cfg.run_dir)
     resolved = yamlconfig.plain(yamlconfig.to_dict(cfg))
@@ -65,9 +69,10 @@ def run(cfg: TrainConfig, resume: str = "auto") -> dict:
     # Horovod: identical weights, slots and step counter on every rank: rank 0's.
     dist.broadcast_from_root(model.variables + optimizer.variables())
     _announce(cfg, world, intra, model, data, size, schedule, run_dir, start)
+    timeline.mark("model")
 
     control, monitor = _control_and_monitor(cfg, world, size, data, schedule, optimizer, manager,
-                                            run_dir, resolved, start)
+                                            run_dir, resolved, start, timeline)
     position, stop = control.pos, control.stop_request
     # Horovod: the epoch metrics are averaged over ranks first, so the other callbacks see the mean.
     callbacks = [hvd.callbacks.MetricAverageCallback(), control, monitor]
@@ -86,7 +91,7 @@ def run(cfg: TrainConfig, resume: str = "auto") -> dict:
 
     summary = _summarize(cfg, world, size, monitor.history, num_classes=len(data.classes),
                          resumed_from=start["step"] if start else None, horovod=horovod_settings,
-                         threads=(intra, inter), wall_seconds=time.perf_counter() - t_start)
+                         threads=(intra, inter), timeline=timeline, checkpoints=control.saves)
     if world.is_root:
         records.write_summary(run_dir / records.SUMMARY, summary)
         log.info(f"done: top1 {summary.top1:.3f} (chance {1 / len(data.classes):.3f}), "
@@ -96,17 +101,27 @@ def run(cfg: TrainConfig, resume: str = "auto") -> dict:
 
 
 def _fit(model, data, world, size: setup.RunSizes, position: Position, callbacks) -> None:
-    """One ``fit`` per epoch from where the run stands, each on that epoch's remaining batches."""
-    first_epoch, first_batch = position.epoch, position.batch
-    for epoch in range(first_epoch, size.epochs):
-        skip = first_batch if epoch == first_epoch else 0
-        todo = min(position.micro_per_epoch,
-                   (size.total_updates - epoch * size.updates_per_epoch) * size.passes)
-        position.epoch, position.batch, position.end_batch = epoch, skip, todo
-        train_ds = data.train(world.rank, world.size, size.per_rank, epoch, skip, todo - skip)
-        model.fit(train_ds, epochs=epoch + 1, initial_epoch=epoch, callbacks=callbacks, verbose=0)
-        if position.stopped:
-            break
+    """One ``fit`` from where the run stands to its end, on one input stream across epochs.
+
+    A run resumed inside an epoch first finishes that epoch with a ``fit`` of its own, since a
+    Keras epoch has a fixed number of steps; every later epoch is whole (the last ends early
+    when ``steps`` says so: ``RunControl`` stops it)."""
+    per_epoch = position.micro_per_epoch
+    epoch, skip = position.epoch, position.batch
+    todo = size.total_updates * size.passes - (epoch * per_epoch + skip)  # micro-batches left
+    if skip:
+        n = min(per_epoch - skip, todo)
+        model.fit(data.train(world.rank, world.size, size.per_rank, epoch, skip, n, per_epoch),
+                  epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=n, callbacks=callbacks,
+                  verbose=0)
+        epoch, todo = epoch + 1, todo - n
+        if position.stopped or todo <= 0:
+            return
+    # The iterator lives through all epochs (steps_per_epoch and a stream of unknown length),
+    # so no epoch boundary rebuilds or refills the input pipeline.
+    model.fit(data.train(world.rank, world.size, size.per_rank, epoch, 0, todo, per_epoch),
+              epochs=size.epochs, initial_epoch=epoch, steps_per_epoch=per_epoch,
+              callbacks=callbacks, verbose=0)
 
 
 def _checkpoints(cfg: TrainConfig, world, run_dir: Path, model, optimizer,
@@ -122,7 +137,8 @@ def _checkpoints(cfg: TrainConfig, world, run_dir: Path, model, optimizer,
 
 def _control_and_monitor(cfg: TrainConfig, world, size: setup.RunSizes, data,
                          schedule: setup.Schedule, optimizer, manager, run_dir: Path,
-                         resolved: dict, start: Optional[dict]) -> Tuple[RunControl, TrainingMonitor]:
+                         resolved: dict, start: Optional[dict],
+                         timeline: Timeline) -> Tuple[RunControl, TrainingMonitor]:
     """The run's two callbacks, sharing its position (which starts where ``start`` says)."""
     position = Position(updates_per_epoch=size.updates_per_epoch, passes=size.passes,
                         total_updates=size.total_updates,
@@ -130,18 +146,22 @@ def _control_and_monitor(cfg: TrainConfig, world, size: setup.RunSizes, data,
     control = RunControl(world=world, position=position, guard_every=cfg.guard_every, manager=manager,
                          checkpoint_every_epochs=cfg.checkpoint.every_epochs,
                          checkpoint_every_minutes=cfg.checkpoint.every_minutes,
-                         stop_request=StopRequest(), lr_at=lambda step: float(schedule.at_update(step)),
+                         stop_request=StopRequest(), timeline=timeline,
+                         lr_at=lambda step: float(schedule.at_update(step)),
                          state_extra={"global_batch": size.global_batch, "passes": size.passes,
                                       "world_size": world.size, "config_hash": cfg.hash(),
                                       "config": resolved},
                          last_checkpoint=str(run_dir / "checkpoints" / start["name"]) if start else None)
     monitor = TrainingMonitor(world=world, position=position, global_batch=size.global_batch,
                               epochs=size.epochs, eval_every=cfg.eval.every_epochs,
-                              eval_dataset_fn=lambda: data.eval(world.rank, world.size, size.per_rank),
+                              eval_dataset_fn=lambda: data.eval(
+                                  world.rank, world.size, size.per_rank,
+                                  cache=setup.eval_cache(cfg, data.num_val, world)),
                               num_classes=len(data.classes),
                               metrics_path=str(run_dir / records.METRICS),
                               log_dir=str(run_dir / "tensorboard"), log_every=cfg.log_every,
-                              lr_fn=lambda: setup.current_lr(optimizer), skips=data.skips)
+                              lr_fn=lambda: setup.current_lr(optimizer), skips=data.skips,
+                              timeline=timeline)
     return control, monitor
 
 
@@ -180,15 +200,19 @@ def _announce(cfg: TrainConfig, world, intra: int, model, data, size: setup.RunS
 
 def _summarize(cfg: TrainConfig, world, size: setup.RunSizes, history, *, num_classes: int,
                resumed_from: Optional[int], horovod: dict, threads: Tuple[int, int],
-               wall_seconds: float) -> records.RunSummary:
+               timeline: Timeline, checkpoints: int) -> records.RunSummary:
     """The run's summary: accuracy of the last evaluation, throughput over the epochs after the
-    first (tracing and warm-up excluded), and the run's shape."""
+    first (tracing and warm-up excluded), where the wall clock went, and the run's shape."""
     last = history[-1]
     steady = history[1:] or history
     seconds = sum(r.epoch_seconds for r in steady)
     images = sum(r.images_per_sec * r.epoch_seconds for r in steady)
     evaluated = [r for r in history if r.val_top1 is not None]
     val = evaluated[-1] if evaluated else None
+    trained = size.global_batch * (last.step - (resumed_from or 0))
+    account = timeline.account(trained, images / seconds)
+    if world.is_root:
+        log.info(account.text(), extra=knl_log.PROGRESS)
     return records.RunSummary(
         top1=val and val.val_top1, top5=val and val.val_top5, val_loss=val and val.val_loss,
         train_loss=last.loss, train_top1=last.top1,
@@ -199,8 +223,10 @@ def _summarize(cfg: TrainConfig, world, size: setup.RunSizes, history, *, num_cl
         num_classes=num_classes, resumed_from_step=resumed_from,
         model=cfg.model, optimizer=cfg.optimizer.name, precision=cfg.precision,
         horovod=horovod, intra_op_threads=threads[0], inter_op_threads=threads[1],
-        wall_seconds=wall_seconds, config_hash=cfg.hash(),
-        versions=versions.versions() if world.is_root else {})
+        config_hash=cfg.hash(), versions=versions.versions() if world.is_root else {},
+        **dataclasses.asdict(account),
+        epochs_trained=trained / (size.global_batch * size.updates_per_epoch),
+        evaluations=len(evaluated), checkpoints=checkpoints)
 
 
 def _already_complete(run_dir: Path, start: dict) -> dict:

@@ -125,9 +125,29 @@ class BackgroundJob:
                 out[int(env["OMPI_COMM_WORLD_RANK"])] = child
         return out
 
+    def freeze(self):
+        """SIGSTOP to mpirun and every process under it (the ranks may sit in process groups of
+        their own): the job stops where it stands."""
+        self._signal_all(signal.SIGSTOP)
+
     def kill(self):
+        """SIGKILL to mpirun and every process under it: nothing gets to clean up."""
+        self._signal_all(signal.SIGKILL)
+        self.proc.wait(timeout=60)
+
+    def _signal_all(self, signum):
+        import psutil
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            procs = [psutil.Process(self.proc.pid)]
+            procs += procs[0].children(recursive=True)
+        except psutil.NoSuchProcess:
+            procs = []
+        for proc in procs:
+            try:
+                proc.send_signal(signum)
+            except psutil.NoSuchProcess:
+                pass
+        try:
+            os.killpg(self.proc.pid, signum)
         except ProcessLookupError:
             pass
-        self.proc.wait(timeout=60)

@@ -85,6 +85,26 @@ def test_trainer_two_ranks_summary_describes_the_run(two_ranks):
     assert summary["versions"]["horovod"] == "0.28.1"
 
 
+def test_trainer_two_ranks_summary_accounts_for_the_wall_clock(two_ranks):
+    s = two_ranks.summary
+    parts = ("startup_seconds", "train_seconds", "eval_seconds", "checkpoint_seconds", "other_seconds")
+    assert all(s[p] >= 0 for p in parts) and s["train_seconds"] > 0 and s["eval_seconds"] > 0
+    assert sum(s[p] for p in parts) == pytest.approx(s["wall_seconds"], rel=0.02)
+    assert sorted(s["startup"]) == sorted(["imports", "horovod", "data", "model", "first_step"])
+    assert sum(s["startup"].values()) == pytest.approx(s["startup_seconds"], rel=1e-6)
+    assert (s["images_trained"], s["epochs_trained"]) == (90 * 16, 3.0)
+    assert (s["evaluations"], s["checkpoints"]) == (3, 3)
+    assert s["wall_images_per_sec"] == pytest.approx(90 * 16 / s["wall_seconds"])
+    eff = 90 * 16 / s["images_per_sec"] / s["wall_seconds"]
+    assert s["time_to_train_efficiency"] == pytest.approx(eff) and 0 < eff < 1
+    # Rank 0 prints the same account.
+    assert re.search(r"wall clock [\d.]+ s: start-up [\d.]+ \(imports [\d.]+, horovod [\d.]+, "
+                     r"data [\d.]+, model [\d.]+, first step [\d.]+\), training [\d.]+, "
+                     r"evaluation [\d.]+, checkpoints [\d.]+, other [\d.]+", two_ranks.proc.stdout)
+    epochs = kind(two_ranks.records, "epoch")
+    assert all(r["eval_seconds"] > 0 and r["checkpoint_seconds"] >= 0 for r in epochs)
+
+
 def test_trainer_two_ranks_epoch_records_evaluate_every_validation_image_once(two_ranks):
     epochs = kind(two_ranks.records, "epoch")
     assert [r["epoch"] for r in epochs] == [1, 2, 3]
@@ -141,8 +161,12 @@ def test_killed_after_an_epoch_and_resumed_ends_with_the_same_weights(
         background, launch, tiny_dataset, tmp_path, uninterrupted):
     run = tmp_path / "run"
     job = background(*train_args(tiny_dataset, run, *EXACT))
-    job.wait_for(r"^epoch 1/3 ")  # printed after the epoch's checkpoint is in place
-    job.kill()  # SIGKILL to mpirun and both ranks: nothing gets to clean up
+    # Checkpoints are written in the background, one at a time: once epoch 2 is reported, the
+    # first is complete and the second may be in flight. Frozen there (the last epoch is far
+    # longer than a signal takes), the job is then killed: nothing gets to clean up.
+    job.wait_for(r"^epoch 2/3 ")
+    job.freeze()
+    job.kill()
     killed_at = latest_state(run / "checkpoints")["step"]
     assert killed_at in (30, 60)
     proc = launch(*train_args(tiny_dataset, run, *EXACT))
