@@ -7,7 +7,7 @@ Part 1 (overhead, target <= 3%): ``knl-train train`` on 1 rank (default logging 
 agreement every 20, evaluation and a checkpoint every epoch) against a bare loop that this
 script runs in a worker process (``--bare``): the same model, input pipeline, optimizer
 (LARS under Horovod's DistributedOptimizer, same schedule) and thread settings, in one ``fit``
-over all epochs with no callback but a timer (the trainer calls ``fit`` once per epoch). Both
+over all epochs with no callback but a timer (the trainer's ``fit`` also spans all epochs). Both
 sides time an epoch from its start to the end of its last step, as the trainer's metrics do,
 and leave out the first epoch (tracing). The wall time per epoch is reported beside it. Both run
 under ``knl-train launch -np 1 --threads-per-rank 1``, so both are bound to the same core.
@@ -250,8 +250,8 @@ def markdown(rec):
               f"| knl-train train | {fmt(a['trainer'])} | {spread(a['trainer'])} | "
               f"{fmt(wall['trainer'], 2)} |", "",
               "images/s: an epoch's training steps, from its start to its last step. Wall s/epoch: "
-              "from one epoch's end to the next, epochs 2..N (the trainer's includes evaluation, "
-              "a checkpoint and a new fit call).", "",
+              "from one epoch's end to the next, epochs 2..N (the trainer's includes its "
+              "evaluation and checkpoint, the bare loop's neither).", "",
               f"Overhead {a['overhead_pct']:.2f}% (per round: "
               f"{', '.join(f'{x:.2f}%' for x in a['overhead_pct_by_round'])}); target ≤ "
               f"{a['target_pct']:g}% {ok(a['meets_target'])}.", "",
