@@ -14,7 +14,8 @@ A study directory (``knl-train study render SPEC --out DIR``)::
 The stages, each a module: ``spec.load(path) -> Study``; ``render.render(study) -> Rendered``
 and ``render.write(rendered, out)``; ``jobs.submit``, ``jobs.status``, ``jobs.wait``;
 ``report.collect(dir)`` and ``report.report(dir)``. They hand each other a ``Study``, then the
-study directory's :class:`Manifest` (``manifest.py``); ``walltime.py`` parses times, ``sites.py``
+study directory's :class:`Manifest` (``manifest.py``); ``projection.py`` projects a point's
+time for a full training from its runs' time accounts; ``walltime.py`` parses times, ``sites.py``
 reads site profiles and ``schedulers/`` holds one backend per batch scheduler. Nothing here
 imports TensorFlow.
 """
