@@ -189,13 +189,20 @@ def _file_level(n_files: int, world: int) -> bool:
 
 
 def _records(split: TFRecordSplit, *, rank: int, world: int, seed: Optional[int], threads: int,
-             shuffle_buffer: int = 0):
-    """(serialized record, source file) of this rank's share; shuffled when ``seed`` is given."""
+             shuffle_buffer: int = 0, epoch=0):
+    """(serialized record, source file) of this rank's share; shuffled when ``seed`` is given.
+
+    The file order is a stateless permutation of (seed, epoch), so ``epoch`` may be a tensor
+    (inside ``pipeline.across_epochs``); the record buffer's seed is a plain number, since
+    ``Dataset.shuffle`` cannot take a tensor seed under a global seed of 0. Its draws repeat
+    from epoch to epoch, but it shuffles a different file order each time."""
     import tensorflow as tf
     from knl_train.data.pipeline import plain
-    files = tf.data.Dataset.from_tensor_slices(list(split.files))
+    names = tf.constant(list(split.files))
     if seed is not None:
-        files = files.shuffle(len(split.files), seed=seed, reshuffle_each_iteration=True)
+        names = tf.random.experimental.stateless_shuffle(
+            names, seed=tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)]))
+    files = tf.data.Dataset.from_tensor_slices(names)
 
     def read(f):
         return tf.data.TFRecordDataset(f).map(plain(lambda r: (r, f)))
@@ -251,7 +258,7 @@ def train_dataset(split: TFRecordSplit, *, rank: int, world: int, per_rank_batch
     iteration in ``pipeline.user_errors()`` to get them as ``UserError``). Skipped batches are
     read (the shuffle buffer must replay) but not decoded."""
     from knl_train.data.pipeline import train_batches
-    ds = _records(split, rank=rank, world=world, seed=seed + epoch * 1_000_003, threads=threads,
+    ds = _records(split, rank=rank, world=world, seed=seed, epoch=epoch, threads=threads,
                   shuffle_buffer=shuffle_buffer).skip(skip_batches * per_rank_batch)
     # Runs on in a fixed order if skipped images leave a rank short (see folder.train_dataset).
     ds = ds.concatenate(_records(split, rank=rank, world=world, seed=None, threads=threads).repeat())

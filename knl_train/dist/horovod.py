@@ -63,9 +63,10 @@ def _plain_allreduce(wrapped) -> None:
         return
     plain = tf.function(fn.python_function, autograph=False)
     wrapped._allreduce_grads = plain
-    helper = getattr(wrapped, "_agg_helper", None)
-    if helper is not None and getattr(helper, "_allreduce_grads", None) is fn:
-        helper._allreduce_grads = plain
+    helper = getattr(wrapped, "_agg_helper", None)  # gradient accumulation keeps its own reference
+    for attr in ("_allreduce_grads", "allreduce_grads"):  # graph and eager helpers name it so
+        if helper is not None and getattr(helper, attr, None) is fn:
+            setattr(helper, attr, plain)
 
 
 def broadcast_from_root(variables) -> None:

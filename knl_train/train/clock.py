@@ -47,9 +47,14 @@ class Account:
 class Timeline:
     """A rank's clock: start-up marks, then the time spent in each part of the run."""
 
+    _first = True  # the process's first clock starts with the process; a later one, now
+
     def __init__(self, process_start: Optional[float] = None):
         now_wall, now = time.time(), time.monotonic()
-        start_wall = psutil.Process().create_time() if process_start is None else process_start
+        if process_start is None:
+            process_start = psutil.Process().create_time() if Timeline._first else now_wall
+            Timeline._first = False
+        start_wall = process_start
         # The process start, on the monotonic clock everything else is measured with.
         self.start = now - max(0.0, now_wall - start_wall)
         self.marks: Dict[str, float] = {}

@@ -192,6 +192,9 @@ class RunControl(tf.keras.callbacks.Callback):
                         self.manager.wait()
                 except UserError as e:
                     error = str(e)
+                except Exception as e:  # noqa: BLE001  every rank must still hear of it
+                    error = (f"could not write the checkpoint of step {self.pos.update}: "
+                             f"{type(e).__name__}: {e}")
                 self._note_written()
             self._last_save = time.monotonic()
             error = dist.broadcast_object(error, name="knl_train.checkpoint")

@@ -79,7 +79,7 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
     # ---- training steps ------------------------------------------------------------------
     def on_epoch_begin(self, epoch, logs=None):
         self._t0 = self._t_last = self._t_end = time.perf_counter()
-        self._checkpoint_mark = self.timeline.spent_seconds["checkpoint"]
+        self._checkpoint_mark = self._checkpoint_end = self.timeline.spent_seconds["checkpoint"]
         self._first_batch = self.pos.batch
         self._update_last = self.pos.update
         if self._tty:
@@ -87,8 +87,10 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         pos = self.pos
-        # The epoch's training time ends here, before the epoch-end work (checkpoint, evaluation).
+        # The epoch's training time ends here, before the epoch-end work (checkpoint, evaluation);
+        # a checkpoint written inside the epoch (timed, or a stop) is not training either.
         self._t_end = time.perf_counter()
+        self._checkpoint_end = self.timeline.spent_seconds["checkpoint"]
         if self._progbar is not None:
             self._progbar.update(pos.batch, [("loss", logs["loss"]), ("top1", logs["top1"]),
                                              ("lr", self.lr_fn())])
@@ -118,7 +120,7 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
 
     # ---- epochs ------------------------------------------------------------------------------
     def on_epoch_end(self, epoch, logs=None):
-        seconds = self._t_end - self._t0
+        seconds = self._t_end - self._t0 - (self._checkpoint_end - self._checkpoint_mark)
         if not self.pos.epoch_ended:
             return
         # logs were averaged over ranks by Horovod's MetricAverageCallback, which runs first.

@@ -18,6 +18,7 @@ from typing import Optional, Tuple, Union
 
 import tensorflow as tf
 
+from knl_train import log as knl_log
 from knl_train import models
 from knl_train.data.pipeline import check_global_batch
 from knl_train.data.source import DataSource, Listing, list_splits, open_source
@@ -28,6 +29,8 @@ from knl_train.optim.scaling import scale_schedule
 from knl_train.runtime import versions
 from knl_train.runtime.rankenv import RankEnv, count_var
 from knl_train.train.config import TrainConfig
+
+log = knl_log.get(__name__)
 
 LearningRateSchedule = tf.keras.optimizers.schedules.LearningRateSchedule
 
@@ -156,7 +159,24 @@ def shared_listing(cfg: TrainConfig, world) -> Optional[Listing]:
     kind, value = answer
     if kind == "error":
         raise UserError(value)
+    if value is not None and world.size > 1:
+        _check_readable(value, world)
     return value
+
+
+def _check_readable(listing: Listing, world) -> None:
+    """Every rank sees the files rank 0 listed (a node whose copy of the data is missing would
+    otherwise skip every image as unreadable, and hang the job at the next allreduce)."""
+    probe = [s.files[i] for s in (listing.train, listing.val) for i in (0, -1)]
+    missing = [f for f in probe if not os.path.exists(f)]
+    if missing:
+        log.error(f"rank {world.rank} cannot see {missing[0]}, which rank 0 listed",
+                  extra=knl_log.EVERY_RANK)
+    ranks = int(dist.allreduce_sum([1.0 if missing else 0.0], name="knl_train.listing_check")[0])
+    if ranks:
+        raise UserError(f"{ranks} rank(s) cannot see the dataset that rank 0 listed (each says "
+                        "which file above): stage the data on every node, or point data.path at "
+                        "a file system that every node mounts")
 
 
 # ---- the schedule, finished before the optimizer ----------------------------------------------

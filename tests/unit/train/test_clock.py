@@ -57,3 +57,11 @@ def test_a_phase_is_marked_once_and_must_be_known():
 
 def test_without_a_steady_rate_there_is_no_efficiency():
     assert Timeline().account(0, None).time_to_train_efficiency is None
+
+
+def test_only_the_processs_first_clock_starts_with_the_process():
+    from knl_train.train import clock
+    clock.Timeline._first = True
+    first = Timeline()
+    later = Timeline()  # a second run in the same process (a notebook, a script that trains twice)
+    assert first.start < later.start and time.monotonic() - later.start < 1.0
