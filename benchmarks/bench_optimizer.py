@@ -251,8 +251,8 @@ def optimizer_configs(variables, grads, args, fused_ok):
     return configs, notes
 
 
-def train_configs(model, images, labels, optimizers):
-    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=False)
+def train_stepper(model, images, labels, loss_fn):
+    """make_opt -> a ``make`` that traces one whole training step with that optimizer."""
     variables = model.trainable_variables
 
     def stepper(make_opt):
@@ -266,7 +266,12 @@ def train_configs(model, images, labels, optimizers):
                 opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
             return step
         return make
+    return stepper
 
+
+def train_configs(model, images, labels, optimizers):
+    stepper = train_stepper(model, images, labels,
+                            tf.keras.losses.SparseCategoricalCrossentropy(from_logits=False))
     configs = [Config("train step, SGD momentum", "reference",
                       stepper(lambda: tf.keras.optimizers.legacy.SGD(0.1, momentum=0.9)))]
     for name, mode in optimizers:  # the target is the fused op's; pure TF for comparison
@@ -280,9 +285,7 @@ def train_configs(model, images, labels, optimizers):
 def small_cnn_configs(model, images, labels, grads, fused_ok):
     """Part 3: apply_gradients alone and the whole training step on the demo's model, with SGD
     and LARS ("you", the demo's variant) on each path."""
-    loss_fn = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    variables = model.trainable_variables
-    pairs = list(zip(grads, variables))
+    pairs = list(zip(grads, model.trainable_variables))
 
     def apply_stepper(make_opt):
         def make():
@@ -294,24 +297,14 @@ def small_cnn_configs(model, images, labels, grads, fused_ok):
             return step
         return make
 
-    def train_stepper(make_opt):
-        def make():
-            opt = make_opt()
-
-            @tf.function
-            def step():
-                with tf.GradientTape() as tape:
-                    loss = loss_fn(labels, model(images, training=True))
-                opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
-            return step
-        return make
-
     sgd = lambda: tf.keras.optimizers.legacy.SGD(0.1, momentum=0.9)  # noqa: E731
     paths = [("fused, one op per step", "fused", LARS, {"KnlLarsApplyMulti"}),
              ("fused, one op per variable", "fused", PerVariableLARS, {"KnlLarsApply"})]
     paths = (paths if fused_ok else []) + [("pure TF", "tf", LARS, set())]
     configs = {}
-    for part, stepper in (("apply", apply_stepper), ("train", train_stepper)):
+    whole_step = train_stepper(model, images, labels,
+                               tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    for part, stepper in (("apply", apply_stepper), ("train", whole_step)):
         what = "apply_gradients" if part == "apply" else "train step"
         configs[part] = [Config(f"{what}, SGD momentum", "reference", stepper(sgd))] + [
             Config(f"{what}, LARS you, {label}", f"small-{part}",

@@ -55,11 +55,11 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
     def __init__(self, *, world, position: Position, global_batch: int, epochs: int,
                  eval_dataset_fn: Callable[[], tf.data.Dataset], eval_every: int, num_classes: int,
                  metrics_path: Optional[str], log_dir: Optional[str], log_every: int,
-                 lr_fn: Callable[[], float], skips=None, timeline: Optional[Timeline] = None):
+                 lr_fn: Callable[[], float], timeline: Timeline, skips=None):
         super().__init__()
         self.world = world
         self.pos = position
-        self.timeline = timeline or Timeline()
+        self.timeline = timeline
         self._eval_ds: Optional[tf.data.Dataset] = None  # built once (and cached, if asked)
         self.global_batch = global_batch
         self.epochs = epochs
