@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
 import horovod.tensorflow as hvd_tf
 import horovod.tensorflow.keras as hvd
+
+from knl_train.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,21 @@ def broadcast_from_root(variables) -> None:
 def broadcast_object(obj, name: str):
     """Rank 0's picklable ``obj`` on every rank."""
     return hvd_tf.broadcast_object(obj, root_rank=0, name=name)
+
+
+def decided_by_root(world, decide: Callable[[], Any], name: str):
+    """What ``decide()`` returns on rank 0, on every rank (the others do not call it); rank 0's
+    ``UserError``, if it raises one, raised on every rank."""
+    answer = None
+    if world.is_root:
+        try:
+            answer = ("ok", decide())
+        except UserError as e:
+            answer = ("error", str(e))
+    kind, value = broadcast_object(answer, name=name)
+    if kind == "error":
+        raise UserError(value)
+    return value
 
 
 def allreduce_sum(values, name: str) -> np.ndarray:

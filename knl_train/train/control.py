@@ -80,17 +80,9 @@ class Position:
 def agree_on_start(world, run_dir: Path, mode: str, global_batch: int, passes: int,
                    resolved: dict) -> Optional[dict]:
     """Rank 0 finds the checkpoint to resume from (or none); every rank gets its answer."""
-    answer = None
-    if world.is_root:
-        try:
-            answer = ("ok", resuming.find(run_dir / "checkpoints", mode, global_batch=global_batch,
-                                          passes=passes, config=resolved))
-        except UserError as e:
-            answer = ("error", str(e))
-    kind, value = dist.broadcast_object(answer, name="knl_train.resume")
-    if kind == "error":
-        raise UserError(value)
-    return value
+    return dist.decided_by_root(
+        world, lambda: resuming.find(run_dir / "checkpoints", mode, global_batch=global_batch,
+                                     passes=passes, config=resolved), name="knl_train.resume")
 
 
 class RunControl(tf.keras.callbacks.Callback):

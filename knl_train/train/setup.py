@@ -148,20 +148,10 @@ def eval_cache(cfg: TrainConfig, num_val: int, world) -> bool:
 def shared_listing(cfg: TrainConfig, world) -> Optional[Listing]:
     """The dataset's file listing, made by rank 0 alone and broadcast: one walk of the (parallel)
     file system per job, not one per rank. A bad dataset stops every rank with rank 0's error."""
-    answer = None
-    if world.is_root:
-        try:
-            answer = ("ok", list_splits(cfg.data))
-        except UserError as e:
-            answer = ("error", str(e))
-    if world.size > 1:
-        answer = dist.broadcast_object(answer, name="knl_train.listing")
-    kind, value = answer
-    if kind == "error":
-        raise UserError(value)
-    if value is not None and world.size > 1:
-        _check_readable(value, world)
-    return value
+    listing = dist.decided_by_root(world, lambda: list_splits(cfg.data), name="knl_train.listing")
+    if listing is not None and world.size > 1:
+        _check_readable(listing, world)
+    return listing
 
 
 def _check_readable(listing: Listing, world) -> None:
