@@ -121,6 +121,12 @@ def _coerce(tp, value, where):
             raise UserError(f"{where}: {value!r} is not allowed; choose one of "
                             f"{', '.join(map(str, args))}")
         return value
+    if origin is dict and args and dataclasses.is_dataclass(args[1]):
+        # A mapping of names to nested configs (a convergence study's optimizers).
+        if not isinstance(value, Mapping):
+            raise UserError(f"{where}: expected a mapping of names to settings, got {value!r}")
+        return {_coerce(args[0], k, where): from_dict(args[1], v, _join(where, str(k)))
+                for k, v in value.items()}
     if origin in (tuple, list):
         if isinstance(value, str) or not isinstance(value, (list, tuple)):
             raise UserError(f"{where}: expected a list, got {value!r}")

@@ -23,6 +23,10 @@ from knl_train.records import is_integer, is_number
 
 NAME = "manifest.json"
 VERSION = 1
+KINDS = ("scaling", "convergence")
+# Fields only a convergence study sets: left out of a scaling study's JSON.
+CONVERGENCE_POINT = frozenset({"optimizer", "lr", "repeat", "accumulation"})
+CONVERGENCE_STUDY = frozenset({"target_top1", "reference_batch", "epochs"})
 
 
 def now() -> str:
@@ -96,11 +100,18 @@ class PointRecord:
     run_dirs: Tuple[str, ...] = ()         # one per repeat: points/<id>/run-<r>
     token: Optional[str] = None            # in the job's comment: finds it again after a crash
     job: Optional[JobRecord] = None        # None: none recorded (a manifest not made by render)
+    # A convergence study's point: its optimizer's label, peak LR at the reference batch, repeat
+    # and micro-batches accumulated per update (absent from a scaling study's points).
+    optimizer: Optional[str] = None
+    lr: Optional[float] = None
+    repeat: Optional[int] = None
+    accumulation: Optional[int] = None
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)  # keys we do not know: kept
 
     def to_dict(self) -> Dict[str, Any]:
         out = {**self.extra, **{f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
-                                if f.name not in ("job", "extra")}}
+                                if f.name not in ("job", "extra")
+                                and not (f.name in CONVERGENCE_POINT and getattr(self, f.name) is None)}}
         if self.job is not None:
             out["job"] = self.job.to_dict()
         return out
@@ -117,7 +128,7 @@ class Manifest:
     launcher: Optional[str] = None
     preset: Optional[str] = None
     preset_ref: Optional[str] = None       # a built-in preset's name or a preset file's path
-    scaling: str = ""
+    scaling: Optional[str] = ""             # weak or strong; None for a convergence study
     repeats: Optional[int] = None
     array: bool = False
     chain: bool = False
@@ -130,6 +141,12 @@ class Manifest:
     knl_train: Optional[str] = None        # the version that rendered it
     notes: Tuple[str, ...] = ()
     points: Tuple[PointRecord, ...] = ()
+    kind: str = "scaling"                  # absent from manifests of scaling studies
+    # A convergence study: the accuracy its report times, the batch its LRs are given at,
+    # and every point's epochs.
+    target_top1: Optional[float] = None
+    reference_batch: Optional[int] = None
+    epochs: Optional[int] = None
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)  # keys we do not know: kept
 
     @classmethod
@@ -150,7 +167,9 @@ class Manifest:
 
     def to_dict(self) -> Dict[str, Any]:
         out = {**self.extra, **{f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
-                                if f.name not in ("points", "extra")}}
+                                if f.name not in ("points", "extra")
+                                and not (f.name in CONVERGENCE_STUDY and getattr(self, f.name) is None)
+                                and not (f.name == "kind" and self.kind == "scaling")}}
         out["points"] = [p.to_dict() for p in self.points]
         return out
 
@@ -189,8 +208,15 @@ def _check(path: Path, data) -> None:
                     ("points", isinstance(data["points"], list))):
         if not ok:
             raise UserError(f"{path}: invalid '{key}': {data[key]!r}")
-    if data["scaling"] not in ("weak", "strong"):
+    kind = data.get("kind", "scaling")
+    if kind not in KINDS:
+        raise UserError(f"{path}: kind is {kind!r}, not one of {', '.join(KINDS)}")
+    if kind == "scaling" and data["scaling"] not in ("weak", "strong"):
         raise UserError(f"{path}: scaling is {data['scaling']!r}, not 'weak' or 'strong'")
+    if kind == "convergence":
+        target = data.get("target_top1")
+        if target is not None and not (is_number(target) and 0 < target <= 1):
+            raise UserError(f"{path}: invalid 'target_top1': {target!r}")
 
 
 def _point(path: Path, data) -> PointRecord:

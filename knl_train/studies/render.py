@@ -29,6 +29,8 @@ from knl_train.studies.spec import Point, Study
 from knl_train.train.config import TrainConfig
 
 PRESET_FILE = "preset.yaml"
+# The job scripts' names: one per backend (job.sbatch, job.pbs, job.sh).
+SCRIPTS = tuple(f"/{schedulers.get(name).script_name}" for name in schedulers.BACKENDS)
 
 
 @dataclass(frozen=True)
@@ -72,12 +74,15 @@ def render(study: Study, *, command: Optional[str] = None) -> Rendered:
     for p in study.points:
         sets = _point_sets(study, p, base_config)
         token = f"knl-train:{uid}:{p.id}"
+        # A convergence point is one training; its repeats are points of their own.
+        runs = 1 if spec.kind == "convergence" else spec.repeats
         context = {
-            "study": spec, "site": site, "point": p, "scaling": spec.scaling, "repeats": spec.repeats,
+            "study": spec, "site": site, "point": p, "scaling": spec.scaling, "repeats": runs,
             "array": spec.array, "token": token, "account": spec.account or site.account,
             "qos": spec.qos or site.qos, "command": command, "preset_name": study.node.preset.name,
             "plan_comments": _plan_comments(study), "exports": _exports(study),
             "launcher": launcher(study, p), "numactl": _numactl(study), "sets": sets,
+            "preset_arg": _preset_word(study),
         }
         try:
             text = template.render(**context)
@@ -94,7 +99,7 @@ def render(study: Study, *, command: Optional[str] = None) -> Rendered:
                             + "\n  ".join(problems))
         script = f"{p.directory}/{backend.script_name}"
         files[script] = text
-        points.append(_point_record(p, script, token, spec.repeats))
+        points.append(_point_record(p, script, token, runs))
     return Rendered(files=files, manifest=_manifest(study, uid, points))
 
 
@@ -125,7 +130,7 @@ def write(rendered: Rendered, out, *, force: bool = False) -> Path:
             path = tmp / rel
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
-            if rel.endswith((".sbatch", ".pbs")):
+            if rel.endswith(SCRIPTS):
                 path.chmod(0o755)
         rendered.manifest.save(tmp)
         if out.exists():
@@ -145,7 +150,7 @@ def write(rendered: Rendered, out, *, force: bool = False) -> Path:
 def dry_run_text(rendered: Rendered) -> str:
     parts = []
     for rel, text in rendered.files.items():
-        if rel.endswith((".sbatch", ".pbs")):
+        if rel.endswith(SCRIPTS):
             parts.append(f"==> {rel} <==\n{text}")
     m = rendered.manifest
     parts.append(f"# {len(m.points)} point(s) for {m.scheduler} ({m.site}); nothing written (--dry-run)")
@@ -171,14 +176,19 @@ def launcher(study: Study, p: Point) -> str:
 def _exports(study: Study) -> List[Tuple[str, str]]:
     from knl_train.tuning import launchers
     node, site = study.node, study.site
-    # A preset file travels with the study; its path is found at run time.
-    preset = '"$STUDY_DIR/preset.yaml"' if study.preset_ref.endswith((".yaml", ".yml")) \
-        else shlex.quote(study.preset_ref)
-    out = list(launchers.rank_env(node, preset).replace(progress="lines").to_environ().items())
+    out = list(launchers.rank_env(node, _preset_word(study)).replace(progress="lines").to_environ().items())
     # Intel MPI (impi, ibrun) binds by its environment: the script exports the pinning too.
     out += [(k, shlex.quote(v)) for k, v in launchers.get(site.launcher).binding_env(node).items()]
     out += [(k, shlex.quote(v)) for k, v in site.env.items()]
     return out
+
+
+def _preset_word(study: Study) -> str:
+    """The preset as the script names it: a preset file travels with the study, its path found
+    at run time."""
+    if study.preset_ref.endswith((".yaml", ".yml")):
+        return f'"$STUDY_DIR/{PRESET_FILE}"'
+    return shlex.quote(study.preset_ref)
 
 
 def _numactl(study: Study) -> str:
@@ -213,14 +223,13 @@ def _base_config(study: Study) -> dict:
 
 
 def _point_sets(study: Study, p: Point, base: dict) -> List[str]:
-    spec = study.spec
-    sets = ([f"per_rank_batch={p.per_rank_batch}"] if spec.scaling == "weak"
-            else [f"global_batch={p.global_batch}"])
-    sets += [f"steps={p.steps}"] if p.steps is not None else [f"epochs={p.epochs}"]
-    sets += [f"log_every={spec.log_every}"]
+    every = study.spec.log_every or (1 if study.spec.kind == "scaling" else None)
+    sets = [*p.overrides, *((f"log_every={every}",) if every else ())]
     # The point's config must load: catch it here, not in a job hours from now.
-    data = yamlconfig.apply_overrides(base, sets)
-    cfg = yamlconfig.from_dict(TrainConfig, data)
+    try:
+        cfg = yamlconfig.from_dict(TrainConfig, yamlconfig.apply_overrides(base, sets))
+    except UserError as e:
+        raise UserError(f"point {p.id}: {e}") from None
     try:
         global_batch, _ = cfg.batch_sizes(p.ranks)
     except ValueError as e:
@@ -238,7 +247,8 @@ def _point_record(p: Point, script: str, token: str, repeats: int) -> PointRecor
                        epochs=p.epochs, walltime=p.walltime, queue=p.queue,
                        constraints=tuple(p.constraints), job_name=p.job_name, script=script,
                        run_dirs=tuple(f"{p.directory}/run-{r}" for r in range(repeats)), token=token,
-                       job=JobRecord.new())
+                       job=JobRecord.new(), optimizer=p.optimizer, lr=p.lr, repeat=p.repeat,
+                       accumulation=p.accumulation if p.optimizer is not None else None)
 
 
 def _manifest(study: Study, uid: str, points: List[PointRecord]) -> Manifest:
@@ -249,7 +259,14 @@ def _manifest(study: Study, uid: str, points: List[PointRecord]) -> Manifest:
         repeats=spec.repeats, array=spec.array, chain=spec.chain, warmup_steps=spec.warmup_steps,
         images_per_epoch=spec.images_per_epoch, project_epochs=spec.project_epochs,
         memory_mode=study.memory_mode, spec_path=str(study.spec_path), knl_train=__version__,
-        notes=tuple(study.notes), points=tuple(points))
+        notes=tuple(study.notes), points=tuple(points), kind=spec.kind, **_convergence(spec))
+
+
+def _convergence(spec) -> dict:
+    if spec.kind != "convergence":
+        return {}
+    return {"target_top1": spec.target_top1, "epochs": spec.epochs,
+            "reference_batch": spec.reference_batch or spec.global_batches[0]}
 
 
 def _submitted_jobs(out: Path) -> int:

@@ -1,7 +1,11 @@
-"""The study spec (YAML): what to scale, where, and how; validated and expanded into points.
+"""The study spec (YAML): what to run, where, and how; validated and expanded into points.
 
-Everything a job script needs is worked out here, before anything is written: the node plan
-from the tuning preset, batch sizes per point, the queue that fits, the walltime.
+Two kinds: a scaling study (the default) runs one point per node count and measures images/s;
+a convergence study (``kind: convergence``) runs one point per (optimizer, global batch, peak
+LR, repeat) on a fixed number of nodes and measures accuracy, making each global batch out of
+per-rank micro-batches and gradient accumulation. Everything a job script needs is worked out
+here, before anything is written: the node plan from the tuning preset, batch sizes and training
+overrides per point, the queue that fits, the walltime.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple, Union
 
 import yaml
 
@@ -35,13 +39,40 @@ class TrainRef:
     set: Dict[str, Any] = field(default_factory=dict)
 
 
+# Settings a convergence study sets per point: neither its training config nor an optimizer's
+# overrides may set them, since they would be silently replaced.
+PER_POINT = ("global_batch", "per_rank_batch", "epochs", "steps", "horovod.backward_passes_per_step",
+             "schedule.peak_lr", "schedule.reference_batch")
+LABEL = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(-[A-Za-z0-9_]+)*$")
+
+
+@dataclass(frozen=True)
+class OptimizerTrial:
+    """A convergence study's optimizer: its training overrides and the peak LRs to try (each at
+    the reference batch; a point's schedule rescales it by the overrides' ``schedule.scaling``)."""
+    lr: Tuple[float, ...]
+    set: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.lr:
+            raise ValueError("lr: give at least one peak learning rate")
+        if any(not math.isfinite(v) or v <= 0 for v in self.lr):
+            raise ValueError(f"lr: every learning rate must be a number > 0, got {list(self.lr)}")
+        if len({f"{v:g}" for v in self.lr}) != len(self.lr):  # as point ids write them
+            raise ValueError(f"lr: {list(self.lr)} repeats a value (to 6 significant digits)")
+        if not isinstance(self.set, dict):
+            raise ValueError("set must be a mapping of dotted config keys to values")
+
+
 @dataclass(frozen=True)
 class StudySpec:
     name: str
     site: str
-    # Node counts, e.g. [1, 2, 4, 8] or {start: 1, factor: 2, max: 2048}.
+    # Node counts, e.g. [1, 2, 4, 8] or {start: 1, factor: 2, max: 2048}; a convergence study
+    # runs on one count (nodes: 4).
     nodes: Tuple[int, ...]
-    scaling: Literal["weak", "strong"]
+    scaling: Optional[Literal["weak", "strong"]] = None
+    kind: Literal["scaling", "convergence"] = "scaling"
     train: TrainRef = field(default_factory=TrainRef)
     # A preset name or file; None: the site's.
     preset: Optional[str] = None
@@ -75,9 +106,17 @@ class StudySpec:
     images_per_epoch: int = IMAGENET_TRAIN_IMAGES
     project_epochs: int = 90
     # Metrics every this many steps (throughput is measured from them).
-    log_every: int = 1
+    # None: 1 in a scaling study, the training config's in a convergence study.
+    log_every: Optional[int] = None
     # A directory of templates that take precedence over the shipped ones.
     templates: Optional[str] = None
+    # kind: convergence. The global batches to compare, the optimizers (label -> overrides and
+    # peak LRs), the batch the LRs are given at (None: the smallest), and the validation top-1
+    # whose epochs and wall time to reach the report gives.
+    global_batches: Tuple[int, ...] = ()
+    optimizers: Dict[str, OptimizerTrial] = field(default_factory=dict)
+    reference_batch: Optional[int] = None
+    target_top1: Optional[float] = None
 
     def __post_init__(self):
         if not self.name.strip() or len(self.name) > 200 or any(ord(c) < 32 or ord(c) == 127 for c in self.name):
@@ -89,6 +128,12 @@ class StudySpec:
         if list(self.nodes) != sorted(set(self.nodes)):
             raise ValueError(f"nodes must be increasing, without repeats, got {list(self.nodes)}")
         yamlconfig.in_range(self, "ranks_per_node", "cores_per_rank", minimum=0, hint="0: the preset's")
+        if not isinstance(self.train.set, dict):
+            raise ValueError("train.set must be a mapping of dotted config keys to values")
+        if self.kind == "convergence":
+            _check_convergence(self)
+        else:
+            self._check_scaling()
         yamlconfig.at_least(self, 1, "per_rank_batch", "global_batch", "steps", "epochs")
         if self.steps is not None and self.epochs is not None:
             raise ValueError("set steps or epochs per point, not both")
@@ -108,13 +153,50 @@ class StudySpec:
                 site_profiles.safe_value(name, getattr(self, name))
         for c in self.constraints or ():
             site_profiles.safe_value("constraints", c)
-        if not isinstance(self.train.set, dict):
-            raise ValueError("train.set must be a mapping of dotted config keys to values")
+
+    def _check_scaling(self):
+        if self.scaling is None:
+            raise ValueError("scaling is required: weak or strong (or set kind: convergence)")
+        for name in ("global_batches", "optimizers", "reference_batch", "target_top1"):
+            if getattr(self, name) not in (None, (), {}):
+                raise ValueError(f"{name} belongs to a convergence study: set kind: convergence, "
+                                 f"or remove {name}")
+
+
+def _check_convergence(spec: StudySpec) -> None:
+    """What a convergence study needs, each error naming its field."""
+    def must(ok: bool, message: str):
+        if not ok:
+            raise ValueError(message)
+    must(spec.scaling is None, "scaling: a convergence study compares batches on fixed nodes; remove scaling")
+    must(len(spec.nodes) == 1, f"nodes: a convergence study runs on one node count, got {list(spec.nodes)}")
+    must(spec.global_batch is None, "global_batch: a convergence study takes global_batches: [...]")
+    must(spec.steps is None, "steps: a convergence study compares batches at one epoch budget: set epochs")
+    must(not spec.array, "array: each repeat of a convergence study is a point of its own; remove array")
+    must(bool(spec.global_batches), "global_batches: give the global batches to compare, e.g. [256, 1024, 4096]")
+    must(all(b >= 1 for b in spec.global_batches),
+         f"global_batches must be >= 1, got {list(spec.global_batches)}")
+    must(list(spec.global_batches) == sorted(set(spec.global_batches)),
+         f"global_batches must be increasing, without repeats, got {list(spec.global_batches)}")
+    must(bool(spec.optimizers), "optimizers: give at least one, e.g. {lars: {set: {optimizer.name: lars}, lr: [2, 4]}}")
+    for label, trial in spec.optimizers.items():
+        must(isinstance(label, str) and bool(LABEL.match(label)) and len(label) <= 40,
+             f"optimizers: label {label!r} must be a letter then letters, digits, _ or single - "
+             "(at most 40): it names directories and jobs")
+        for key in trial.set:
+            must(key not in PER_POINT, f"optimizers.{label}.set: {key} is set per point by the study "
+                                       f"(lr: and global_batches:); remove it")
+    for key in spec.train.set:
+        must(key not in PER_POINT, f"train.set: {key} is set per point by the study; remove it")
+    must(spec.reference_batch is None or spec.reference_batch >= 1,
+         f"reference_batch must be >= 1, got {spec.reference_batch}")
+    must(spec.target_top1 is None or 0 < spec.target_top1 <= 1,
+         f"target_top1 is a fraction of 1 (0.75 for 75 %), got {spec.target_top1}")
 
 
 @dataclass(frozen=True)
 class Point:
-    """One node count of the study: one job script."""
+    """One job script: a node count of a scaling study, or one training of a convergence study."""
     id: str
     nodes: int
     ranks_per_node: int
@@ -129,6 +211,14 @@ class Point:
     queue: Optional[str]
     constraints: Tuple[str, ...]
     job_name: str
+    # The training config's overrides for this point, as `--set key=value` words.
+    overrides: Tuple[str, ...] = ()
+    # A convergence study's point: the optimizer's label, its peak LR at the reference batch, the
+    # repeat, and the micro-batches each rank accumulates per update.
+    optimizer: Optional[str] = None
+    lr: Optional[float] = None
+    repeat: Optional[int] = None
+    accumulation: int = 1
 
     @property
     def directory(self) -> str:
@@ -161,7 +251,14 @@ def load(path, *, templates: Optional[str] = None) -> Study:
         data["nodes"] = _geometric(data["nodes"])
     if isinstance(data.get("constraints"), str):
         data["constraints"] = [c for c in data["constraints"].split(",") if c]
-    for key in ("name", "site", "nodes", "scaling"):
+    if isinstance(data.get("nodes"), int) and not isinstance(data.get("nodes"), bool):
+        data["nodes"] = [data["nodes"]]
+    kind = data.get("kind", "scaling")
+    if kind not in ("scaling", "convergence"):
+        raise UserError(f"study {path}: kind: {kind!r} is not one of scaling, convergence"
+                        f"{yamlconfig.did_you_mean(str(kind), ('scaling', 'convergence'))}")
+    required = ("name", "site", "nodes") + (("epochs",) if data.get("kind") == "convergence" else ("scaling",))
+    for key in required:
         if key not in data:
             raise UserError(f"study {path}: {key!r} is required (see jobs/studies/ for examples)")
     try:
@@ -196,6 +293,10 @@ def expand(spec: StudySpec, spec_path: Path) -> Study:
     if spec.memory_mode and spec.memory_mode not in site.modes():
         raise UserError(f"memory_mode {spec.memory_mode}: site {site.name} offers "
                         f"{', '.join(site.modes()) or 'no KNL memory modes'}")
+    if site.scheduler == "local" and (max(spec.nodes) > 1 or spec.array):
+        raise UserError(f"site {site.name} runs on this node, one point after another: "
+                        + ("array: true needs a scheduler's job arrays; remove it" if spec.array else
+                           f"nodes {list(spec.nodes)} asks for more than this one node; use nodes: 1"))
     preset_arg = spec.preset or site.preset
     preset_path = Path(preset_arg) if preset_arg.endswith((".yaml", ".yml")) else None
     if preset_path is not None and not preset_path.is_absolute():
@@ -205,7 +306,10 @@ def expand(spec: StudySpec, spec_path: Path) -> Study:
                                 spec.ranks_per_node, cores_per_rank=spec.cores_per_rank, topology=topo)
     preset_ref = node.preset.name if preset_path is None else str(preset_path)
     cfg = _train_config(spec, base)
-    points = tuple(_point(spec, site, node, cfg, n, mode) for n in spec.nodes)
+    if spec.kind == "convergence":
+        points = _convergence_points(spec, site, node, base, mode)
+    else:
+        points = tuple(_point(spec, site, node, cfg, n, mode) for n in spec.nodes)
     notes = tuple(node.warnings)
     return Study(spec=spec, site=site, spec_path=spec_path.resolve(), preset_ref=preset_ref, node=node,
                  train_config=cfg, points=points, memory_mode=mode, notes=notes)
@@ -224,16 +328,21 @@ def _topology(site: Site, preset_ref: str, mode: Optional[str]):
         hint="give the site node: {sockets: S, cores_per_socket: C, threads_per_core: T}, or topology: detect")
 
 
-def _train_config(spec: StudySpec, base: Path) -> TrainConfig:
+def _train_config(spec: StudySpec, base: Path, extra: Dict[str, Any] = None,
+                  where: str = "training config") -> TrainConfig:
     path = None
     if spec.train.config:
         path = Path(spec.train.config)
         path = path if path.is_absolute() else base / path
-    overrides = [f"{k}={_yaml_scalar(v)}" for k, v in spec.train.set.items()]
+    overrides = _words({**spec.train.set, **(extra or {})})
     try:
         return train_config.load(str(path) if path else None, overrides)
     except UserError as e:
-        raise UserError(f"study {spec.name}: training config: {e}") from None
+        raise UserError(f"study {spec.name}: {where}: {e}") from None
+
+
+def _words(settings: Dict[str, Any]) -> List[str]:
+    return [f"{k}={_yaml_scalar(v)}" for k, v in settings.items()]
 
 
 def _yaml_scalar(v) -> str:
@@ -269,13 +378,64 @@ def _point(spec: StudySpec, site: Site, node: NodePlan, cfg: TrainConfig, nodes:
                  "repeats": 1 if spec.array else spec.repeats}
     minutes = walltime.minutes(spec.walltime, variables)
     queue = _queue(spec, site, nodes, minutes, mode)
-    constraints = tuple(spec.constraints) if spec.constraints is not None else \
-        tuple(site.constraints) + tuple(site.memory_modes.get(mode, ()) if mode else ())
+    constraints = _constraints(spec, site, mode)
     pid = f"n{nodes:04d}"
+    overrides = ((f"per_rank_batch={per_rank}",) if spec.scaling == "weak" else (f"global_batch={global_batch}",)) \
+        + ((f"steps={steps}",) if steps is not None else (f"epochs={epochs}",))
     return Point(id=pid, nodes=nodes, ranks_per_node=R, ranks=ranks, cores_per_rank=node.cores_per_rank,
                  cpus_per_task=node.cpus_per_task, global_batch=global_batch, per_rank_batch=per_rank,
                  steps=steps, epochs=epochs, walltime=walltime.format_minutes(minutes), queue=queue,
-                 constraints=constraints, job_name=job_name(spec.name, nodes, site.scheduler))
+                 constraints=constraints, job_name=job_name(spec.name, nodes, site.scheduler),
+                 overrides=overrides)
+
+
+def _convergence_points(spec: StudySpec, site: Site, node: NodePlan, base: Path,
+                        mode: Optional[str]) -> Tuple[Point, ...]:
+    """One point per (optimizer, global batch, peak LR, repeat), in that order."""
+    nodes, R = spec.nodes[0], node.ranks_per_node
+    ranks = nodes * R
+    micro = spec.per_rank_batch or _train_config(spec, base).per_rank_batch
+    if micro is None:
+        raise UserError("per_rank_batch: a convergence study needs the micro-batch each rank computes "
+                        "at once (in the study or its training config)")
+    per_pass = ranks * micro
+    for b in spec.global_batches:
+        if b % per_pass:
+            raise UserError(f"global_batches: {b} cannot be made of {nodes} node(s) x {R} ranks x "
+                            f"per_rank_batch {micro} = {per_pass} images per pass, accumulated; "
+                            f"use multiples of {per_pass}")
+    reference = spec.reference_batch or spec.global_batches[0]
+    out: List[Point] = []
+    for label, trial in spec.optimizers.items():
+        seed = _train_config(spec, base, trial.set, f"optimizers.{label}.set").seed
+        for b in spec.global_batches:
+            passes = b // per_pass
+            variables = {"nodes": nodes, "ranks": ranks, "ranks_per_node": R, "steps": 0,
+                         "epochs": spec.epochs, "global_batch": b, "per_rank_batch": micro,
+                         "repeats": 1, "accumulation": passes}
+            minutes = walltime.minutes(spec.walltime, variables)
+            for lr in trial.lr:
+                for r in range(spec.repeats):
+                    point_id = f"{label}-b{b:06d}-lr{lr:g}-r{r}"
+                    overrides = (*_words(trial.set), f"global_batch={b}",
+                                 f"horovod.backward_passes_per_step={passes}", f"epochs={spec.epochs}",
+                                 f"schedule.reference_batch={reference}", f"schedule.peak_lr={lr!r}",
+                                 *((f"seed={seed + r}",) if r else ()))
+                    out.append(Point(
+                        id=point_id, nodes=nodes, ranks_per_node=R, ranks=ranks,
+                        cores_per_rank=node.cores_per_rank, cpus_per_task=node.cpus_per_task,
+                        global_batch=b, per_rank_batch=micro, steps=None, epochs=spec.epochs,
+                        walltime=walltime.format_minutes(minutes),
+                        queue=_queue(spec, site, nodes, minutes, mode), constraints=_constraints(spec, site, mode),
+                        job_name=job_name(spec.name, f"p{len(out) + 1}", site.scheduler),
+                        overrides=overrides, optimizer=label, lr=lr, repeat=r, accumulation=passes))
+    return tuple(out)
+
+
+def _constraints(spec: StudySpec, site: Site, mode: Optional[str]) -> Tuple[str, ...]:
+    if spec.constraints is not None:
+        return tuple(spec.constraints)
+    return tuple(site.constraints) + tuple(site.memory_modes.get(mode, ()) if mode else ())
 
 
 def _lcm_hint(nodes, per_node: int) -> int:
@@ -312,12 +472,13 @@ def _queue(spec: StudySpec, site: Site, nodes: int, minutes: float, mode: Option
 
 
 # ---- names -----------------------------------------------------------------------------------------
-def job_name(study: str, nodes: int, scheduler: str) -> str:
-    """A scheduler-safe job name; PBS allows 15 characters starting with a letter."""
+def job_name(study: str, point: Union[int, str], scheduler: str) -> str:
+    """A scheduler-safe job name, ending in the node count (an int) or a point's tag (a str);
+    PBS allows 15 characters starting with a letter."""
     slug = re.sub(r"[^A-Za-z0-9]+", "_", study).strip("_") or "study"
     if not slug[0].isalpha():
         slug = "s" + slug
-    suffix = f"_n{nodes}"
+    suffix = f"_n{point}" if isinstance(point, int) else f"_{point}"
     if scheduler == "pbs":
         return slug[:15 - len(suffix)].rstrip("_") + suffix
     return slug[:64] + suffix
