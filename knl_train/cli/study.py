@@ -1,4 +1,5 @@
-"""``knl-train study``: render, submit, status, collect, report and check scaling studies."""
+"""``knl-train study``: render, submit, status, collect, report and check scaling and convergence
+studies."""
 
 from __future__ import annotations
 
@@ -27,9 +28,13 @@ def cmd_study_render(args) -> int:
         return 0
     out = studies.render.write(rendered, args.out, force=args.force)
     m = rendered.manifest
+    spec = study.spec
+    shape = (f"{m.points[0].nodes}-{m.points[-1].nodes} nodes" if spec.kind == "scaling" else
+             f"{len(spec.optimizers)} optimizer(s) x {len(spec.global_batches)} global batches x their "
+             f"LRs x {spec.repeats} repeat(s) on {m.points[0].nodes} node(s)")
     print(f"wrote {len(m.points)} {m.scheduler} script(s) for {study.site.name} to {out} "
-          f"({m.points[0].nodes}-{m.points[-1].nodes} nodes, {study.node.ranks_per_node} ranks/node, "
-          f"preset {study.node.preset.name}); next: knl-train study submit {out}")
+          f"({shape}, {study.node.ranks_per_node} ranks/node, preset {study.node.preset.name}); "
+          f"next: knl-train study submit {out}")
     return 0
 
 
@@ -60,8 +65,12 @@ def cmd_study_status(args) -> int:
 def cmd_study_collect(args) -> int:
     from knl_train import studies
     results = studies.report.collect(args.dir)
-    print(f"{len(studies.report.table(results))} point(s) with data, "
-          f"{len(studies.report.missing(results))} without; "
+    if results.get("kind") == "convergence":
+        have = sum(p["status"] == "ok" for p in results["points"])
+        without = len(results["points"]) - have
+    else:
+        have, without = len(studies.report.table(results)), len(studies.report.missing(results))
+    print(f"{have} point(s) with data, {without} without; "
           f"wrote {os.path.join(args.dir, studies.report.RESULTS)}")
     return 0
 
@@ -88,7 +97,8 @@ def cmd_study_check(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    st = sub.add_parser("study", help="scaling studies on Slurm or PBS: render, submit, status, collect, report")
+    st = sub.add_parser("study", help="scaling and convergence studies on Slurm, PBS or this node: "
+                                        "render, submit, status, collect, report")
     ssub = st.add_subparsers(dest="study_command", metavar="STUDY_COMMAND", required=True)
     sr = ssub.add_parser("render", help="write one job script per point and manifest.json")
     sr.add_argument("spec", help="study spec (YAML); examples in jobs/studies/")
@@ -119,5 +129,5 @@ def add_parsers(sub) -> None:
     sp.set_defaults(fn=cmd_study_report)
     sk = ssub.add_parser("check", help="check job scripts' directives (also your own edits)")
     sk.add_argument("scripts", nargs="+", help="job scripts")
-    sk.add_argument("--scheduler", choices=("slurm", "pbs"), help="default: from the directives")
+    sk.add_argument("--scheduler", choices=("slurm", "pbs", "local"), help="default: from the directives")
     sk.set_defaults(fn=cmd_study_check)

@@ -49,7 +49,7 @@ class NodeSpec:
 class Site:
     name: str
     title: str
-    scheduler: Literal["slurm", "pbs"]
+    scheduler: Literal["slurm", "pbs", "local"]
     launcher: Literal["srun", "mpirun", "impi", "ibrun"]
     # The threading preset for the compute nodes (a name or a preset file).
     preset: str = "generic"

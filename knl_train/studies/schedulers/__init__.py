@@ -2,7 +2,8 @@
 
 A backend submits a rendered job script, finds a job again after a crash, asks for the state of
 many jobs in one query, and checks a rendered script's directives before anything is submitted.
-Backends: ``slurm`` (:mod:`.slurm`) and ``pbs`` (PBS Professional / OpenPBS, :mod:`.pbs`).
+Backends: ``slurm`` (:mod:`.slurm`), ``pbs`` (PBS Professional / OpenPBS, :mod:`.pbs`) and
+``local`` (this node, one job after another, :mod:`.local`).
 Submitting is the base class's (:meth:`Scheduler.submit`: run, check, parse the id); a backend
 gives the command line (``submit_argv``) and reads the id from its output (``parse_job_id``).
 
@@ -169,6 +170,7 @@ class Scheduler(abc.ABC):
 BACKENDS: Dict[str, str] = {
     "slurm": "knl_train.studies.schedulers.slurm:Slurm",
     "pbs": "knl_train.studies.schedulers.pbs:Pbs",
+    "local": "knl_train.studies.schedulers.local:Local",
 }
 
 
@@ -182,8 +184,11 @@ def get(name: str) -> Scheduler:
 
 
 def detect(text: str) -> str:
-    """The scheduler a job script is for, by its directives: #PBS lines mean PBS, else Slurm."""
-    return "pbs" if re.search(r"^#PBS", text, re.M) else "slurm"
+    """The scheduler a job script is for, by its directives: #PBS lines mean PBS, #LOCAL lines
+    the local runner, else Slurm."""
+    if re.search(r"^#PBS", text, re.M):
+        return "pbs"
+    return "local" if re.search(r"^#LOCAL", text, re.M) else "slurm"
 
 
 def check_script(path, scheduler: Optional[str] = None) -> Tuple[str, List[str]]:
