@@ -92,7 +92,8 @@ class EpochRecord(_Progress):
     optional: ClassVar[Tuple[str, ...]] = ("loss", "top1", "top5", "lr", "images_per_sec",
                                            "images_per_sec_per_rank", "skipped_images",
                                            "epoch_seconds", "val_loss", "val_top1", "val_top5",
-                                           "val_count", "eval_seconds", "checkpoint_seconds")
+                                           "val_count", "eval_seconds", "checkpoint_seconds",
+                                           "wall_seconds")
     skipped_images: int
     epoch_seconds: float                  # its training steps
     val_loss: Optional[float] = None      # the val_* fields: only after an evaluation
@@ -101,6 +102,9 @@ class EpochRecord(_Progress):
     val_count: Optional[int] = None
     eval_seconds: Optional[float] = None        # its evaluation
     checkpoint_seconds: Optional[float] = None  # the training loop waiting on its checkpoint
+    # The process's wall clock at this record: start-up and every epoch so far, this one's
+    # evaluation included (time to accuracy is read from it).
+    wall_seconds: Optional[float] = None
 
 
 @dataclass(frozen=True)

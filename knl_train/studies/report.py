@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 from knl_train import records
 from knl_train.atomic import save_figure_atomic, write_json_atomic, write_text_atomic
 from knl_train.errors import UserError
-from knl_train.studies import projection
+from knl_train.studies import accuracy, projection
 from knl_train.studies.manifest import Manifest, PointRecord
 
 RESULTS = "results.json"
@@ -101,6 +101,10 @@ def _repeat(study_dir: Path, rel: str, point: PointRecord, warmup: int, epochs: 
         except ValueError as e:
             return {**out, "status": "problem", "reason": str(e)}
     costs = projection.repeat_costs(summary, run_dir, epochs)
+    # For the accuracy verdict, where known: the last evaluation's top-1, the optimizer's name.
+    costs.update({k: v for k, v, ok in (("top1", summary.top1, records.is_number(summary.top1)),
+                                        ("optimizer", summary.optimizer,
+                                         isinstance(summary.optimizer, str))) if ok})
     if rates:
         return {**out, "status": "ok", "images_per_sec": statistics.median(rates),
                 "source": "metrics", "steps_used": len(rates), **costs}
@@ -113,6 +117,8 @@ def collect(study_dir) -> dict:
     """Every point's repeats, median throughput and median costs; written to DIR/results.json."""
     study_dir = Path(study_dir)
     m = Manifest.load(study_dir)
+    if m.kind == "convergence":
+        return accuracy.collect(study_dir)
     warmup = int(m.warmup_steps)
     points = []
     for p in m.points:
@@ -220,7 +226,7 @@ def csv_text(results: dict, rows: List[dict]) -> str:
 def markdown(results: dict, rows: List[dict]) -> str:
     lines = [f"# Scaling study {results['study']}: {results['scaling']} scaling", "",
              *_definitions(results, rows), "", *_table_lines(results, rows),
-             *_gate_lines(rows), *_missing_lines(results)]
+             *_gate_lines(rows), *_accuracy_lines(results), *_missing_lines(results)]
     notes = _notes(results)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
@@ -288,6 +294,17 @@ def _gate_lines(rows: List[dict]) -> List[str]:
     lines = ["", f"## Below {100 * EFFICIENCY_GATE:.0f} % efficiency", "", f"{GATE_SOURCE}.", ""]
     return lines + ([f"- {r['nodes']} node(s): {100 * r['efficiency']:.1f} %" for r in low]
                     or [f"None: every point reaches {100 * EFFICIENCY_GATE:.0f} %."])
+
+
+def _accuracy_lines(results: dict) -> List[str]:
+    """The verdict per optimizer (the name in the runs' summary.json) from their top-1."""
+    ok = [(r.get("optimizer") or "optimizer unknown", p["global_batch"], r.get("top1"))
+          for p in _sorted_points(results) for r in p["repeats"] if r["status"] == "ok"]
+    lines = ["", "## Accuracy", ""]
+    if not any(top1 is not None for _, _, top1 in ok):
+        return lines + ["No accuracy measured: the runs did not evaluate (their summary.json "
+                        "has no top1)."]
+    return lines + [f"- {v}" for v in accuracy.verdict(ok)]
 
 
 def _missing_lines(results: dict) -> List[str]:
@@ -375,8 +392,11 @@ def chart(results: dict, rows: List[dict], path: Path) -> None:
 
 
 def report(study_dir, out=None) -> Dict[str, Path]:
-    """Collect afresh, then write scaling.csv, scaling.md and scaling.png; returns their paths."""
+    """Collect afresh, then write scaling.csv, scaling.md and scaling.png; returns their paths.
+    A convergence study's report is :func:`.accuracy.report`'s."""
     study_dir = Path(study_dir)
+    if Manifest.load(study_dir).kind == "convergence":
+        return accuracy.report(study_dir, out)
     results = collect(study_dir)
     rows = table(results)
     if not rows:

@@ -63,6 +63,10 @@ class Timeline:
         self._train = 0.0
         self._step_from: Optional[float] = None
 
+    def elapsed(self) -> float:
+        """Seconds since the process started."""
+        return time.monotonic() - self.start
+
     def mark(self, phase: str) -> None:
         """Start-up phase ``phase`` ends now (the first mark of a phase counts)."""
         if phase not in PHASES:

@@ -139,7 +139,8 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
             skipped_images=skipped, lr=self.lr_fn(), epoch_seconds=seconds,
             eval_seconds=self.timeline.spent_seconds["eval"] - spent["eval"] if val else None,
             checkpoint_seconds=self.timeline.spent_seconds["checkpoint"] - self._checkpoint_mark,
-            images_per_sec=images / seconds, images_per_sec_per_rank=images / seconds / self.world.size)
+            images_per_sec=images / seconds, images_per_sec_per_rank=images / seconds / self.world.size,
+            wall_seconds=self.timeline.elapsed())
         self.history.append(rec)
         if self.world.is_root:
             records.append(self.metrics_path, rec)
