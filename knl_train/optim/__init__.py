@@ -7,7 +7,7 @@ below that need TensorFlow are therefore loaded on first use (PEP 562).
 
 from knl_train.optim.exclusion import RANK_LE_1
 
-__all__ = ["LAMB", "LARS", "RANK_LE_1", "OPTIMIZERS", "WarmupPolyDecay", "build_optimizer"]
+__all__ = ["LAMB", "LARS", "RANK_LE_1", "OPTIMIZERS", "SGD", "WarmupPolyDecay", "build_optimizer"]
 
 
 def __getattr__(name: str):
@@ -17,6 +17,9 @@ def __getattr__(name: str):
     if name == "LAMB":
         from knl_train.optim.lamb import LAMB
         return LAMB
+    if name == "SGD":
+        from knl_train.optim.sgd import SGD
+        return SGD
     if name == "WarmupPolyDecay":
         from knl_train.optim.schedules import WarmupPolyDecay
         return WarmupPolyDecay

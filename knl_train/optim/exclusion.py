@@ -1,4 +1,4 @@
-"""Which variables LARS/LAMB leave alone: by rank and by name.
+"""Which variables LARS/LAMB leave alone (and SGD does not decay): by rank and by name.
 
 The default excludes every variable of rank <= 1 (BN gamma/beta, biases). Rank, not name:
 keras.applications names BN variables like ``conv1_bn/gamma``, so the customary

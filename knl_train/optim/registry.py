@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import Dict, Tuple
 
-import tensorflow as tf
-
 from knl_train.optim.lamb import LAMB
 from knl_train.optim.lars import LARS
 from knl_train.optim.names import OPTIMIZER_NAMES
+from knl_train.optim.sgd import SGD
 from knl_train.registry import Registry
 
 OPTIMIZERS: Registry = Registry("optimizer")
@@ -41,10 +40,10 @@ def _lamb(learning_rate, momentum, cfg):
 
 @register("sgd")
 def _sgd(learning_rate, momentum, cfg):
-    """Momentum SGD (Keras), without weight decay: the baseline."""
-    # Plain momentum SGD carries no weight decay of its own; use it as the baseline.
-    return tf.keras.optimizers.legacy.SGD(learning_rate=learning_rate, momentum=momentum,
-                                          nesterov=cfg.nesterov)
+    """Momentum SGD (Goyal et al. 2017) with L2 weight decay; BN/bias not decayed by default."""
+    # The baseline gets the weight decay and exclusions LARS gets, or the comparison is unfair.
+    return SGD(learning_rate=learning_rate, momentum=momentum, nesterov=cfg.nesterov,
+               weight_decay=cfg.weight_decay, exclude_from_weight_decay=cfg.exclude_from_weight_decay)
 
 
 # The config validates optimizer.name against names.py without importing this module.

@@ -62,10 +62,10 @@ class OptimizerConfig:
     exclude_from_layer_adaptation: Optional[Tuple[str, ...]] = None
 
     def __post_init__(self):
-        if self.momentum_correction and (self.name != "lars" or self.variant == "tf_contrib"):
+        if self.momentum_correction and (self.name == "lamb" or (self.name == "lars" and self.variant == "tf_contrib")):
             raise ValueError(
-                "momentum_correction needs the LR inside the momentum buffer: use optimizer.name=lars "
-                f"with variant you or model_garden (got name={self.name}, variant={self.variant})")
+                "momentum_correction needs the LR inside the momentum buffer: use optimizer.name=sgd, "
+                f"or lars with variant you or model_garden (got name={self.name}, variant={self.variant})")
 
 
 @dataclass(frozen=True)

@@ -235,7 +235,7 @@ def test_schedule_kinds_and_scaling_fields():
 
 
 @pytest.mark.parametrize("overrides", [["optimizer.momentum_correction=true", "optimizer.variant=tf_contrib"],
-                                       ["optimizer.momentum_correction=true", "optimizer.name=sgd"]])
+                                       ["optimizer.momentum_correction=true", "optimizer.name=lamb"]])
 def test_momentum_correction_needs_lr_inside_momentum(overrides):
     with pytest.raises(UserError, match="momentum_correction"):
         train_config.load(None, overrides)
