@@ -106,14 +106,20 @@ def _submit_point(saved: _Saved, backend: schedulers.Scheduler, p: PointRecord, 
     except schedulers.RetriesExhausted as e:
         # The last attempt may have queued the job: stay "submitting", so the next run
         # looks for it before submitting again.
-        saved.record(p.id, job.updated(error=str(e).splitlines()[0]))
+        saved.record(p.id, job.updated(error=_first_lines(str(e))))
         raise
     except UserError as e:
         # The scheduler answered with a refusal: nothing is queued for this point.
-        saved.record(p.id, job.updated(state="submit-failed", error=str(e).splitlines()[0]))
+        saved.record(p.id, job.updated(state="submit-failed", error=_first_lines(str(e))))
         raise
     saved.record(p.id, job.updated(id=job_id, state="submitted", submitted=manifest.now(), after=after))
     return job_id
+
+
+def _first_lines(message: str) -> str:
+    """What the manifest keeps of a failed submission: the message and the scheduler's first
+    line of output, which usually says why."""
+    return " ".join(line.strip() for line in message.splitlines()[:2])
 
 
 # ---- status ----------------------------------------------------------------------------------------

@@ -264,7 +264,8 @@ def load(path, *, templates: Optional[str] = None) -> Study:
     try:
         spec = yamlconfig.from_dict(StudySpec, data)
     except UserError as e:
-        raise UserError(f"study {path}: {e}") from None
+        # from_dict says "config:" for the spec's own checks: here the file names it.
+        raise UserError(f"study {path}: {str(e).removeprefix('config: ')}") from None
     if templates:
         spec = dataclasses.replace(spec, templates=os.path.abspath(templates))
     return expand(spec, path)

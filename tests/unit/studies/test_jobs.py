@@ -331,13 +331,13 @@ def test_permanent_failure_keeps_earlier_ids_and_rerun_resumes(make_study, fake)
     got = jobs(study)
     assert got[0]["id"] == "1001" and got[0]["state"] == "submitted"
     assert got[1]["id"] is None and got[1]["state"] == "submit-failed"
-    assert got[1]["error"] == "sbatch rejected job.sbatch (exit 1):"
+    assert got[1]["error"] == "sbatch rejected job.sbatch (exit 1): sbatch: error: Invalid account or account/partition"
     assert got[2] == {"id": None, "state": "rendered"}
 
     rows = study_jobs.status(study)
     assert [(r.state, r.job_id, r.source) for r in rows] == [
         ("unknown", "1001", ""), ("submit-failed", None, "manifest"), ("rendered", None, "manifest")]
-    assert rows[1].reason == "sbatch rejected job.sbatch (exit 1):"
+    assert rows[1].reason == "sbatch rejected job.sbatch (exit 1): sbatch: error: Invalid account or account/partition"
 
     out = submit(study)
     assert out == [{"id": "n0001", "job_id": "1001", "new": False},

@@ -269,3 +269,26 @@ def test_cli_bad_spec_is_one_clean_line(tmp_path, fields, drop, words):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert words in proc.stderr and proc.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+# ---- the shipped miniature -------------------------------------------------------------------------
+def test_shipped_large_batch_study_renders_for_this_node():
+    """jobs/studies/large-batch-mini.yaml (the benchmark's study): 2 optimizers x 5 batches x 3 LRs,
+    16 x B0 at the top with 16 accumulated micro-batches, each script launching through
+    knl-train launch on 2 ranks."""
+    study, r = rendered(ROOT / "jobs" / "studies" / "large-batch-mini.yaml")
+    assert study.site.scheduler == "local" and len(study.points) == 30
+    assert sorted({(p.global_batch, p.accumulation) for p in study.points}) == \
+        [(16, 1), (32, 2), (64, 4), (128, 8), (256, 16)]
+    by_opt = {p.optimizer: set() for p in study.points}
+    for p in study.points:
+        by_opt[p.optimizer].add(p.lr)
+    assert by_opt == {"sgd-goyal": {0.1, 0.2, 0.4}, "lars": {2.0, 4.0, 8.0}}
+    text = r.files[f"points/{study.points[-1].id}/job.sh"]
+    assert '"$KT" launch -np 2 ' in text and "--set schedule.scaling=sqrt" in text
+    assert "--set horovod.backward_passes_per_step=16" in text and "--set schedule.reference_batch=16" in text
+
+
+def test_script_names_are_the_backends():
+    # render keeps a literal list, so importing the studies does not import every backend.
+    assert sorted(render.SCRIPTS) == sorted(f"/{schedulers.get(n).script_name}" for n in schedulers.BACKENDS)
