@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 
 def default_mode(directory: bool = False) -> int:
@@ -15,12 +16,13 @@ def default_mode(directory: bool = False) -> int:
     return (0o777 if directory else 0o666) & ~mask
 
 
-def write_text_atomic(path, text: str) -> None:
+def write_text_atomic(path, text: str, mode: Optional[int] = None) -> None:
+    """``mode``: the file's permissions (default: what open() would give under the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, default_mode())
+        os.fchmod(fd, default_mode() if mode is None else mode)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -34,8 +36,8 @@ def write_text_atomic(path, text: str) -> None:
         raise
 
 
-def write_json_atomic(path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+def write_json_atomic(path, obj, mode: Optional[int] = None) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n", mode)
 
 
 def save_figure_atomic(fig, path, dpi: int = 110) -> None:

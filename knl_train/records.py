@@ -192,13 +192,14 @@ def read_summary(path) -> RunSummary:
     return RunSummary.from_dict(data)
 
 
-def read_metrics(path, name: Optional[str] = None,
-                 kinds: Optional[Sequence[str]] = None) -> List[MetricRecord]:
+def read_metrics(path, name: Optional[str] = None, kinds: Optional[Sequence[str]] = None, *,
+                 cut_short_ok: bool = False) -> List[MetricRecord]:
     """Every known record of ``metrics.jsonl`` in order; ``ValueError`` names a bad line.
 
     Lines of an unknown kind, or of a kind not in ``kinds`` (if given), are skipped. A step
     record must carry an integer ``step`` and a positive ``images_per_sec``, since throughput is
-    measured from them.
+    measured from them. With ``cut_short_ok``, a last line that is not JSON and has no newline
+    (its write was interrupted) is left out.
     """
     name = name or str(path)
     out: List[MetricRecord] = []
@@ -209,6 +210,8 @@ def read_metrics(path, name: Optional[str] = None,
             try:
                 data = json.loads(line)
             except json.JSONDecodeError:
+                if cut_short_ok and not line.endswith("\n"):  # only the last line lacks one
+                    break
                 raise ValueError(f"{name} line {n} is not JSON") from None
             if not isinstance(data, dict):
                 raise ValueError(f"{name} line {n} is not a JSON object")

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 from knl_train import records
 from knl_train.atomic import save_figure_atomic, write_json_atomic, write_text_atomic
 from knl_train.errors import UserError
-from knl_train.studies import accuracy, projection
+from knl_train.studies import accuracy, accuracy_report, projection
 from knl_train.studies.manifest import Manifest, PointRecord
 
 RESULTS = "results.json"
@@ -393,10 +393,10 @@ def chart(results: dict, rows: List[dict], path: Path) -> None:
 
 def report(study_dir, out=None) -> Dict[str, Path]:
     """Collect afresh, then write scaling.csv, scaling.md and scaling.png; returns their paths.
-    A convergence study's report is :func:`.accuracy.report`'s."""
+    A convergence study's report is :func:`.accuracy_report.report`'s."""
     study_dir = Path(study_dir)
     if Manifest.load(study_dir).kind == "convergence":
-        return accuracy.report(study_dir, out)
+        return accuracy_report.report(study_dir, out)
     results = collect(study_dir)
     rows = table(results)
     if not rows:

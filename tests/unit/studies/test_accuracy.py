@@ -1,17 +1,20 @@
-"""Convergence-study report: collect, table, verdict, CSV/Markdown/PNGs from hand-made runs."""
+"""A convergence study's numbers from hand-made runs: collect (summary, curve, job output, a
+metrics line cut short), the table's best LR, the verdict. The fixtures serve the report's and
+the charts' tests too."""
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import json
 import math
-import sys
+import os
 from pathlib import Path
 
 import pytest
 
 from knl_train.errors import UserError
 from knl_train.studies import accuracy as acc
+from knl_train.studies import accuracy_report as ar
 from knl_train.studies import report as rep
 from knl_train.studies.manifest import JobRecord, Manifest, PointRecord
 from tests.unit.studies.test_report import make_study
@@ -78,11 +81,11 @@ def point(label, batch, lr, repeat=0, state="completed", job_id="12") -> PointRe
                        optimizer=label, lr=lr, repeat=repeat, accumulation=batch // (RANKS * MICRO))
 
 
-def save_manifest(root: Path, points, *, target=0.6, repeats=1) -> None:
+def save_manifest(root: Path, points, *, target=0.6, repeats=1, epochs=EPOCHS) -> None:
     root.mkdir(parents=True, exist_ok=True)
     Manifest.new(study="lb-test", scheduler="local", scaling=None, kind="convergence",
-                 repeats=repeats, warmup_steps=0, images_per_epoch=IMAGES, project_epochs=EPOCHS,
-                 target_top1=target, reference_batch=256, epochs=EPOCHS,
+                 repeats=repeats, warmup_steps=0, images_per_epoch=IMAGES, project_epochs=epochs,
+                 target_top1=target, reference_batch=256, epochs=epochs,
                  points=tuple(points)).save(root)
 
 
@@ -153,7 +156,7 @@ def test_no_target_means_no_time_to_target(tmp_path):
     p = by_id(results)[pid("lars", 256, 4.0)]
     assert (p["epochs_to_target"], p["target_reached"]) == (None, None)
     row = rows_by_key(acc.table(results))[("lars", 256)]
-    md = acc.markdown(results, acc.table(results))
+    md = ar.markdown(results, acc.table(results))
     assert "No target_top1 was set" in md and "| no target | no target |" in md
     assert row["best_lr"] == 4.0
 
@@ -187,8 +190,10 @@ def test_divergence_from_summary_and_job_output_and_plain_failure(tmp_path):
     got = [(p["status"], p["reason"]) for p in acc.collect(root)["points"]]
     assert got == [
         ("diverged", f"{pts[0].run_dirs[0]}: the loss is not finite"),
-        ("diverged", "the loss is not finite; no summary.json; job 12 failed"),
-        ("failed", "no summary.json; job 12 failed"),
+        ("diverged", f"the loss is not finite; no summary.json; job 12 failed; points/{pts[1].id}"
+                     '/slurm-12.out says "the loss is not finite (nan or inf) at step 9 '
+                     '(epoch 1)"'),
+        ("failed", f"no summary.json; job 12 failed; no job output in points/{pts[2].id}"),
         ("problem", f"{pts[3].run_dirs[0]}/summary.json has no top-1: the run did not evaluate")]
 
 
@@ -230,8 +235,101 @@ def test_resumed_run_adds_each_process_clock_and_keeps_the_later_epoch(tmp_path)
     assert [c[1] for c in r["curve"]] == [0.5, 0.56, 0.61, 0.65]
     assert [c[3] for c in r["curve"]] == [110.0, 270.0, 370.0, 470.0]
     assert (r["resumed"], r["epochs_to_target"], r["seconds_to_target"]) == (True, 3, 370.0)
-    assert "Resumed runs (lars-b000256-lr2-r0)" in acc.markdown(
+    assert "Resumed runs (lars-b000256-lr2-r0)" in ar.markdown(
         acc.collect(root), acc.table(acc.collect(root)))
+
+
+def test_a_restart_after_one_epoch_is_seen_though_the_clock_did_not_go_back(tmp_path):
+    """The first process ran one epoch (wall 110 s) and died; the resumed one ends epoch 2 at
+    110 s of its own clock: not after the last record by the epoch's 90 s of training, so a
+    new process (time to target 220 s, not 110 s)."""
+    root = tmp_path / "s"
+    p = point("lars", 256, 2.0)
+    run = root / p.run_dirs[0]
+    write_run(run, 256, [0.5], extra={"resumed_from_step": 32})
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"kind": "epoch", "epoch": 2, "step": 64, "val_top1": 0.65,
+                            "epoch_seconds": 90.0, "wall_seconds": 110.0}) + "\n")
+    save_manifest(root, [p])
+    r = acc.collect(root)["points"][0]
+    assert [c[3] for c in r["curve"]] == [110.0, 220.0]
+    assert (r["resumed"], r["epochs_to_target"], r["seconds_to_target"]) == (True, 2, 220.0)
+
+
+def test_a_failed_point_names_its_newest_job_output_and_quotes_its_last_error(tmp_path):
+    root = tmp_path / "s"
+    pts = [point("lars", 256, 1.0, state="failed", job_id="7"),
+           point("lars", 256, 2.0, state="failed", job_id="8"),
+           dataclasses.replace(point("lars", 256, 4.0), job=JobRecord(
+               id=None, state="submit-failed", error="sbatch: error: invalid partition",
+               recorded=("id", "state", "error")))]
+    dirs = [root / "points" / p.id for p in pts]
+    for d in dirs:
+        d.mkdir(parents=True)
+    # The point ran before (job 6); job 7's output is the newer one, and its last error counts.
+    (dirs[0] / "slurm-6.out").write_text("knl-train: error: an older failure\n")
+    (dirs[0] / "local-7.out").write_text(
+        "knl-train: error: not this one\nknl-train: error: dataset path /data/nope does not "
+        "exist: set data.path\nmpirun detected that one or more processes exited\n")
+    os.utime(dirs[0] / "slurm-6.out", (1_000_000, 1_000_000))
+    os.utime(dirs[0] / "local-7.out", (2_000_000, 2_000_000))
+    # PBS's output (-j oe), without a knl-train error: the scheduler killed the job.
+    (dirs[1] / "lb-test-p1.o8").write_text("=>> PBS: job killed: walltime 60 exceeded limit 60\n")
+    save_manifest(root, pts)
+    got = [(p["status"], p["reason"], p["output"]) for p in acc.collect(root)["points"]]
+    assert got == [
+        ("failed", f'no summary.json; job 7 failed; points/{pts[0].id}/local-7.out says "dataset '
+                   'path /data/nope does not exist: set data.path"',
+         f"points/{pts[0].id}/local-7.out"),
+        ("failed", f"no summary.json; job 8 failed; see points/{pts[1].id}/lb-test-p1.o8",
+         f"points/{pts[1].id}/lb-test-p1.o8"),
+        ("failed", "no summary.json; job submit-failed: sbatch: error: invalid partition", None)]
+
+
+def test_a_last_metrics_line_cut_short_is_left_out_and_noted(tmp_path):
+    """A process killed while writing leaves a last line without its newline; the run's
+    summary.json still counts. A complete last record without its newline is kept as it is."""
+    root = tmp_path / "s"
+    pts = [point("lars", 256, 1.0), point("lars", 256, 2.0, state="failed"),
+           point("lars", 256, 4.0)]
+    runs = [root / p.run_dirs[0] for p in pts]
+    for r, curve in zip(runs, ([0.5, 0.62], [0.5], [0.5, 0.62])):
+        write_run(r, 256, curve)
+    for r in runs[:2]:
+        with open(r / "metrics.jsonl", "a") as f:
+            f.write('{"kind": "step", "step": 70, "lo')
+    (runs[1] / "summary.json").unlink()
+    text = (runs[2] / "metrics.jsonl").read_text()
+    (runs[2] / "metrics.jsonl").write_text(text.rstrip("\n"))
+    save_manifest(root, pts)
+    ok, failed, whole = acc.collect(root)["points"]
+    cut = "metrics.jsonl line {} was cut short (an interrupted write) and is left out"
+    assert (ok["status"], ok["top1"], ok["epochs_to_target"], len(ok["curve"])) == \
+        ("ok", 0.62, 2, 2)
+    assert ok["reason"] == f"{pts[0].run_dirs[0]}/{cut.format(5)}"
+    assert (failed["status"], failed["reason"]) == (
+        "failed", f"no summary.json; job 12 failed; no job output in points/{pts[1].id}; "
+                  f"{pts[1].run_dirs[0]}/{cut.format(3)}")
+    assert failed["curve"] == [[1, 0.5, pytest.approx(0.7), 110.0]]
+    assert (whole["status"], whole["reason"], len(whole["curve"])) == ("ok", None, 2)
+    md = ar.markdown(acc.collect(root), acc.table(acc.collect(root)))
+    assert f"## Notes\n\n- {pts[0].id}: {pts[0].run_dirs[0]}/{cut.format(5)}\n" in md
+
+
+def test_a_bad_metrics_line_in_the_middle_is_still_a_problem(tmp_path):
+    """A write cut short and then a resumed process appending: the fragment and the next record
+    share a line in the middle of the file."""
+    root = tmp_path / "s"
+    p = point("lars", 256, 1.0)
+    run = root / p.run_dirs[0]
+    write_run(run, 256, [0.5, 0.62])
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[1] = '{"kind": "epoch", "ep' + lines[1]
+    (run / "metrics.jsonl").write_text("".join(lines))
+    save_manifest(root, [p])
+    r = acc.collect(root)["points"][0]
+    assert (r["status"], r["reason"]) == ("problem", f"{p.run_dirs[0]}/metrics.jsonl line 2 is "
+                                                     "not JSON")
 
 
 # ---- table -----------------------------------------------------------------------------------
@@ -277,10 +375,50 @@ def test_repeats_mean_min_max_and_a_batch_without_data(tmp_path):
     assert (first["top1_min"], first["top1_max"]) == (0.70, 0.74)
     assert first["lrs"] == ["1: 72.0 %", "2: 72.0 %", "3: 60.0 % (1 of 2 runs)"]
     assert rows[1]["best_lr"] is None and rows[1]["lrs"] == ["1: failed"]
-    md = acc.markdown(acc.collect(root), rows)
+    md = ar.markdown(acc.collect(root), rows)
     assert "| 256 | 2 | 1 | 72.0 % (70.0-74.0) |" in md
     assert "| 512 | 4 | — | — | — | — | — | — | — | — | 1: failed |" in md
     assert "- lamb: within 1 point only up to 256; at 512 no accuracy vs 72.0 % at 256" in md
+
+
+def _lr_grid(root: Path, grid) -> None:
+    """grid: (batch, lr) -> each repeat's final top-1, or "diverged" / "failed"."""
+    pts = []
+    for (batch, lr), finals in grid.items():
+        for r, v in enumerate(finals):
+            pts.append(point("lars", batch, lr, repeat=r, state="failed" if v == "failed"
+                             else "completed"))
+            run = root / pts[-1].run_dirs[0]
+            if v == "diverged":
+                write_run(run, batch, [0.3], top1=None, extra={"train_loss": float("nan")})
+            elif v == "failed":
+                run.mkdir(parents=True)
+            else:
+                write_run(run, batch, [0.4, v])
+    save_manifest(root, pts, repeats=3)
+
+
+def test_best_lr_prefers_lrs_whose_every_repeat_is_usable(tmp_path):
+    """At 256, LR 2 has the best run (80 %) but two of its three diverged: LR 1, usable in all
+    three (70 %), is the best. At 512 no LR is usable in every repeat (a failed one counts as
+    much as a diverged one): the larger share of usable repeats wins (2 of 3 at 56 % over 1 of
+    3 at 60 %), and the table says so."""
+    root = tmp_path / "s"
+    _lr_grid(root, {(256, 1.0): [0.69, 0.70, 0.71], (256, 2.0): [0.80, "diverged", "diverged"],
+                    (512, 1.0): [0.60, "diverged", "failed"], (512, 2.0): [0.55, 0.57, "failed"]})
+    results = acc.collect(root)
+    rows = acc.table(results)
+    assert [(r["best_lr"], r["repeats"], r["best_lr_runs"]) for r in rows] == [(1.0, 3, 3),
+                                                                              (2.0, 2, 3)]
+    assert [r["top1"] for r in rows] == [pytest.approx(0.70), pytest.approx(0.56)]
+    assert rows[0]["lrs"] == ["1: 70.0 %", "2: 80.0 % (1 of 3 runs)"]
+    assert rows[1]["lrs"] == ["1: 60.0 % (1 of 3 runs)", "2: 56.0 % (2 of 3 runs)"]
+    md = ar.markdown(results, rows)
+    assert "| 256 | 2 | 1 | 70.0 % (69.0-71.0) |" in md
+    assert "| 512 | 4 | 2 (2 of 3 runs) | 56.0 % (55.0-57.0) |" in md
+    assert "- lars: within 1 point only up to 256; at 512 56.0 % (-14.0 points) vs 70.0 % at " \
+           "256" in md
+    assert "is best only when no LR has all its repeats usable" in md
 
 
 # ---- verdict ---------------------------------------------------------------------------------
@@ -313,113 +451,10 @@ def test_verdict_edges():
                    "at 64", "a: only global batch 64 measured (20.0 %)"]
 
 
-# ---- outputs ---------------------------------------------------------------------------------
-
-def test_csv_matches_each_runs_summary(tmp_path):
-    root = study(tmp_path)
-    paths = acc.report(root)
-    assert paths["csv"] == root / "report" / "convergence.csv"
-    with open(paths["csv"], newline="") as f:
-        reader = csv.DictReader(f)
-        assert reader.fieldnames == list(acc.COLUMNS)
-        back = list(reader)
-    assert [r["id"] for r in back] == sorted(pid(*k) for k in CURVES)
-    manifest = Manifest.load(root)
-    for row in back:
-        p = manifest.point(row["id"])
-        assert (row["optimizer"], int(row["global_batch"]), float(row["lr"]),
-                int(row["accumulation"])) == (p.optimizer, p.global_batch, p.lr, p.accumulation)
-        summary_path = root / p.run_dirs[0] / "summary.json"
-        if row["status"] != "ok":
-            assert row["top1"] == "" and row["reason"] and not summary_path.exists()
-            continue
-        summary = json.loads(summary_path.read_text())
-        assert float(row["top1"]) == summary["top1"] and float(row["top5"]) == summary["top5"]
-        assert int(row["updates"]) == summary["steps"]
-        assert float(row["wall_seconds"]) == summary["wall_seconds"]
-        curve = CURVES[(p.optimizer, p.global_batch, p.lr)]
-        assert float(row["best_top1"]) == max(curve) and int(row["epochs_evaluated"]) == 4
-    statuses = {r["id"]: r["status"] for r in back}
-    assert statuses[pid("lars", 4096, 4.0)] == "diverged"
-    assert statuses[pid("sgd-goyal", 4096, 0.2)] == "missing"
-
-
-def test_markdown(tmp_path):
-    md = acc.report(study(tmp_path))["md"].read_text()
-    assert md.startswith("# Convergence study lb-test\n")
-    assert "Target: validation top-1 ≥ 60.0 %" in md and "one run of 4 epochs" in md
-    verdict = md.split("## Verdict\n\n")[1].split("\n\n")
-    assert verdict[0] == ("Per optimizer, the largest global batch up to which every batch's "
-                          "final top-1 (best LR) stays within 1 point of its smallest batch's.")
-    assert verdict[1] == (
-        "- lars: holds its accuracy up to global batch 4096 (71.1 % vs 72.0 % at 256)\n"
-        "- sgd-goyal: within 1 point only up to 256 (at 1024: 72.0 %, -2.0 points); at 4096 "
-        "55.0 % (-19.0 points) vs 74.0 % at 256")
-    assert "## lars\n" in md and "## sgd-goyal\n" in md
-    assert "| 256 | 2 | 4 | 72.0 % | 92.0 % | 72.0 % | 92.0 % | 3 | 0:05:10 | 128 | " \
-           "2: 70.0 %, 4: 72.0 % |" in md
-    assert "| 4096 | 32 | 0.1 | 55.0 % | 75.0 % | 57.0 % | 77.0 % | not reached | not reached " \
-           "| 8 | 0.1: 55.0 %, 0.2: missing |" in md
-    gone = md.split("## Diverged, failed and missing runs\n\n")[1]
-    assert gone.startswith(
-        "- lars-b004096-lr4-r0: diverged: the loss is not finite at step 7; no summary.json; "
-        "job 12 failed\n- sgd-goyal-b004096-lr0.2-r0: missing: no summary.json; job 13 pending\n")
-
-
-def test_pngs_are_written(tmp_path):
-    root = study(tmp_path)
-    paths = acc.report(root)
-    assert set(paths) == {"results", "csv", "md", "png", "curves"}
-    for key, name in (("png", "convergence.png"), ("curves", "convergence-curves.png")):
-        assert paths[key] == root / "report" / name
-        data = paths[key].read_bytes()
-        assert data[:8] == PNG and len(data) > 20_000
-    assert not list((root / "report").glob(".*"))     # no temporary file left behind
-
-
-def test_report_out_dir_and_dispatch_from_the_scaling_report(tmp_path):
-    root = study(tmp_path)
-    paths = rep.report(root, out=tmp_path / "elsewhere")
-    assert paths["md"] == tmp_path / "elsewhere" / "convergence.md"
-    assert rep.collect(root)["kind"] == "convergence"
-
-
-def test_without_matplotlib_skips_the_pngs(tmp_path, monkeypatch):
-    root = study(tmp_path)
-    monkeypatch.setitem(sys.modules, "matplotlib", None)
-    with pytest.warns(UserWarning, match="matplotlib is not available"):
-        paths = acc.report(root)
-    assert set(paths) == {"results", "csv", "md"}
-    assert not (root / "report" / "convergence.png").exists()
-
-
-# ---- errors ----------------------------------------------------------------------------------
-
 def test_missing_manifest_is_a_user_error_naming_it(tmp_path):
     with pytest.raises(UserError) as e:
         acc.collect(tmp_path / "nowhere")
     assert str(tmp_path / "nowhere" / "manifest.json") in str(e.value)
-
-
-def test_damaged_manifest_is_a_user_error_naming_it(tmp_path):
-    (tmp_path / "manifest.json").write_text("{not json")
-    with pytest.raises(UserError, match=r"manifest.json is damaged"):
-        acc.report(tmp_path)
-
-
-def test_no_usable_run_is_a_user_error_naming_results(tmp_path):
-    root = tmp_path / "s"
-    pts = [point("lars", 256, 1.0, state="failed"), point("lars", 256, 2.0, state="running")]
-    write_run(root / pts[0].run_dirs[0], 256, [0.1], top1=None,
-              extra={"train_loss": float("nan")})
-    save_manifest(root, pts)
-    with pytest.raises(UserError) as e:
-        acc.report(root)
-    assert str(e.value) == (f"no point of study lb-test has a usable summary.json yet (1 run(s) "
-                            f"diverged): the reasons are in {root / 'results.json'}; run "
-                            f"`knl-train study status {root}` to see the jobs")
-    assert json.loads((root / "results.json").read_text())["points"][1]["reason"] == \
-        "no summary.json; job 12 running"
 
 
 # ---- the scaling report's verdict ------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""The local backend (knl_train/studies/schedulers/local.py): the queue, the runner, status, cancel,
-the checker, the site, and a study rendered for it run end to end by a detached runner.
+"""The local backend (knl_train/studies/schedulers/local.py): status, find, cancel and list from
+the command line, the checker, the site, the template, and a study rendered for it run end to
+end by a detached runner. The queue and the runner have their own tests
+(tests/unit/studies/test_localqueue.py, test_localrunner.py).
 
 Every test has its own queue (XDG_STATE_HOME under tmp_path). The runner runs in the foreground
 (``run_queue``) except where detaching is the point; waits poll a job record with a deadline.
@@ -8,21 +10,22 @@ Every test has its own queue (XDG_STATE_HOME under tmp_path). The runner runs in
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from knl_train.errors import UserError
-from knl_train.studies import jobs, render, schedulers, sites
+from knl_train.studies import jobs, localrunner, render, schedulers, sites
 from knl_train.studies import spec as study_spec
+from knl_train.studies.localqueue import Queue, proc_start, queue_dir
+from knl_train.studies.localrunner import run_queue
 from knl_train.studies.manifest import Manifest
 from knl_train.studies.schedulers import local
-from knl_train.studies.schedulers.local import Local, Queue, job_state, proc_start, run_queue
+from knl_train.studies.schedulers.local import Local
 from tests.support import ROOT
+from tests.support.localqueue import job_script, quiet, until
 
 
 @pytest.fixture()
@@ -34,90 +37,7 @@ def env(tmp_path, monkeypatch):
 
 @pytest.fixture()
 def queue(env):
-    return Queue(local.queue_dir(env)).prepare()
-
-
-def job_script(directory: Path, body: str, name: str = "pt", token: str = "tok-1") -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "job.sh"
-    path.write_text(f"#!/bin/bash\n#LOCAL --job-name={name}\n#LOCAL --comment={token}\n{body}\n")
-    return path
-
-
-def until(predicate, timeout: float = 60.0):
-    """Poll ``predicate`` until it holds (its value), failing after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"still waiting after {timeout} s"
-        time.sleep(0.05)
-
-
-def quiet(line):
-    pass
-
-
-# ---- the queue and the runner ------------------------------------------------------------------------
-def test_queue_dir_follows_xdg_state_home():
-    assert local.queue_dir({"XDG_STATE_HOME": "/s", "HOME": "/h"}) == Path("/s/knl-train/local-queue")
-    # The XDG spec: a relative XDG_STATE_HOME is invalid and ignored.
-    assert local.queue_dir({"XDG_STATE_HOME": "rel", "HOME": "/h"}) == \
-        Path("/h/.local/state/knl-train/local-queue")
-    assert local.queue_dir({"HOME": "/h"}) == Path("/h/.local/state/knl-train/local-queue")
-
-
-def test_jobs_run_in_id_order_with_the_submitters_environment(tmp_path, queue, env):
-    ids = []
-    for k in range(3):
-        script = job_script(tmp_path / f"p{k}", 'echo "$LOCAL_JOB_ID $MY_VAR $(pwd)" >> ../order.txt\n'
-                                                'echo "out of $LOCAL_JOB_ID"')
-        ids.append(queue.enqueue(script.name, cwd=script.parent, env={**env, "MY_VAR": f"v{k}"}))
-    assert ids == [1, 2, 3]
-    assert (queue.path.stat().st_mode & 0o777) == 0o700  # the records hold environments
-    log = []
-    assert run_queue(queue, echo=log.append) == [1, 2, 3]
-    assert (tmp_path / "order.txt").read_text().splitlines() == [
-        f"{i} v{k} {tmp_path / f'p{k}'}" for k, i in enumerate(ids)]
-    for k, i in enumerate(ids):
-        job = queue.load(i)
-        assert (job["state"], job["exit_code"], job["name"], job["token"]) == ("completed", 0, "pt", "tok-1")
-        assert job["output"] == str(tmp_path / f"p{k}" / f"local-{i}.out")
-        assert Path(job["output"]).read_text() == f"out of {i}\n"
-        assert job["start"] <= job["end"]
-    assert len(log) == 6 and "job 3: completed (exit 0)" in log[-1]
-    # Ids are never reused, even without the counter.
-    (queue.path / "next-id").unlink()
-    assert queue.enqueue(tmp_path / "p0" / "job.sh", cwd=tmp_path, env=env) == 4
-
-
-def test_after_waits_for_the_job_to_end_in_any_state(tmp_path, queue, env):
-    first = queue.enqueue(job_script(tmp_path / "a", "exit 3"), cwd=tmp_path, env=env)
-    second = queue.enqueue(job_script(tmp_path / "b", "echo ran"), cwd=tmp_path, env=env, after=first)
-    assert job_state(queue.load(second)).reason == "waiting for job 1"
-    assert run_queue(queue, echo=quiet) == [1, 2]
-    assert (queue.load(1)["state"], queue.load(1)["exit_code"]) == ("failed", 3)
-    assert (queue.load(2)["state"], queue.load(2)["after"]) == ("completed", 1)
-    with pytest.raises(UserError, match="job 99 is not in the local queue"):
-        queue.enqueue(tmp_path / "b" / "job.sh", cwd=tmp_path, env=env, after=99)
-    with pytest.raises(UserError, match="cannot read the job script"):
-        queue.enqueue("missing.sh", cwd=tmp_path, env=env)
-
-
-def test_a_job_left_running_by_a_dead_runner_holds_back_the_rest(tmp_path, queue, env):
-    a = queue.enqueue(job_script(tmp_path / "a", "true"), cwd=tmp_path, env=env)
-    b = queue.enqueue(job_script(tmp_path / "b", "true"), cwd=tmp_path, env=env, after=a)
-    me = os.getpid()
-    # Job a "runs" as this test's process; the runner that claimed it is gone (a stale start time).
-    queue.update(a, state="running", runner_pid=me, runner_start="0", pid=me, pid_start=proc_start(me))
-    assert queue.claim_next((1, "new-runner")) == ("wait", None)
-    assert queue.load(b)["state"] == "pending"
-    queue.update(a, pid_start="0")  # now its process is gone too
-    what, job = queue.claim_next((1, "new-runner"))
-    assert (what, job["id"], job["runner_pid"], job["runner_start"]) == ("run", b, 1, "new-runner")
-    assert queue.load(a)["state"] == "lost" and "died" in queue.load(a)["reason"]
-    assert job_state(queue.load(a)).state == "unknown"
+    return Queue(queue_dir(env)).prepare()
 
 
 def test_the_same_script_twice_runs_twice_and_find_names_the_first(tmp_path, queue, env):
@@ -129,40 +49,6 @@ def test_the_same_script_twice_runs_twice_and_find_names_the_first(tmp_path, que
     assert backend.find("other", "knl:u:n1", env=env) is None
     assert run_queue(queue, echo=quiet) == [1, 2]
     assert (script.parent / "ran.txt").read_text() == "1\n2\n"
-
-
-def test_a_job_queued_as_the_runner_finds_nothing_still_runs(tmp_path, queue, env, monkeypatch):
-    """The exit race: a submit queues a job after the runner's last scan, finds the runner lock
-    held, and leaves the job to that runner, which must then run it rather than exit."""
-    first = queue.enqueue(job_script(tmp_path / "a", "true"), cwd=tmp_path, env=env)
-    claim, seen = queue.claim_next, []
-
-    def claim_then_submit(me):
-        what, job = claim(me)
-        if what == "idle" and not seen:
-            seen.append(queue.enqueue(job_script(tmp_path / "b", "echo late"), cwd=tmp_path, env=env))
-            seen.append(queue.try_runner_lock())  # what the submit sees: held, so it starts none
-        return what, job
-
-    monkeypatch.setattr(queue, "claim_next", claim_then_submit)
-    assert run_queue(queue, echo=quiet) == [first, 2]
-    assert seen == [2, None]
-    assert queue.load(2)["state"] == "completed"
-    assert (tmp_path / "b" / "local-2.out").read_text() == "late\n"
-    fd = queue.try_runner_lock()  # released on exit
-    assert fd is not None
-    os.close(fd)
-
-
-def test_a_runner_does_nothing_while_another_holds_the_queue(tmp_path, queue, env):
-    queue.enqueue(job_script(tmp_path / "a", "true"), cwd=tmp_path, env=env)
-    fd = queue.try_runner_lock()
-    try:
-        assert queue.try_runner_lock() is None
-        assert run_queue(queue, echo=quiet) == []
-        assert queue.load(1)["state"] == "pending"
-    finally:
-        os.close(fd)
 
 
 # ---- cancel and status --------------------------------------------------------------------------------
@@ -179,22 +65,6 @@ def test_cancel_a_pending_job(tmp_path, queue, env, capsys):
                                  source="local")}
     assert local.main(["cancel", "2", "42"]) == 1
     assert capsys.readouterr().out.splitlines() == ["job 2: already completed", "job 42: unknown"]
-
-
-def test_cancel_a_running_job(tmp_path, queue, env):
-    queue.enqueue(job_script(tmp_path / "a", "echo started\nsleep 60\necho not reached"), cwd=tmp_path, env=env)
-    runner = threading.Thread(target=run_queue, args=(queue,), kwargs={"echo": quiet})
-    runner.start()
-    try:
-        until(lambda: (queue.load(1)["pid"] and "started" in (tmp_path / "a" / "local-1.out").read_text()))
-        assert job_state(queue.load(1)).state == "running"
-        assert queue.cancel(1) == "signalled (SIGTERM)"
-    finally:
-        runner.join(timeout=60)
-    assert not runner.is_alive()
-    job = queue.load(1)
-    assert (job["state"], job["exit_code"], job["reason"]) == ("cancelled", 143, "cancelled while it ran")
-    assert (tmp_path / "a" / "local-1.out").read_text() == "started\n"
 
 
 def test_status_of_a_job_whose_runner_died(tmp_path, queue, env):
@@ -222,7 +92,7 @@ def test_status_of_a_job_whose_runner_died(tmp_path, queue, env):
 
 def test_status_restarts_a_runner_for_pending_jobs(tmp_path, queue, env, monkeypatch):
     started = []
-    monkeypatch.setattr(local, "spawn_runner", started.append)
+    monkeypatch.setattr(localrunner, "spawn_runner", started.append)
     queue.enqueue(job_script(tmp_path / "a", "true"), cwd=tmp_path, env=env)
     assert Local().status(["1"], env=env)["1"].state == "pending"
     assert [q.path for q in started] == [queue.path]
@@ -232,6 +102,30 @@ def test_status_restarts_a_runner_for_pending_jobs(tmp_path, queue, env, monkeyp
     finally:
         os.close(fd)
     assert len(started) == 1
+
+
+def test_an_ended_orphan_is_known_by_its_own_record(tmp_path, queue, env):
+    """A job whose runner and process are both gone (a reboot, kill -9): its job-<id>.json
+    says how it ended, so `study status --wait` does not wait for it forever."""
+    for d in ("a", "b", "c", "d"):
+        queue.enqueue(job_script(tmp_path / d, "true"), cwd=tmp_path, env=env)
+    me = os.getpid()
+    for i in (1, 2, 3, 4):
+        queue.update(i, state="running" if i < 4 else "lost", runner_pid=me, runner_start="0",
+                     pid=me, pid_start="0")
+    (tmp_path / "a" / "job-1.json").write_text('{"job_id": "1", "state": "finished", "exit_code": 0, '
+                                               '"end": "2026-01-01T00:00:00Z"}\n')
+    (tmp_path / "b" / "job-2.json").write_text('{"job_id": "2", "state": "finished", "exit_code": 3}\n')
+    (tmp_path / "c" / "job-3.json").write_text('{"job_id": "3", "state": "started", "exit_code": null}\n')
+    (tmp_path / "d" / "job-4.json").write_text('{"job_id": "4", "state": "started", "exit_code": null}\n')
+    got = Local(revive=False).status(["1", "2", "3", "4"], env=env)
+    assert {i: (s.state, s.exit_code) for i, s in got.items()} == {
+        "1": ("completed", 0), "2": ("failed", 3), "3": ("failed", None), "4": ("failed", None)}
+    assert got["1"].reason == f"its runner (pid {me}) died while it ran; ended 2026-01-01T00:00:00Z (its own record)"
+    assert got["3"].reason == f"its runner (pid {me}) died while it ran, and was killed before it recorded its end"
+    # No pid recorded (the runner died while starting it): it may still run, so it stays unknown.
+    queue.update(3, pid=None, pid_start=None)
+    assert Local(revive=False).status(["3"], env=env)["3"].state == "unknown"
 
 
 # ---- the backend's interface ------------------------------------------------------------------------
@@ -248,7 +142,7 @@ def test_submit_argv_and_job_id():
 def test_submit_returns_at_once_and_a_detached_runner_runs_the_job(tmp_path, env):
     script = job_script(tmp_path / "p", 'echo "job $LOCAL_JOB_ID in $(pwd)"')
     assert Local().submit(script, cwd=script.parent, env=env) == "1"
-    queue = Queue(local.queue_dir(env))
+    queue = Queue(queue_dir(env))
     until(lambda: queue.load(1)["state"] == "completed")
     assert (script.parent / "local-1.out").read_text() == f"job 1 in {script.parent}\n"
     assert queue.load(1)["runner_pid"] != os.getpid()
@@ -257,15 +151,21 @@ def test_submit_returns_at_once_and_a_detached_runner_runs_the_job(tmp_path, env
     assert "job 1: completed (exit 0)" in (queue.path / "runner.log").read_text()
 
 
-GOOD = "#!/bin/bash\n#LOCAL --job-name=st_n1\n#LOCAL --comment=knl:u:n1\nset -u\n\"$KT\" launch -np 2 -- x\n"
+GOOD = ("#!/bin/bash\n#LOCAL --job-name=st_n1\n#LOCAL --comment=knl:u:n1\n#LOCAL --time=00:30:00\nset -u\n"
+        "\"$KT\" launch -np 2 -- x\n")
 
 
 @pytest.mark.parametrize("text, rules", [
     ("#LOCAL --job-name=a\necho hi\n", ["[shebang] line 1"]),
     ("#!/bin/bash\n#LOCAL --job-name=a\n#SBATCH --nodes=1\necho\n", ["[no-sbatch] line 3"]),
     ("#!/bin/bash\n#LOCAL --job-name=a\n#PBS -N a\necho\n", ["[no-pbs] line 3"]),
-    ("#!/bin/bash\n#LOCAL --job-name=a --time=1:00\necho\n",
-     ["[local-option] line 2: unknown #LOCAL option --time"]),
+    ("#!/bin/bash\n#LOCAL --job-name=a --mem=1G\necho\n",
+     ["[local-option] line 2: unknown #LOCAL option --mem; known: --job-name, --comment, --time"]),
+    ("#!/bin/bash\n#LOCAL --job-name=a --time=1:00:00:00\necho\n",
+     ["[local-time] line 2: --time=1:00:00:00 is not a time limit: write HH:MM:SS"]),
+    ("#!/bin/bash\n#LOCAL --job-name=a\n#LOCAL --time 00:00:00\necho\n",
+     ["[local-time] line 3: --time=00:00:00 is zero"]),
+    ("#!/bin/bash\n#LOCAL --job-name=a --time\necho\n", ["[local-option] line 2: --time needs a value"]),
     ("#!/bin/bash\n#LOCAL --job-name\necho\n",
      ["[local-option] line 2: --job-name needs a value", "[job-name] no #LOCAL --job-name"]),
     ("#!/bin/bash\n#LOCAL --comment=t\necho\n", ["[job-name] no #LOCAL --job-name"]),
@@ -280,9 +180,7 @@ def test_check_names_each_problem(text, rules):
         assert problem.startswith(rule), problems
 
 
-def test_directives_and_detect():
-    assert local.directives(GOOD + "#LOCAL --job-name=late\n") == {"job-name": "st_n1", "comment": "knl:u:n1"}
-    assert local.directives("#!/bin/bash\n#LOCAL --job-name a --comment b\n") == {"job-name": "a", "comment": "b"}
+def test_detect():
     assert schedulers.detect(GOOD) == "local"
     assert schedulers.detect("#!/bin/bash\n#SBATCH -N 1\n") == "slurm"
 
@@ -306,7 +204,8 @@ fi
 """
 
 
-def test_a_local_study_runs_once_through_knl_train_launch(tmp_path, env):
+def local_study(tmp_path: Path):
+    """A one-point study rendered for the local site, with a knl-train stand-in: (study dir, fake)."""
     fake = tmp_path / "bin" / "knl-train"
     fake.parent.mkdir()
     fake.write_text(FAKE_KT)
@@ -315,7 +214,11 @@ def test_a_local_study_runs_once_through_knl_train_launch(tmp_path, env):
     spec.write_text(yaml.safe_dump({
         "name": "loc", "site": "local", "nodes": [1], "ranks_per_node": 1, "scaling": "weak",
         "train": {"config": str(ROOT / "tests" / "fixtures" / "studies" / "tiny.yaml")}, "steps": 4}))
-    out = render.write(render.render(study_spec.load(spec), command=str(fake)), tmp_path / "study")
+    return render.write(render.render(study_spec.load(spec), command=str(fake)), tmp_path / "study"), fake
+
+
+def test_a_local_study_runs_once_through_knl_train_launch(tmp_path, env):
+    out, fake = local_study(tmp_path)
     said = []
     first = jobs.submit(out, env=env, echo=said.append)
     again = jobs.submit(out, env=env, echo=said.append)
@@ -335,7 +238,43 @@ def test_a_local_study_runs_once_through_knl_train_launch(tmp_path, env):
     assert calls[1].endswith(f" --set run_dir={out}/{p.run_dirs[0]}")
     record = yaml.safe_load((out / p.script).parent.joinpath("job-1.json").read_text())
     assert (record["state"], record["exit_code"], record["job_id"]) == ("finished", 0, "1")
-    queue = Queue(local.queue_dir(env))
+    queue = Queue(queue_dir(env))
     assert [j["id"] for j in queue.jobs()] == [1]
     assert queue.load(1)["token"] == p.token and queue.load(1)["name"] == p.job_name
+    # The spec's walltime (the default, 00:30:00) is the job's limit.
+    assert "#LOCAL --time=00:30:00\n" in (out / p.script).read_text()
+    assert queue.load(1)["time_limit"] == 1800
     os.close(until(queue.try_runner_lock))
+
+
+def test_a_rendered_script_run_by_hand_is_job_manual(tmp_path, env):
+    """`bash points/<id>/job.sh` outside the queue (set -u is on, LOCAL_JOB_ID unset) runs the
+    point and keeps its record as job-manual.json."""
+    out, fake = local_study(tmp_path)
+    p = Manifest.load(out).points[0]
+    env.pop("LOCAL_JOB_ID", None)
+    proc = subprocess.run(["bash", str(out / p.script)], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "repeat 0, job manual on 1 node(s)" in proc.stdout
+    record = yaml.safe_load((out / p.script).parent.joinpath("job-manual.json").read_text())
+    assert (record["state"], record["exit_code"], record["job_id"]) == ("finished", 0, "manual")
+    assert (fake.parent / "calls.log").read_text().startswith(f"launch -np {p.ranks} ")
+    assert not queue_dir(env).exists()
+
+
+def test_list_and_submit_from_the_command_line(tmp_path, queue, env, capsys):
+    queue.enqueue(job_script(tmp_path / "a", "true", name="st_a", limit="0:02"), cwd=tmp_path, env=env)
+    queue.update(1, state="timeout", exit_code=143, end=queue.load(1)["submitted"],
+                 reason="reached its time limit (00:00:02)")
+    assert Local(revive=False).status(["1"], env=env) == {"1": schedulers.JobState(
+        "timeout", exit_code=143, reason="reached its time limit (00:00:02)", source="local")}
+    assert local.main(["list"]) == 0
+    header, row = capsys.readouterr().out.splitlines()
+    assert header.split() == ["id", "state", "exit", "submitted", "limit", "name", "script"]
+    assert row.split() == ["1", "timeout", "143", queue.load(1)["submitted"], "00:00:02", "st_a",
+                           str(tmp_path / "a" / "job.sh")]
+    bad = job_script(tmp_path / "b", "true", limit="soon")
+    assert local.main(["submit", str(bad)]) == 1
+    assert capsys.readouterr().err == f"local submit: {bad}: --time=soon is not a time limit: write HH:MM:SS " \
+                                      "(or MM, MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)\n"
+    assert [j["id"] for j in queue.jobs()] == [1]
