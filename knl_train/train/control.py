@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 import tensorflow as tf
 
+from knl_train import records
 from knl_train.dist import guard
 from knl_train.dist import horovod as dist
 from knl_train.errors import UserError
@@ -79,10 +80,15 @@ class Position:
 
 def agree_on_start(world, run_dir: Path, mode: str, global_batch: int, passes: int,
                    resolved: dict) -> Optional[dict]:
-    """Rank 0 finds the checkpoint to resume from (or none); every rank gets its answer."""
-    return dist.decided_by_root(
-        world, lambda: resuming.find(run_dir / "checkpoints", mode, global_batch=global_batch,
-                                     passes=passes, config=resolved), name="knl_train.resume")
+    """Rank 0 finds the checkpoint to resume from (or none) and cuts the metrics back to it;
+    every rank gets its answer, or its error."""
+    def decide() -> Optional[dict]:
+        start = resuming.find(run_dir / "checkpoints", mode, global_batch=global_batch,
+                              passes=passes, config=resolved)
+        if start is not None:
+            resuming.trim_metrics(run_dir / records.METRICS, start["step"])
+        return start
+    return dist.decided_by_root(world, decide, name="knl_train.resume")
 
 
 class RunControl(tf.keras.callbacks.Callback):

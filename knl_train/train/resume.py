@@ -6,9 +6,12 @@ import json
 from pathlib import Path
 from typing import List, Optional
 
+from knl_train import log as knl_log
 from knl_train.errors import UserError
 from knl_train.atomic import write_text_atomic
-from knl_train.train.checkpoint import latest_state
+from knl_train.train.checkpoint import newest_good
+
+log = knl_log.get(__name__)
 
 MODES = ("auto", "resume", "fresh")
 
@@ -18,14 +21,26 @@ def find(checkpoints: Path, mode: str, *, global_batch: int, passes: int,
     """The checkpoint state to resume from, or None to start afresh.
 
     ``auto``: resume when there is a checkpoint; ``resume``: there must be one; ``fresh``:
-    ignore any (the new run's checkpoints supersede them). ``config`` is this run's resolved
+    ignore any (the new run's checkpoints supersede them). The newest checkpoint that reads
+    back whole is taken, each newer one skipped with a warning; if there are checkpoints but
+    none is good, only ``fresh`` starts. ``config`` is this run's resolved
     config; the state's ``notes`` name the fields that differ from the checkpoint's.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "fresh":
         return None
-    state = latest_state(checkpoints)
+    choice = newest_good(checkpoints)
+    state = choice.state
+    if state is None and choice.skipped:
+        # Starting afresh here would delete the old run's checkpoints and metrics.
+        raise UserError(
+            f"no usable checkpoint in {checkpoints}: "
+            + "; ".join(f"{name}: {why}" for name, why in choice.skipped)
+            + ". Nothing was changed. Rerun with --fresh to start over (keeping nothing), "
+            "or restore a good checkpoint there to resume from it.")
+    for name, why in choice.skipped:
+        log.warning(f"skipped checkpoint {checkpoints / name}: {why}")
     if state is None:
         if mode == "resume":
             raise UserError(f"--resume: there is no checkpoint in {checkpoints}; "
@@ -57,9 +72,28 @@ def changed_fields(old: dict, new: dict, prefix: str = "") -> List[str]:
 
 
 def trim_metrics(path: Path, step: int) -> None:
-    """Drop the records past ``step``: the resumed run writes them again."""
+    """Drop the records past ``step``: the resumed run writes them again.
+
+    A last line that is not JSON and lacks its newline was cut off by an interrupted write: it
+    is dropped with a note. Any other bad line is an error naming it."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if n == len(lines) and not line.endswith("\n"):
+                log.warning(f"dropped the cut-off last line {n} of {path} (an interrupted write)")
+                break
+            raise UserError(f"{path} line {n} is not JSON; fix or remove that line, "
+                            "or rerun with --fresh to start over") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path} line {n} is not a JSON object; fix or remove that line, "
+                            "or rerun with --fresh to start over")
+        if record.get("step", 0) <= step:
+            kept.append(line.rstrip("\n"))
     write_text_atomic(path, "".join(line + "\n" for line in kept))

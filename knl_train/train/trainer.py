@@ -22,7 +22,6 @@ from knl_train.data.pipeline import user_errors
 from knl_train.dist import horovod as dist
 from knl_train.optim.monitor import TrustRatioMonitor
 from knl_train.runtime import itex, versions
-from knl_train.train import resume as resuming
 from knl_train.train import setup
 from knl_train.train.checkpoint import CheckpointManager
 from knl_train.train.clock import Timeline
@@ -166,13 +165,12 @@ def _control_and_monitor(cfg: TrainConfig, world, size: setup.RunSizes, data,
 
 
 def _prepare_run_dir(run_dir: Path, resolved: dict, classes: Sequence[str], start: Optional[dict]):
-    """Rank 0: the resolved config, the class index, and metrics that end where the run starts."""
+    """Rank 0: the resolved config, the class index, and no metrics for a run that starts afresh
+    (a resumed run's were cut back to its checkpoint when the ranks agreed on it)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     write_json_atomic(run_dir / "class_index.json", {w: i for i, w in enumerate(classes)})
-    if start:
-        resuming.trim_metrics(run_dir / records.METRICS, start["step"])
-    else:
+    if not start:
         (run_dir / records.METRICS).unlink(missing_ok=True)
 
 

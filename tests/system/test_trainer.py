@@ -241,6 +241,67 @@ def test_a_changed_global_batch_cannot_resume(launch, tiny_dataset, tmp_path):
     assert proc.stderr.count("knl-train: error:") == 1 and "Traceback" not in proc.stderr
 
 
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_previous_and_none_good_stops(
+        launch, tiny_dataset, tmp_path):
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    args = train_args(tiny_dataset, run, "--set", "epochs=2")
+    first = launch(*args)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000030", "step-00000060"]
+    # An interrupted write: the newest data file cut short, latest.json torn, a partial metrics line.
+    (data,) = (ckpts / "step-00000060").glob("ckpt.data-*")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    (ckpts / "latest.json").write_text('{"name": "step-000')
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    early = [l for l in lines if json.loads(l).get("step", 0) <= 30]
+    assert len(early) >= 4  # steps 10, 20, 30 and epoch 1 at least
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "step", "st')
+
+    proc = launch(*args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (f"knl-train: warning: skipped checkpoint {ckpts / 'step-00000060'}: its TensorFlow "
+            "data cannot be read (") in proc.stderr
+    assert f"resuming from {ckpts / 'step-00000030'}: step 30" in proc.stdout
+    assert "dropped the cut-off last line" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in ckpts.glob("step-*")) == ["step-00000030", "step-00000060"]
+    assert latest_state(ckpts)["step"] == 60
+    assert json.loads((run / "summary.json").read_text())["resumed_from_step"] == 30
+    kept = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    assert kept[:len(early)] == early
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "step"] == \
+        [10, 20, 30, 40, 50, 60]
+
+    # No good checkpoint left: one line, nothing deleted, also with --resume.
+    for name in ("step-00000030", "step-00000060"):
+        (ckpts / name / "ckpt.index").unlink()
+    before = sorted(str(p) for p in run.rglob("*"))
+    for extra in ((), ("--resume",)):
+        proc = launch(*args, *extra)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert (f"knl-train: error: no usable checkpoint in {ckpts}: step-00000060: its index file "
+                "ckpt.index is missing; step-00000030: its index file ckpt.index is missing. "
+                "Nothing was changed. Rerun with --fresh to start over") in proc.stderr
+        assert proc.stderr.count("knl-train: error:") == 1 and "Traceback" not in proc.stderr
+        assert sorted(str(p) for p in run.rglob("*")) == before
+
+
+def test_a_damaged_metrics_line_stops_every_rank_with_one_line(launch, tiny_dataset, tmp_path):
+    """Rank 0 cuts the metrics back while the ranks agree on the checkpoint, so its error reaches
+    every rank (not only rank 0, leaving the others to the launcher's teardown)."""
+    run = tmp_path / "run"
+    assert launch(*train_args(tiny_dataset, run, "--set", "epochs=1")).returncode == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(["not json\n", *lines[1:]]))
+    proc = launch(*train_args(tiny_dataset, run, "--set", "epochs=2"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"knl-train: error: {run / 'metrics.jsonl'} line 1 is not JSON" in proc.stderr
+    assert proc.stderr.count("knl-train: error:") == 1 and "Traceback" not in proc.stderr
+    assert (run / "metrics.jsonl").read_text().startswith("not json\n")  # left as it was
+
+
 # ---- failure behaviour ---------------------------------------------------------------------------
 def test_a_rank_killed_with_sigkill_takes_the_job_down_within_60_s(background, tiny_dataset, tmp_path):
     job = background(*train_args(tiny_dataset, tmp_path / "run", "--set", "epochs=50"))

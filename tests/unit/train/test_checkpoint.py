@@ -16,7 +16,7 @@ import tensorflow as tf
 from knl_train.errors import UserError
 from knl_train.models import build
 from knl_train.optim import LARS
-from knl_train.train.checkpoint import CheckpointManager, latest_state
+from knl_train.train.checkpoint import CheckpointManager, Choice, latest_state, newest_good
 from tests.support import ROOT
 
 
@@ -292,3 +292,87 @@ def test_an_interpreter_exiting_with_a_write_in_flight_finishes_it(tmp_path):
     assert "in flight at exit: True" in proc.stdout
     assert latest_state(tmp_path / "ckpts") == {"name": "step-00000007", "step": 7, "epoch": 1, "batch": 0}
     assert _steps(tmp_path / "ckpts") == ["step-00000007"]
+
+
+# ---- choosing the checkpoint to resume from: scan and verify, latest.json aside ---------------
+def _three(tmp_path, model_and_opt):
+    mgr = CheckpointManager(tmp_path, *model_and_opt, keep=3)
+    for step in (10, 20, 30):
+        mgr.save(step, {"epoch": step // 10, "batch": 0})
+    return mgr
+
+
+def _data_file(path):
+    (data,) = path.glob("ckpt.data-*")
+    return data
+
+
+def test_a_torn_latest_json_does_not_hide_the_checkpoints(tmp_path, model_and_opt):
+    _three(tmp_path, model_and_opt)
+    (tmp_path / "latest.json").write_text('{"name": "step-000')
+    choice = newest_good(tmp_path)
+    assert choice.state["name"] == "step-00000030" and choice.skipped == []
+    (tmp_path / "latest.json").unlink()
+    assert latest_state(tmp_path)["step"] == 30
+
+
+def test_a_checkpoint_without_its_index_is_skipped_for_the_previous(tmp_path, model_and_opt):
+    _three(tmp_path, model_and_opt)
+    (tmp_path / "step-00000030" / "ckpt.index").unlink()
+    choice = newest_good(tmp_path)
+    assert choice.state["name"] == "step-00000020"
+    assert choice.skipped == [("step-00000030", "its index file ckpt.index is missing")]
+
+
+def test_a_truncated_data_file_is_skipped_for_the_previous(tmp_path, model_and_opt):
+    mgr = _three(tmp_path, model_and_opt)
+    data = _data_file(tmp_path / "step-00000030")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with pytest.raises(IndexError, match="Read less bytes than requested"):  # a restore of it
+        mgr.restore(tmp_path / "step-00000030")
+    choice = newest_good(tmp_path)
+    assert choice.state["name"] == "step-00000020"
+    ((name, why),) = choice.skipped
+    assert name == "step-00000030" and why.startswith("its TensorFlow data cannot be read (")
+    mgr.restore(tmp_path / choice.state["name"])  # the chosen one restores
+
+
+def test_flipped_bytes_in_the_data_or_a_garbage_index_are_caught(tmp_path, model_and_opt):
+    _three(tmp_path, model_and_opt)
+    data = _data_file(tmp_path / "step-00000030")
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    (tmp_path / "step-00000020" / "ckpt.index").write_bytes(b"not an index at all")
+    choice = newest_good(tmp_path)
+    assert choice.state["name"] == "step-00000010"
+    assert [n for n, _ in choice.skipped] == ["step-00000030", "step-00000020"]
+    assert all(why.startswith("its TensorFlow data cannot be read") for _, why in choice.skipped)
+
+
+@pytest.mark.parametrize("content, why", [
+    ('{"name": "step-00000030", "st', "state.json is not complete JSON"),
+    ('{"name": "step-00000020", "step": 20}', "state.json does not describe step-00000030"),
+    (None, "no readable state.json"),
+])
+def test_a_bad_state_file_is_skipped(tmp_path, model_and_opt, content, why):
+    _three(tmp_path, model_and_opt)
+    state = tmp_path / "step-00000030" / "state.json"
+    if content is None:
+        state.unlink()
+    else:
+        state.write_text(content)
+    choice = newest_good(tmp_path)
+    assert choice.state["name"] == "step-00000020"
+    assert choice.skipped[0][0] == "step-00000030" and choice.skipped[0][1].startswith(why)
+
+
+def test_no_good_checkpoint_names_each_and_temporaries_are_not_checkpoints(tmp_path, model_and_opt):
+    _three(tmp_path, model_and_opt)
+    for step in (10, 20, 30):
+        (tmp_path / f"step-{step:08d}" / "ckpt.index").unlink()
+    (tmp_path / ".step-00000040.tmp").mkdir()
+    choice = newest_good(tmp_path)
+    assert choice.state is None
+    assert [n for n, _ in choice.skipped] == ["step-00000030", "step-00000020", "step-00000010"]
+    assert newest_good(tmp_path / "nothing-here") == Choice(None, [])
