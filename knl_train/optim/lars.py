@@ -48,11 +48,11 @@ from tensorflow.python.training import gen_training_ops
 from knl_train.optim import kernels
 from knl_train.optim.exclusion import RANK_LE_1, ExclusionMixin
 from knl_train.optim.names import VARIANTS
-from knl_train.optim.schedules import deserialize_schedules
+from knl_train.optim.schedules import ScheduledMomentum
 
 
 @tf.keras.utils.register_keras_serializable(package="knl_train")
-class LARS(ExclusionMixin, tf.keras.optimizers.legacy.Optimizer):
+class LARS(ExclusionMixin, ScheduledMomentum, tf.keras.optimizers.legacy.Optimizer):
     """LARS with momentum, weight decay, per-variable exclusions and three published variants."""
 
     _HAS_AGGREGATE_GRAD = True
@@ -71,7 +71,6 @@ class LARS(ExclusionMixin, tf.keras.optimizers.legacy.Optimizer):
         name: str = "LARS",
         **kwargs,
     ):
-        self._momentum_schedule = momentum if callable(momentum) else None
         for arg, value in (("momentum", momentum), ("weight_decay", weight_decay),
                            ("trust_coefficient", trust_coefficient), ("epsilon", epsilon)):
             if isinstance(value, (int, float)) and value < 0:
@@ -81,7 +80,7 @@ class LARS(ExclusionMixin, tf.keras.optimizers.legacy.Optimizer):
         super().__init__(name, **kwargs)
         self._set_hyper("learning_rate", kwargs.get("lr", learning_rate))
         self._set_hyper("decay", self._initial_decay)
-        self._set_hyper("momentum", 0.0 if self._momentum_schedule else momentum)
+        self._set_momentum(momentum)
         self.weight_decay = float(weight_decay)
         self.trust_coefficient = float(trust_coefficient)
         self.epsilon = float(epsilon)
@@ -112,11 +111,6 @@ class LARS(ExclusionMixin, tf.keras.optimizers.legacy.Optimizer):
         op = self._fused_op(var_dtype)
         if op is not None:
             coef["fused"] = (op, self._fused_scalars(var_dtype, coef))
-
-    def _momentum(self, dtype):
-        if self._momentum_schedule is not None:
-            return tf.cast(self._momentum_schedule(self.iterations), dtype)
-        return tf.identity(self._get_hyper("momentum", dtype))
 
     @staticmethod
     def _fused_op(var_dtype):
@@ -270,9 +264,7 @@ class LARS(ExclusionMixin, tf.keras.optimizers.legacy.Optimizer):
         config.update({
             "learning_rate": self._serialize_hyperparameter("learning_rate"),
             "decay": self._initial_decay,
-            "momentum": (tf.keras.optimizers.schedules.serialize(self._momentum_schedule)
-                         if self._momentum_schedule is not None
-                         else self._serialize_hyperparameter("momentum")),
+            "momentum": self._momentum_config(),
             "weight_decay": self.weight_decay,
             "trust_coefficient": self.trust_coefficient,
             "epsilon": self.epsilon,
@@ -282,13 +274,6 @@ class LARS(ExclusionMixin, tf.keras.optimizers.legacy.Optimizer):
             "exclude_from_layer_adaptation": list(self.exclude_from_layer_adaptation),
         })
         return config
-
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        # The base class rebuilds a learning-rate schedule; a momentum schedule is ours to do.
-        config = deserialize_schedules(config, ("momentum",), custom_objects)
-        return super().from_config(config, custom_objects=custom_objects)
 
 
 def _l2_norm(x, dtype):

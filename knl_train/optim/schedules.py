@@ -294,6 +294,32 @@ def deserialize_schedules(config: dict, keys, custom_objects=None) -> dict:
     return config
 
 
+class ScheduledMomentum:
+    """For a legacy Keras optimizer whose momentum is a number or a schedule of the step (Goyal's
+    momentum correction): set it, read it per step, and keep it through ``get_config``."""
+
+    def _set_momentum(self, momentum) -> None:
+        self._momentum_schedule = momentum if callable(momentum) else None
+        # A schedule is evaluated per step in _momentum(); the hyper keeps Keras's variable.
+        self._set_hyper("momentum", 0.0 if self._momentum_schedule else momentum)
+
+    def _momentum(self, dtype):
+        if self._momentum_schedule is not None:
+            return tf.cast(self._momentum_schedule(self.iterations), dtype)
+        return tf.identity(self._get_hyper("momentum", dtype))
+
+    def _momentum_config(self):
+        if self._momentum_schedule is not None:
+            return tf.keras.optimizers.schedules.serialize(self._momentum_schedule)
+        return self._serialize_hyperparameter("momentum")
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        # The base class rebuilds a learning-rate schedule; a momentum schedule is ours to do.
+        config = deserialize_schedules(config, ("momentum",), custom_objects)
+        return super().from_config(config, custom_objects=custom_objects)
+
+
 # ---- builders from epoch-based config values ------------------------------------------------------------
 def build_lr_schedule(kind: str, *, steps_per_epoch: int, epochs: float, peak_lr: float,
                       warmup_epochs: float = 0.0, warmup_start_lr: float = 0.0,

@@ -40,11 +40,11 @@ from typing import Optional, Sequence
 import tensorflow as tf
 
 from knl_train.optim.exclusion import RANK_LE_1, ExclusionRule
-from knl_train.optim.schedules import deserialize_schedules
+from knl_train.optim.schedules import ScheduledMomentum
 
 
 @tf.keras.utils.register_keras_serializable(package="knl_train")
-class SGD(tf.keras.optimizers.legacy.Optimizer):
+class SGD(ScheduledMomentum, tf.keras.optimizers.legacy.Optimizer):
     """Momentum SGD with L2 weight decay in the gradient and the LARS exclusion rules.
 
     Args:
@@ -77,16 +77,14 @@ class SGD(tf.keras.optimizers.legacy.Optimizer):
         learning_rate = kwargs.pop("lr", learning_rate)
         if isinstance(learning_rate, (int, float)) and learning_rate < 0:
             raise ValueError(f"SGD: learning_rate must be >= 0, got {learning_rate}")
-        self._momentum_schedule = momentum if callable(momentum) else None
-        if self._momentum_schedule is None and not 0.0 <= momentum <= 1.0:
+        if not callable(momentum) and not 0.0 <= momentum <= 1.0:
             raise ValueError(f"SGD: momentum must be in [0, 1], got {momentum}")
         if not weight_decay >= 0:
             raise ValueError(f"SGD: weight_decay must be >= 0, got {weight_decay}")
         super().__init__(name, **kwargs)
         self._set_hyper("learning_rate", learning_rate)
         self._set_hyper("decay", self._initial_decay)
-        # A schedule is evaluated per step in _momentum(); the hyper keeps Keras's variable.
-        self._set_hyper("momentum", 0.0 if self._momentum_schedule else momentum)
+        self._set_momentum(momentum)
         self._use_momentum = self._momentum_schedule is not None or momentum > 0
         self.nesterov = bool(nesterov)
         self.weight_decay = float(weight_decay)
@@ -110,11 +108,6 @@ class SGD(tf.keras.optimizers.legacy.Optimizer):
         coef = apply_state[(var_device, var_dtype)]
         coef["momentum"] = self._momentum(var_dtype)
         coef["weight_decay"] = tf.constant(self.weight_decay, dtype=var_dtype)
-
-    def _momentum(self, dtype):
-        if self._momentum_schedule is not None:
-            return tf.cast(self._momentum_schedule(self.iterations), dtype)
-        return tf.identity(self._get_hyper("momentum", dtype))
 
     def _coefficients(self, var, apply_state):
         var_device, var_dtype = var.device, var.dtype.base_dtype
@@ -163,20 +156,12 @@ class SGD(tf.keras.optimizers.legacy.Optimizer):
         config.update({
             "learning_rate": self._serialize_hyperparameter("learning_rate"),
             "decay": self._initial_decay,
-            "momentum": (tf.keras.optimizers.schedules.serialize(self._momentum_schedule)
-                         if self._momentum_schedule is not None
-                         else self._serialize_hyperparameter("momentum")),
+            "momentum": self._momentum_config(),
             "nesterov": self.nesterov,
             "weight_decay": self.weight_decay,
             "exclude_from_weight_decay": list(self.exclude_from_weight_decay),
         })
         return config
-
-    @classmethod
-    def from_config(cls, config, custom_objects=None):
-        # The base class rebuilds a learning-rate schedule; a momentum schedule is ours to do.
-        config = deserialize_schedules(config, ("momentum",), custom_objects)
-        return super().from_config(config, custom_objects=custom_objects)
 
 
 __all__ = ["SGD", "RANK_LE_1"]
