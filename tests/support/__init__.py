@@ -5,12 +5,14 @@ run the installed ``knl-train`` the way a user does.
   script), ``FIXTURES`` (tests/fixtures), ``SCRIPTS`` (tests/support/scripts: the programs tests
   run on real ranks).
 - ``clean_env``, ``run_cli``, ``BackgroundJob``: start ``knl-train`` in a subprocess, at once or in
-  the background (the ``launch`` and ``background`` fixtures in tests/conftest.py use them).
+  the background (the ``launch`` and ``background`` fixtures in tests/conftest.py use them);
+  ``ok``: it exited 0 without a traceback.
 - ``read_jsonl``, ``write_study_spec``, ``write_convergence_spec``: small readers and writers of
   the files runs and studies use.
 - Modules beside this one: ``mpi`` (which mpirun this is), ``optim_cases`` (optimizer reference
   inputs), ``schedulers`` (fake sbatch/squeue/qsub/qstat and job scripts that pass the checkers),
-  ``slurm_cluster`` (a real Slurm cluster on this host).
+  ``slurm_cluster`` (a real Slurm cluster on this host), ``localqueue`` (job scripts for the local
+  scheduler's tests).
 """
 
 from __future__ import annotations
@@ -53,16 +55,27 @@ def run_cli(*args, timeout=300, env=None, check=False):
     return proc
 
 
+def ok(proc):
+    """``proc`` (a CompletedProcess), after checking it exited 0 without a traceback."""
+    assert proc.returncode == 0, f"rc {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
 def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
 def write_study_spec(tmp_path, drop=(), **fields) -> Path:
     """A small valid study spec (skx-2s, weak, 1-2 nodes) with ``fields`` on top, as a file."""
-    import yaml
     data = {"name": "t", "site": "skx-2s", "nodes": [1, 2], "scaling": "weak",
             "train": {"config": str(ROOT / "jobs" / "train" / "resnet50-synthetic.yaml")}, "steps": 20}
-    data.update(fields)
+    return _write_spec(tmp_path, data, drop, fields)
+
+
+def _write_spec(tmp_path, data: dict, drop, fields) -> Path:
+    import yaml
+    data = {**data, **fields}
     for key in drop:
         del data[key]
     path = tmp_path / "s.yaml"
@@ -73,7 +86,6 @@ def write_study_spec(tmp_path, drop=(), **fields) -> Path:
 def write_convergence_spec(tmp_path, drop=(), **fields) -> Path:
     """A small valid convergence study spec (generic-slurm, 1 node x 2 ranks, micro-batch 64,
     batches 256/1024/4096, sgd-goyal and lars with 2 LRs each) with ``fields`` on top, as a file."""
-    import yaml
     data = {"name": "cv", "kind": "convergence", "site": "generic-slurm", "nodes": 1, "ranks_per_node": 2,
             "per_rank_batch": 64, "global_batches": [256, 1024, 4096], "epochs": 4,
             "train": {"config": str(ROOT / "jobs" / "train" / "demo.yaml")},
@@ -81,12 +93,7 @@ def write_convergence_spec(tmp_path, drop=(), **fields) -> Path:
                                          "lr": [0.1, 0.2]},
                            "lars": {"set": {"optimizer.name": "lars"}, "lr": [2, 4]}},
             "target_top1": 0.8}
-    data.update(fields)
-    for key in drop:
-        del data[key]
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
+    return _write_spec(tmp_path, data, drop, fields)
 
 
 class BackgroundJob:

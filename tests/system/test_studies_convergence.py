@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.support import FIXTURES, clean_env, read_jsonl, run_cli
+from tests.support import FIXTURES, clean_env, ok, read_jsonl, run_cli
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
 
@@ -35,17 +35,12 @@ def _spec(tmp_path: Path, data: Path, site: str) -> Path:
     return path
 
 
-def _ok(proc):
-    assert proc.returncode == 0, f"rc {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr
-    return proc
-
 
 def _run_study(tmp_path: Path, data: Path, site: str, env: dict) -> SimpleNamespace:
     out = tmp_path / "study"
-    _ok(run_cli("study", "render", _spec(tmp_path, data, site), "--out", out, env=env))
-    submitted = _ok(run_cli("study", "submit", out, env=env))
-    _ok(run_cli("study", "status", out, "--wait", "--timeout", "600", env=env, timeout=700))
+    ok(run_cli("study", "render", _spec(tmp_path, data, site), "--out", out, env=env))
+    submitted = ok(run_cli("study", "submit", out, env=env))
+    ok(run_cli("study", "status", out, "--wait", "--timeout", "600", env=env, timeout=700))
     manifest = json.loads((out / "manifest.json").read_text())
     return SimpleNamespace(out=out, env=env, submitted=submitted, manifest=manifest)
 
@@ -53,7 +48,7 @@ def _run_study(tmp_path: Path, data: Path, site: str, env: dict) -> SimpleNamesp
 def _check_report(study: SimpleNamespace) -> None:
     """The CSV's numbers are each run's own: final top-1/top-5, updates, best and time to target."""
     out = study.out
-    _ok(run_cli("study", "report", out, env=study.env))
+    ok(run_cli("study", "report", out, env=study.env))
     rows = list(csv.DictReader((out / "report" / "convergence.csv").open()))
     assert sorted((int(r["global_batch"]), r["optimizer"]) for r in rows) == [(16, "lars"), (32, "lars")]
     for row in rows:
@@ -102,9 +97,9 @@ def test_local_study_submits_one_job_per_point_and_runs_each_once(local_study):
 
 
 def test_local_study_status_and_second_submit(local_study):
-    rows = json.loads(_ok(run_cli("study", "status", local_study.out, "--json", env=local_study.env)).stdout)
+    rows = json.loads(ok(run_cli("study", "status", local_study.out, "--json", env=local_study.env)).stdout)
     assert [(r["state"], r["exit_code"], r["source"]) for r in rows] == [("completed", 0, "local")] * 2
-    again = _ok(run_cli("study", "submit", local_study.out, env=local_study.env))
+    again = ok(run_cli("study", "submit", local_study.out, env=local_study.env))
     assert "0 job(s) submitted, 2 already submitted" in again.stdout
 
 

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.support import FIXTURES, ROOT, read_jsonl, run_cli
+from tests.support import FIXTURES, ROOT, ok, read_jsonl, run_cli
 
 # The jobs start real ranks (mpirun, srun); a study takes 20-35 s.
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
@@ -32,11 +32,6 @@ def _spec(tmp_path: Path, name: str, **fields) -> Path:
     path.write_text(json.dumps(spec))  # JSON is YAML
     return path
 
-
-def _ok(proc):
-    assert proc.returncode == 0, f"rc {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr
-    return proc
 
 
 def _median_after_warmup(run_dir: Path, warmup: int) -> float:
@@ -56,10 +51,10 @@ def weak_study(slurm2, tmp_path_factory):
     spec = _spec(tmp_path, "e2e weak", site=str(STUDIES / "ci-slurm.yaml"), nodes=[1, 2],
                  ranks_per_node=1, scaling="weak", per_rank_batch=8)
     out = tmp_path / "study"
-    _ok(run_cli("study", "render", spec, "--out", out, env=env))
-    submitted = _ok(run_cli("study", "submit", out, env=env))
+    ok(run_cli("study", "render", spec, "--out", out, env=env))
+    submitted = ok(run_cli("study", "submit", out, env=env))
     ids = [p["job"]["id"] for p in json.loads((out / "manifest.json").read_text())["points"]]
-    _ok(run_cli("study", "status", out, "--wait", "--timeout", "600", env=env, timeout=700))
+    ok(run_cli("study", "status", out, "--wait", "--timeout", "600", env=env, timeout=700))
     return SimpleNamespace(out=out, env=env, submitted=submitted, ids=ids)
 
 
@@ -70,7 +65,7 @@ def test_weak_study_submit_records_one_job_per_point(weak_study):
 
 
 def test_weak_study_status_comes_from_squeue_without_accounting(weak_study, slurm2):
-    rows = json.loads(_ok(run_cli("study", "status", weak_study.out, "--json", env=weak_study.env)).stdout)
+    rows = json.loads(ok(run_cli("study", "status", weak_study.out, "--json", env=weak_study.env)).stdout)
     assert [(r["id"], r["state"], r["exit_code"], r["runs_done"]) for r in rows] == \
         [("n0001", "completed", 0, 1), ("n0002", "completed", 0, 1)]
     # The scheduler answered (squeue keeps finished jobs for MinJobAge), though sacct cannot.
@@ -84,7 +79,7 @@ def test_weak_study_second_submit_queues_nothing(weak_study, slurm2):
         return sorted(slurm2.run("squeue", "-h", "-t", "all", "-o", "%i").stdout.split(), key=int)
     before = queued()
     assert set(weak_study.ids) <= set(before)
-    again = _ok(run_cli("study", "submit", weak_study.out, env=weak_study.env))
+    again = ok(run_cli("study", "submit", weak_study.out, env=weak_study.env))
     assert "0 job(s) submitted, 2 already submitted" in again.stdout
     assert queued() == before
 
@@ -98,14 +93,14 @@ def test_weak_study_jobs_write_their_own_records(weak_study):
 
 
 def test_weak_study_collect_writes_results(weak_study):
-    _ok(run_cli("study", "collect", weak_study.out, env=weak_study.env))
+    ok(run_cli("study", "collect", weak_study.out, env=weak_study.env))
     results = json.loads((weak_study.out / "results.json").read_text())
     assert [p["id"] for p in results["points"]] == ["n0001", "n0002"]
 
 
 def test_weak_study_report_matches_the_runs_own_files(weak_study):
     out = weak_study.out
-    report = _ok(run_cli("study", "report", out, env=weak_study.env))
+    report = ok(run_cli("study", "report", out, env=weak_study.env))
     assert "| nodes |" in report.stdout
     rows = list(csv.DictReader((out / "report" / "scaling.csv").open()))
     assert [int(r["nodes"]) for r in rows] == [1, 2]
@@ -139,11 +134,11 @@ def test_srun_binds_ranks_with_the_presets_masks(slurm, tmp_path):
     spec = _spec(tmp_path, "srun strong", site=str(STUDIES / "ci-slurm-srun.yaml"), nodes=[1],
                  ranks_per_node=2, scaling="strong", global_batch=16)
     out = tmp_path / "study"
-    _ok(run_cli("study", "render", spec, "--out", out, env=env))
+    ok(run_cli("study", "render", spec, "--out", out, env=env))
     script = (out / "points" / "n0001" / "job.sbatch").read_text()
     assert "--cpu-bind=mask_cpu:0x1,0x2" in script and "--cpus-per-task=1" in script
-    _ok(run_cli("study", "submit", out, env=env))
-    _ok(run_cli("study", "status", out, "--wait", "--timeout", "600", env=env, timeout=700))
+    ok(run_cli("study", "submit", out, env=env))
+    ok(run_cli("study", "status", out, "--wait", "--timeout", "600", env=env, timeout=700))
     summary = json.loads((out / "points" / "n0001" / "run-0" / "summary.json").read_text())
     assert (summary["world_size"], summary["global_batch"], summary["per_rank_batch"]) == (2, 16, 8)
     log = next((out / "points" / "n0001").glob("slurm-*.out")).read_text()
@@ -157,16 +152,16 @@ def test_a_failing_job_is_reported_failed_with_its_exit_code(slurm, tmp_path):
     spec = _spec(tmp_path, "fails", site=str(STUDIES / "ci-slurm.yaml"), nodes=[1],
                  ranks_per_node=1, scaling="weak", per_rank_batch=8)
     out = tmp_path / "study"
-    _ok(run_cli("study", "render", spec, "--out", out, env=env))
+    ok(run_cli("study", "render", spec, "--out", out, env=env))
     # Break the run after rendering: the dataset the jobs will read does not exist.
     train = out / "train.yaml"
     train.write_text(train.read_text().replace("format: synthetic", "format: folder")
                      .replace("path: data/demo", f"path: {tmp_path / 'missing'}")
                      .replace(f"path: {ROOT / 'data' / 'demo'}", f"path: {tmp_path / 'missing'}"))
-    _ok(run_cli("study", "submit", out, env=env))
+    ok(run_cli("study", "submit", out, env=env))
     waited = run_cli("study", "status", out, "--wait", "--timeout", "600", env=env, timeout=700)
     assert waited.returncode == 1, waited.stdout + waited.stderr
-    row = json.loads(_ok(run_cli("study", "status", out, "--json", env=env)).stdout)[0]
+    row = json.loads(ok(run_cli("study", "status", out, "--json", env=env)).stdout)[0]
     assert (row["state"], row["runs_done"]) == ("failed", 0)
     assert row["exit_code"] not in (None, 0)
     job_id = row["job_id"]

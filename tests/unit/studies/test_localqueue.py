@@ -14,20 +14,9 @@ import pytest
 
 from knl_train.errors import UserError
 from knl_train.studies import localqueue
-from knl_train.studies.localqueue import Queue, proc_start, time_limit
+from knl_train.studies.localqueue import proc_start, time_limit
 from tests.support.localqueue import job_script
 
-
-@pytest.fixture()
-def env(tmp_path, monkeypatch):
-    """The submitter's environment, with a queue of this test's own."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    return dict(os.environ)
-
-
-@pytest.fixture()
-def queue(env):
-    return Queue(localqueue.queue_dir(env)).prepare()
 
 
 def mode(path: Path) -> int:

@@ -13,8 +13,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from knl_train.studies import localqueue, localrunner
 from knl_train.studies.localqueue import Queue, proc_start
 from knl_train.studies.localrunner import run_queue
@@ -22,17 +20,6 @@ from knl_train.studies.schedulers import JobState
 from knl_train.studies.schedulers.local import job_state
 from tests.support.localqueue import job_script, quiet, until
 
-
-@pytest.fixture()
-def env(tmp_path, monkeypatch):
-    """The submitter's environment, with a queue of this test's own."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    return dict(os.environ)
-
-
-@pytest.fixture()
-def queue(env):
-    return Queue(localqueue.queue_dir(env)).prepare()
 
 
 def test_jobs_run_in_id_order_with_the_submitters_environment(tmp_path, queue, env):

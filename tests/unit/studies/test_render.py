@@ -29,7 +29,7 @@ from knl_train import resources
 from knl_train.studies import manifest as study_manifest, render, schedulers
 from knl_train.studies import spec as study_spec
 from knl_train.studies.schedulers import pbs, slurm
-from tests.support import FIXTURES, ROOT, clean_env, run_cli, write_study_spec as write_spec
+from tests.support import FIXTURES, ROOT, clean_env, ok, run_cli, write_study_spec as write_spec
 
 STUDIES = ROOT / "jobs" / "studies"
 TRAIN = ROOT / "jobs" / "train"
@@ -85,11 +85,6 @@ def snapshot(path: Path) -> dict:
         return {".": path.read_bytes()}
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
-
-def ok(proc):
-    assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr
-    return proc
 
 
 def clean_error(proc, *words):

@@ -18,7 +18,7 @@ from knl_train.studies import render, schedulers
 from knl_train.studies import spec as study_spec
 from knl_train.studies.manifest import Manifest
 from knl_train.train import config as train_config
-from tests.support import ROOT, run_cli, write_convergence_spec as write_spec, write_study_spec
+from tests.support import ROOT, ok, run_cli, write_convergence_spec as write_spec, write_study_spec
 
 SITES = {"generic-slurm": ("slurm", "job.sbatch"), "generic-pbs": ("pbs", "job.pbs")}
 CONVERGENCE_STUDY_KEYS = {"kind", "target_top1", "reference_batch", "epochs"}
@@ -53,11 +53,6 @@ def set_words(text: str) -> list:
 def header(text: str) -> list:
     return [ln for ln in text.splitlines() if ln.startswith("# convergence:") or " scaling: " in ln]
 
-
-def ok(proc):
-    assert proc.returncode == 0, f"rc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr
-    return proc
 
 
 # ---- scripts ---------------------------------------------------------------------------------------

@@ -28,17 +28,6 @@ from tests.support import ROOT
 from tests.support.localqueue import job_script, quiet, until
 
 
-@pytest.fixture()
-def env(tmp_path, monkeypatch):
-    """The submitter's environment, with a queue of this test's own."""
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    return dict(os.environ)
-
-
-@pytest.fixture()
-def queue(env):
-    return Queue(queue_dir(env)).prepare()
-
 
 def test_the_same_script_twice_runs_twice_and_find_names_the_first(tmp_path, queue, env):
     script = job_script(tmp_path / "p", 'echo "$LOCAL_JOB_ID" >> ran.txt', name="st_n1", token="knl:u:n1")
