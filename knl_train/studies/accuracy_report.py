@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 from knl_train.atomic import write_text_atomic
 from knl_train.errors import UserError
-from knl_train.studies import accuracy, accuracy_charts
+from knl_train.studies import accuracy, accuracy_charts, walltime
 from knl_train.studies.accuracy import number, pct
 
 COLUMNS = ("id", "optimizer", "global_batch", "lr", "repeat", "accumulation", "nodes", "ranks",
@@ -40,8 +40,7 @@ def csv_text(results: dict) -> str:
 
 
 def _hms(seconds: Optional[float]) -> str:
-    s = None if seconds is None else int(round(seconds))
-    return "n/a" if s is None else f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    return "n/a" if seconds is None else walltime.hms(seconds)
 
 
 def _spread(row: dict, key: str) -> str:

@@ -58,11 +58,6 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime(_STAMP)
 
 
-def hms(seconds: int) -> str:
-    """A time limit as HH:MM:SS (hours past 99 as they come)."""
-    return f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
 # ---- processes: a pid alone may have been reused, so a process is its pid and its start time -------
 def proc_start(pid: Optional[int]) -> Optional[str]:
     """The start time of a live process (from /proc), or None if there is none (or a zombie)."""

@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-from knl_train.studies.localqueue import Queue, hms, now, proc_start, queue_dir, signal_group
+from knl_train.studies import walltime
+from knl_train.studies.localqueue import Queue, now, proc_start, queue_dir, signal_group
 
 MODULE = "knl_train.studies.localrunner"
 POLL_SECONDS = 1.0
@@ -77,7 +78,7 @@ def run_job(queue: Queue, job: dict, *, grace: float = KILL_WAIT_SECONDS, echo=N
     env = {**job["env"], "LOCAL_JOB_ID": str(job["id"])}
     limit = job.get("time_limit")  # absent from records of older versions
     echo(f"{now()} job {job['id']}: bash {job['script']} in {job['cwd']}"
-         + (f", time limit {hms(limit)}" if limit else ""))
+         + (f", time limit {walltime.hms(limit, 2)}" if limit else ""))
     try:
         with open(job["output"], "ab") as out:
             proc = subprocess.Popen(["bash", job["script"]], cwd=job["cwd"], env=env,
@@ -110,7 +111,7 @@ def ending(job: dict, code: int, timed_out: bool) -> Tuple[str, str]:
     if job["cancel_requested"]:
         return "cancelled", "cancelled while it ran"
     if timed_out:
-        return "timeout", f"reached its time limit ({hms(job['time_limit'])})"
+        return "timeout", f"reached its time limit ({walltime.hms(job['time_limit'], 2)})"
     return ("completed", "") if code == 0 else ("failed", "")
 
 

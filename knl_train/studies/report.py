@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 from knl_train import records
 from knl_train.atomic import save_figure_atomic, write_json_atomic, write_text_atomic
 from knl_train.errors import UserError
-from knl_train.studies import accuracy, accuracy_report, projection
+from knl_train.studies import accuracy, accuracy_report, projection, walltime
 from knl_train.studies.manifest import Manifest, PointRecord
 
 RESULTS = "results.json"
@@ -203,11 +203,6 @@ def missing(results: dict) -> List[dict]:
 
 # ---- report ----------------------------------------------------------------------------------
 
-def _hms(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
 def _below_gate(row: dict) -> bool:
     # A tolerance so an efficiency of exactly 75 % computed in floating point is not flagged.
     return row["efficiency"] < EFFICIENCY_GATE - 1e-9
@@ -276,7 +271,7 @@ def _table_lines(results: dict, rows: List[dict]) -> List[str]:
         lines.append(f"| {r['nodes']} | {r['ranks']} | {r['global_batch']} | "
                      f"{r['images_per_sec']:.1f} | {r['images_per_sec_min']:.1f}-"
                      f"{r['images_per_sec_max']:.1f} | {r['repeats']} | {r['speedup']:.2f} | "
-                     f"{100 * r['efficiency']:.1f} % | {_hms(r['epoch_seconds'])} | "
+                     f"{100 * r['efficiency']:.1f} % | {walltime.hms(r['epoch_seconds'])} | "
                      + " | ".join(_seconds(r[k]) for k in projection.COSTS)
                      + f" | {r[proj]:.2f}{mark} |")
     unknown = [p for p in _sorted_points(results) if p["n"] and not projection.known(p)]

@@ -97,6 +97,12 @@ def format_minutes(minutes: float) -> str:
     return f"{total // 60:02d}:{total % 60:02d}:00"
 
 
+def hms(seconds: float, hour_digits: int = 1) -> str:
+    """A duration as H:MM:SS, to the second (hours zero-padded to ``hour_digits``)."""
+    s = int(round(seconds))
+    return f"{s // 3600:0{hour_digits}d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 # ---- what the schedulers accept ------------------------------------------------------------------
 def valid_slurm(value: str) -> bool:
     """A Slurm --time value: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from knl_train.errors import UserError
-from knl_train.studies.localqueue import (DIRECTIVE, OPTIONS, Queue, alive, directives, hms, options,
+from knl_train.studies import walltime
+from knl_train.studies.localqueue import (DIRECTIVE, OPTIONS, Queue, alive, directives, options,
                                           queue_dir, read_json, time_limit)
 from knl_train.studies.localrunner import ensure_runner, run_queue
 
@@ -146,7 +147,7 @@ def list_text(jobs: List[dict]) -> str:
     header = ("id", "state", "exit", "submitted", "limit", "name", "script")
     rows = [(str(j["id"]), j["state"] + ("*" if j["cancel_requested"] and j["state"] == "running" else ""),
              "" if j["exit_code"] is None else str(j["exit_code"]), j["submitted"],
-             hms(j["time_limit"]) if j.get("time_limit") else "-", j["name"], j["script"])
+             walltime.hms(j["time_limit"], 2) if j.get("time_limit") else "-", j["name"], j["script"])
             for j in jobs]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows])

@@ -135,3 +135,10 @@ def test_walltime_with_an_absurd_power_fails_at_once():
                                            (90.01, "01:31:00"), (1563.07, "26:04:00")])
 def test_format_minutes(minutes, text):
     assert walltime.format_minutes(minutes) == text
+
+
+def test_hms_rounds_to_the_second_and_pads_hours_when_asked():
+    assert walltime.hms(42.4) == "0:00:42"
+    assert walltime.hms(3 * 3600 + 61.6) == "3:01:02"
+    assert walltime.hms(600, 2) == "00:10:00"
+    assert walltime.hms(100 * 3600, 2) == "100:00:00"
