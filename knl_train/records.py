@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from knl_train.atomic import append_jsonl, write_json_atomic
 
@@ -203,6 +203,28 @@ def read_metrics(path, name: Optional[str] = None, kinds: Optional[Sequence[str]
     """
     name = name or str(path)
     out: List[MetricRecord] = []
+    for n, _, data in json_lines(path, name, cut_short_ok=cut_short_ok):
+        cls = METRIC_KINDS.get(data.get("kind"))
+        if cls is None or (kinds is not None and cls.kind not in kinds):
+            continue
+        problem = cls.check(data)
+        if problem:
+            raise ValueError(f"{name} line {n}: {problem}")
+        try:
+            out.append(cls.from_dict(data))
+        except TypeError:  # a required field is missing
+            raise ValueError(f"{name} line {n}: a {cls.kind} record needs "
+                             f"{', '.join(_required(cls))}") from None
+    return out
+
+
+def json_lines(path, name: Optional[str] = None, *, cut_short_ok: bool = False,
+               on_cut_short: Optional[Callable[[int], None]] = None) -> Iterator[Tuple[int, str, dict]]:
+    """(line number, line, object) for each non-blank line of a JSON-lines file; ``ValueError``
+    names a line that is not a JSON object. With ``cut_short_ok``, a last line that is not JSON
+    and has no newline (its write was interrupted) is left out, and ``on_cut_short`` told its
+    number."""
+    name = name or str(path)
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -211,22 +233,13 @@ def read_metrics(path, name: Optional[str] = None, kinds: Optional[Sequence[str]
                 data = json.loads(line)
             except json.JSONDecodeError:
                 if cut_short_ok and not line.endswith("\n"):  # only the last line lacks one
-                    break
+                    if on_cut_short is not None:
+                        on_cut_short(n)
+                    return
                 raise ValueError(f"{name} line {n} is not JSON") from None
             if not isinstance(data, dict):
                 raise ValueError(f"{name} line {n} is not a JSON object")
-            cls = METRIC_KINDS.get(data.get("kind"))
-            if cls is None or (kinds is not None and cls.kind not in kinds):
-                continue
-            problem = cls.check(data)
-            if problem:
-                raise ValueError(f"{name} line {n}: {problem}")
-            try:
-                out.append(cls.from_dict(data))
-            except TypeError:  # a required field is missing
-                raise ValueError(f"{name} line {n}: a {cls.kind} record needs "
-                                 f"{', '.join(_required(cls))}") from None
-    return out
+            yield n, line, data
 
 
 def is_number(x) -> bool:

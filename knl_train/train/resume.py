@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import List, Optional
 
-from knl_train import log as knl_log
+from knl_train import log as knl_log, records
 from knl_train.errors import UserError
 from knl_train.atomic import write_text_atomic
 from knl_train.train.checkpoint import newest_good
@@ -78,22 +77,13 @@ def trim_metrics(path: Path, step: int) -> None:
     is dropped with a note. Any other bad line is an error naming it."""
     if not path.exists():
         return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            if n == len(lines) and not line.endswith("\n"):
-                log.warning(f"dropped the cut-off last line {n} of {path} (an interrupted write)")
-                break
-            raise UserError(f"{path} line {n} is not JSON; fix or remove that line, "
-                            "or rerun with --fresh to start over") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path} line {n} is not a JSON object; fix or remove that line, "
-                            "or rerun with --fresh to start over")
-        if record.get("step", 0) <= step:
-            kept.append(line.rstrip("\n"))
+
+    def dropped(n: int) -> None:
+        log.warning(f"dropped the cut-off last line {n} of {path} (an interrupted write)")
+    try:
+        kept = [line.rstrip("\n") for _, line, record in
+                records.json_lines(path, cut_short_ok=True, on_cut_short=dropped)
+                if record.get("step", 0) <= step]
+    except ValueError as e:
+        raise UserError(f"{e}; fix or remove that line, or rerun with --fresh to start over") from None
     write_text_atomic(path, "".join(line + "\n" for line in kept))
