@@ -77,6 +77,18 @@ class ExclusionMixin:
     def uses_adaptation(self, var) -> bool:
         return not self._adapt_rule.matches(var)
 
+    def get_slot_names(self):
+        # A SavedModel leaves out the trust ratios (a record of the last step, not state): its
+        # loader rebuilds each slot in the shape of its variable (Keras's RestoredOptimizer
+        # ignores the saved shape), and the scalar would then fail to restore.
+        # Imported here: this module stays free of TensorFlow for the config's sake.
+        from tensorflow.python.saved_model import save_context
+
+        names = super().get_slot_names()
+        if save_context.in_save_context():
+            return [name for name in names if name != "trust_ratio"]
+        return names
+
     def trust_ratios(self, include_excluded: bool = False) -> dict:
         """{variable name: trust ratio of the last step}; only adapted variables by default."""
         return {v.name: float(self.get_slot(v, "trust_ratio").numpy()) for v in self._seen_variables()

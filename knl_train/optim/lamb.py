@@ -48,12 +48,13 @@ from typing import Optional, Sequence
 import tensorflow as tf
 
 from knl_train.optim.exclusion import ExclusionMixin
+from knl_train.optim.keras_names import SavedAsBase, registered
 
 SUPPORTED_DTYPES = (tf.float32, tf.float64)
 
 
-@tf.keras.utils.register_keras_serializable(package="knl_train")
-class LAMB(ExclusionMixin, tf.keras.optimizers.legacy.Optimizer):
+@registered
+class LAMB(SavedAsBase, ExclusionMixin, tf.keras.optimizers.legacy.Optimizer):
     """LAMB with decoupled weight decay and separate weight-decay / adaptation exclusions.
 
     Args:

@@ -47,12 +47,14 @@ from tensorflow.python.training import gen_training_ops
 
 from knl_train.optim import kernels
 from knl_train.optim.exclusion import RANK_LE_1, ExclusionMixin
+from knl_train.optim.keras_names import SavedAsBase, registered
 from knl_train.optim.names import VARIANTS
 from knl_train.optim.schedules import ScheduledMomentum
 
 
-@tf.keras.utils.register_keras_serializable(package="knl_train")
-class LARS(ExclusionMixin, ScheduledMomentum, tf.keras.optimizers.legacy.Optimizer):
+@registered
+class LARS(SavedAsBase, ExclusionMixin, ScheduledMomentum,
+           tf.keras.optimizers.legacy.Optimizer):
     """LARS with momentum, weight decay, per-variable exclusions and three published variants."""
 
     _HAS_AGGREGATE_GRAD = True

@@ -9,7 +9,8 @@ trainer's convention.
 Every schedule accepts a scalar or a tensor of steps (Python int, int/float tensor, or
 ``tf.Variable`` such as ``optimizer.iterations``), returns float32 of the same shape, and has no
 Python branch on a tensor value, so it traces once inside ``tf.function``. All are registered
-as ``knl_train>ClassName`` and round-trip through ``get_config``/``from_config`` and
+as ``knl_train>ClassName`` (and by their bare names: :mod:`knl_train.optim.keras_names`) and
+round-trip through ``get_config``/``from_config`` and
 ``tf.keras.optimizers.schedules.serialize``/``deserialize`` (what Horovod's
 ``DistributedOptimizer`` relies on when it rebuilds the optimizer from its config).
 
@@ -33,6 +34,7 @@ from typing import Optional, Sequence, Union
 
 import tensorflow as tf
 
+from knl_train.optim.keras_names import registered_schedule
 from knl_train.optim.names import DECAY_MODES, SCHEDULE_KINDS
 from knl_train.yamlconfig import number, one_of
 
@@ -46,7 +48,7 @@ def _linear_warmup(step_f, warmup_steps: int, start_lr: float, peak_lr: float):
 
 
 # ---- warmup + polynomial decay ---------------------------------------------------------------------
-@tf.keras.utils.register_keras_serializable(package="knl_train")
+@registered_schedule
 class WarmupPolyDecay(LearningRateSchedule):
     """Linear warmup from ``warmup_start_lr`` to ``peak_lr``, then polynomial decay to ``end_lr``.
 
@@ -100,7 +102,7 @@ class WarmupPolyDecay(LearningRateSchedule):
 
 
 # ---- Goyal step decay --------------------------------------------------------------------------------
-@tf.keras.utils.register_keras_serializable(package="knl_train")
+@registered_schedule
 class WarmupStepDecay(LearningRateSchedule):
     """Goyal et al. 2017: optional linear warmup, then ``peak_lr · factor^k`` after k boundaries.
 
@@ -166,7 +168,7 @@ class WarmupStepDecay(LearningRateSchedule):
 
 
 # ---- cosine ------------------------------------------------------------------------------------------
-@tf.keras.utils.register_keras_serializable(package="knl_train")
+@registered_schedule
 class WarmupCosineDecay(LearningRateSchedule):
     """Linear warmup to ``peak_lr`` over ``warmup_steps``, then half a cosine to ``end_lr``.
 
@@ -210,7 +212,7 @@ class WarmupCosineDecay(LearningRateSchedule):
 
 
 # ---- momentum correction -------------------------------------------------------------------------------
-@tf.keras.utils.register_keras_serializable(package="knl_train")
+@registered_schedule
 class WarmupMomentumCorrection(LearningRateSchedule):
     """Momentum schedule: ``m·lr(t)/lr(t−1)`` while the LR warms up, ``m`` otherwise.
 
@@ -364,7 +366,7 @@ __all__ = ["DECAY_MODES", "SCHEDULE_KINDS", "deserialize_schedules", "WarmupPoly
 
 
 # ---- gradient accumulation: count optimizer updates, not micro-batches ---------------------------------
-@tf.keras.utils.register_keras_serializable(package="knl_train")
+@registered_schedule
 class PerUpdateSchedule(LearningRateSchedule):
     """Evaluate ``schedule`` at the optimizer update, not the micro-batch.
 

@@ -40,11 +40,12 @@ from typing import Optional, Sequence
 import tensorflow as tf
 
 from knl_train.optim.exclusion import RANK_LE_1, ExclusionRule
+from knl_train.optim.keras_names import SavedAsBase, registered
 from knl_train.optim.schedules import ScheduledMomentum
 
 
-@tf.keras.utils.register_keras_serializable(package="knl_train")
-class SGD(ScheduledMomentum, tf.keras.optimizers.legacy.Optimizer):
+@registered
+class SGD(SavedAsBase, ScheduledMomentum, tf.keras.optimizers.legacy.Optimizer):
     """Momentum SGD with L2 weight decay in the gradient and the LARS exclusion rules.
 
     Args:
