@@ -12,6 +12,8 @@ from knl_train import __version__
 from knl_train import log as knl_log
 from knl_train.errors import UserError
 from knl_train.cli import data, study, train, tune, tuning
+from knl_train.runtime import outcome
+from knl_train.runtime.rankenv import launcher_rank
 
 log = knl_log.get("cli")
 
@@ -50,10 +52,35 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.fn(args)
     except UserError as e:
         # What goes wrong in exec (binding, numactl, a local rank) is often one rank's alone.
-        log.error(str(e), extra=knl_log.EVERY_RANK if getattr(args, "errors_per_rank", False) else None)
-        return 2
+        return _user_error(e, alone=getattr(args, "errors_per_rank", False))
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001  only a peer's shutdown is handled here
+        if outcome.in_job() and outcome.peer_shut_down(e):
+            _peer_failed()
+        raise
+
+
+def _user_error(error: UserError, *, alone: bool) -> int:
+    """Say ``error`` once: the rank that saw it alone says it with its number, an error every
+    rank shares is said by rank 0. In a job, every rank then leaves at once (``outcome``)."""
+    alone = alone or knl_log.seen_by_this_rank(error)
+    says = alone or launcher_rank() == 0
+    if says:
+        log.error(str(error), extra=knl_log.RANK_ERROR if alone else None)
+    if not outcome.in_job():
+        return 2
+    # On record, knl-train launch exits 2 for the job, and this rank may leave with 0, which
+    # spares the job mpirun's kill grace; unless the error is this rank's alone and came before
+    # Horovod started: the other ranks would wait for it in their start-up, so mpirun must end them.
+    on_record = outcome.record("error", message=str(error), said=says)
+    outcome.end_rank(0 if on_record and (outcome.horovod_started() or not alone) else 2)
+
+
+def _peer_failed() -> None:
+    """Another rank shut Horovod down (its error, said by it): leave quietly, at once; with
+    status 0 only if that error is on launch's record."""
+    outcome.end_rank(0 if outcome.peer_errors() else 1)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import sys
 
 from knl_train.runtime import bootstrap
@@ -11,6 +11,18 @@ from knl_train.tuning import launch, preset, show, snapshot, topology
 
 # The commands that run a COMMAND given after "--".
 TAKES_COMMAND = ("launch", "env", "exec")
+
+
+def ranks_per_node(value: str) -> int:
+    """--ranks-per-node: a whole number >= 1 (leaving the option out takes the preset's)."""
+    try:
+        n = int(value, 10)
+    except ValueError:
+        n = None
+    if n is None or n < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number >= 1, got {value!r}; leave it out for the preset's default")
+    return n
 
 
 def _preset_arg(value: str):
@@ -23,13 +35,12 @@ def cmd_launch(args) -> int:
                              threads_per_rank=args.threads_per_rank,
                              preset=_preset_arg(args.preset), ranks_per_node=args.ranks_per_node)
     launch.default_progress()
+    if not args.dry_run:
+        return launch.run(plan)
     line = launch.prepare(plan)
     print(f"knl-train launch: {launch.render(line)}", file=sys.stderr, flush=True)
-    if args.dry_run:
-        print(launch.render(line))
-        return 0
-    os.execv(line[0], line)
-    return 0  # not reached
+    print(launch.render(line))
+    return 0
 
 
 def cmd_env(args) -> int:
@@ -78,7 +89,7 @@ def add_parsers(sub) -> None:
     la.add_argument("--preset", default="auto",
                     help="threading preset: a name (knl-train env --list), a preset YAML file, "
                          "auto (from the detected CPU; the default) or none (bind only, TF defaults)")
-    la.add_argument("--ranks-per-node", type=int, default=0,
+    la.add_argument("--ranks-per-node", type=ranks_per_node, default=0,
                     help="with --hostfile: ranks on each node (default: the preset's)")
     la.add_argument("--dry-run", action="store_true", help="print the launcher line, do not run it")
     la.set_defaults(fn=cmd_launch, command=[], takes_command=True)
@@ -86,7 +97,7 @@ def add_parsers(sub) -> None:
     e = sub.add_parser("env", help="a preset's per-rank threading settings, as exports or launcher lines",
                        usage="knl-train env [--preset P] [--ranks-per-node R] [--format F] [-- COMMAND ...]")
     e.add_argument("--preset", default="auto", help="a name, a preset YAML file, or auto (the default)")
-    e.add_argument("--ranks-per-node", type=int, default=0, help="default: the preset's for this node")
+    e.add_argument("--ranks-per-node", type=ranks_per_node, default=0, help="default: the preset's for this node")
     e.add_argument("--threads-per-rank", type=int, default=0, help="cores per rank (default: cores / ranks)")
     e.add_argument("--oversubscribe", action="store_true", help="allow ranks x cores over the node's cores")
     e.add_argument("--format", default="sh", choices=show.FORMATS,

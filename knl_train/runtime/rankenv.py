@@ -33,6 +33,8 @@ class RankEnv:
     oversubscribe: Optional[bool] = _var("KNL_TRAIN_OVERSUBSCRIBE", "ranks x cores exceed the node")
     applied: Optional[bool] = _var("KNL_TRAIN_APPLIED", "this process applied its preset already")
     progress: Optional[str] = _var("KNL_TRAIN_PROGRESS", "bar (a terminal) or lines (a log file)")
+    outcome: Optional[str] = _var("KNL_TRAIN_OUTCOME", "where ranks record how they ended, for "
+                                  "knl-train launch (a directory)")
     # ---- a rank's threads and libraries, from its preset's plan
     intra_op: Optional[int] = _var("TF_NUM_INTRAOP_THREADS", "TF intra-op threads")
     inter_op: Optional[int] = _var("TF_NUM_INTEROP_THREADS", "TF inter-op threads")
@@ -98,7 +100,7 @@ _TRUE, _FALSE = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
 # What a launcher line carries, so that every rank plans its own node; left over in a launching
 # shell they would change the ranks' plans, so launchers never forward them as inherited.
 LAUNCH_VARS = tuple(RankEnv.var(n) for n in ("preset", "ranks_per_node", "cores_per_rank",
-                                             "oversubscribe", "applied"))
+                                             "oversubscribe", "applied", "outcome"))
 # Threading variables a plan may set; an inherited one the plan does not set would fight it.
 THREADING_VARS = (*(RankEnv.var(n) for n in ("kmp_affinity", "kmp_hw_subset", "omp_places",
                                              "omp_proc_bind", "horovod_thread_affinity")),
@@ -159,6 +161,17 @@ def launcher_rank(environ: Optional[Mapping[str, str]] = None) -> int:
         except (KeyError, ValueError):
             continue
     return 0
+
+
+def launcher_size(environ: Optional[Mapping[str, str]] = None) -> int:
+    """The job's number of ranks as its launcher set it; 1 if none."""
+    environ = os.environ if environ is None else environ
+    for var in SIZE_VARS:
+        try:
+            return int(environ[var])
+        except (KeyError, ValueError):
+            continue
+    return 1
 
 
 def under_launcher(environ: Optional[Mapping[str, str]] = None) -> bool:

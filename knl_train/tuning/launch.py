@@ -5,6 +5,10 @@ asking ``mpirun --version``, or ``horovodrun --gloo``. With a preset every rank 
 ``knl-train exec``, which applies the rank's share of the plan. Open MPI refuses to run as root
 without ``--allow-run-as-root``; we pass that switch only when we are root, and never through
 the environment, so it cannot leak into other runs.
+
+``run`` starts the line as a child and stays to the end (``supervise``): the ranks record how
+they ended in a directory it gives them (``runtime.outcome``), so that a user error ends the
+job within seconds with status 2, and a stop by a signal exits 0 with its line on our stdout.
 """
 
 from __future__ import annotations
@@ -13,13 +17,18 @@ import functools
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 from knl_train import log as logs
 from knl_train.errors import UserError
+from knl_train.runtime import outcome
 from knl_train.runtime.rankenv import LAUNCH_VARS, VAR_PREFIX, RankEnv
 from knl_train.tuning import launchers, plan as planning, show
 from knl_train.tuning.plan import NodePlan
@@ -27,6 +36,11 @@ from knl_train.tuning.plan import NodePlan
 log = logs.get(__name__)
 
 CONTROLLERS = ("mpi", "gloo")
+# Once a rank has put an error on record, the others leave within seconds (Horovod's shutdown
+# tells them); a job still running this much later (a rank that failed before Horovod started,
+# leaving the others waiting) is ended through its launcher.
+ERROR_GRACE_SECONDS = 15.0
+_POLL_SECONDS = 0.25
 # Forwarded to remote ranks with -x (local ranks inherit the environment anyway).
 FORWARD_PREFIXES = ("TF_", "HOROVOD_", "OMP_", "KMP_", VAR_PREFIX, "ITEX_", "ONEDNN_", "DNNL_")
 FORWARD_NAMES = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV")
@@ -135,8 +149,9 @@ def beside_python(program: str) -> Optional[str]:
 
 
 def argv(plan: LaunchPlan, *, is_root: Optional[bool] = None, environ=None,
-         node: Optional[NodePlan] = None) -> List[str]:
-    """The full launcher command line for ``plan`` (``node``: its ``plan.node()``, if made already)."""
+         node: Optional[NodePlan] = None, outcome_dir: Optional[str] = None) -> List[str]:
+    """The full launcher command line for ``plan`` (``node``: its ``plan.node()``, if made already;
+    ``outcome_dir``: where the ranks record how they ended, see ``supervise``)."""
     node = plan.node() if node is None else node
     if node is None:
         check_fits(plan)
@@ -145,6 +160,8 @@ def argv(plan: LaunchPlan, *, is_root: Optional[bool] = None, environ=None,
         ref = planning.preset_ref(plan.preset, node)
         exports = launchers.rank_env(node, ref, oversubscribe=plan.oversubscribe).to_environ()
         command = [*knl_train_exec(), *plan.command]
+    if outcome_dir:
+        exports = {**exports, **RankEnv(outcome=outcome_dir).to_environ()}
     name, program = _launcher(plan.controller)
     request = launchers.Request(
         node, ranks=plan.np, exports=exports, forward=tuple(forwarded_env(environ)),
@@ -169,7 +186,7 @@ def _launcher(controller: str) -> Tuple[str, str]:
     return ("mpirun" if mpi_flavour(mpirun) == "openmpi" else "impi"), mpirun
 
 
-def prepare(plan: LaunchPlan) -> List[str]:
+def prepare(plan: LaunchPlan, outcome_dir: Optional[str] = None) -> List[str]:
     """``knl-train launch``: plan the node, say what the plan warns of, and give the line."""
     node = plan.node()
     if node is not None:
@@ -178,7 +195,7 @@ def prepare(plan: LaunchPlan) -> List[str]:
             log.info(f"note: the preset ({node.preset.name}) and the cores per rank were worked out "
                      "on this host; pass --preset and --ranks-per-node if the nodes in the hostfile "
                      "differ from it")
-    return argv(plan, node=node)
+    return argv(plan, node=node, outcome_dir=outcome_dir)
 
 
 def default_progress(environ=None, *, tty: Optional[bool] = None) -> None:
@@ -190,3 +207,97 @@ def default_progress(environ=None, *, tty: Optional[bool] = None) -> None:
 
 def render(line: Sequence[str]) -> str:
     return " ".join(shlex.quote(a) for a in line)
+
+
+# ---- running the line ----------------------------------------------------------------------------
+def run(plan: LaunchPlan) -> int:
+    """``knl-train launch``: run ``plan``'s line under ``supervise``; the job's exit status."""
+    where = tempfile.mkdtemp(prefix="knl-train-launch-")
+    try:
+        line = prepare(plan, outcome_dir=where)
+        logs.write_line(sys.stderr, f"knl-train launch: {render(line)}")
+        # Open MPI passes SIGUSR1 on to the ranks; a SIGTERM would start its kill sequence.
+        # horovodrun passes a SIGTERM on.
+        forward = signal.SIGTERM if plan.controller == "gloo" else signal.SIGUSR1
+        return supervise(line, Path(where), forward=forward)
+    finally:
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def supervise(line: Sequence[str], where: Path, *, forward: int = signal.SIGUSR1) -> int:
+    """Run the launcher ``line`` whose ranks record how they end in ``where``; the job's status.
+
+    A SIGTERM or SIGUSR1 to us (a time limit, scancel, kill) goes to the launcher once, as
+    ``forward``; we stay to the end, since at a time limit the ranks' stop line is ours to print
+    (mpirun, signalled too, may not pass it on). Ctrl-C reaches the launcher from the terminal
+    itself. The status: 2 if a rank recorded an error (printed here if no rank said it), 0 if
+    rank 0 recorded a stop by a signal (the stop line printed here), else the launcher's.
+    """
+    received: List[int] = []
+    started: List[subprocess.Popen] = []
+
+    def on_stop(signum, frame):
+        if not received:
+            received.append(signum)
+            if started:
+                _send(started[0], forward)
+
+    previous = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        proc = subprocess.Popen(list(line))
+        started.append(proc)
+        if received:  # a signal between the handlers and the start
+            _send(proc, forward)
+        rc, said = _wait(proc, where, received)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return _status(rc, outcome.read(where), received, said)
+
+
+def _wait(proc: subprocess.Popen, where: Path, received: List[int]) -> Tuple[int, bool]:
+    """The launcher's exit status, and whether the stop line was said while it ran."""
+    said, error_seen = False, None
+    while True:
+        try:
+            return proc.wait(timeout=_POLL_SECONDS), said
+        except subprocess.TimeoutExpired:
+            pass
+        records = outcome.read(where)
+        if not said:
+            said = _say_stop(records, received)
+        if error_seen is None and any(r.get("kind") == "error" for r in records):
+            error_seen = time.monotonic()
+        if error_seen is not None and time.monotonic() - error_seen > ERROR_GRACE_SECONDS:
+            _send(proc, signal.SIGTERM)
+            error_seen = float("inf")
+
+
+def _say_stop(records: List[dict], received: List[int]) -> bool:
+    stop = next((r for r in records if r.get("kind") == "stopped"), None)
+    if stop is None:
+        return False
+    name = signal.Signals(received[0]).name if received else str(stop.get("signal") or "")
+    logs.write_line(sys.stdout, "knl-train: " + outcome.stop_message(
+        name, int(stop.get("step") or 0), stop.get("checkpoint")))
+    return True
+
+
+def _status(rc: int, records: List[dict], received: List[int], said: bool) -> int:
+    errors = [r for r in records if r.get("kind") == "error"]
+    if errors:
+        if not any(r.get("said") for r in errors):
+            logs.write_line(sys.stderr, f"knl-train: error (rank {errors[0]['rank']}): "
+                                        f"{errors[0].get('message', '')}")
+        return 2
+    if said or _say_stop(records, received):
+        return 0
+    return 128 - rc if rc < 0 else rc  # killed by a signal: the shell's convention
+
+
+def _send(proc: subprocess.Popen, signum: int) -> None:
+    try:
+        proc.send_signal(signum)
+    except (ProcessLookupError, OSError):
+        pass

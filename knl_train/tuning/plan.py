@@ -97,10 +97,19 @@ def plan(preset: Preset, topology, ranks_per_node: Optional[int] = None, *,
     T = cores_per_rank or max(1, n // R)
     oversubscribed = R * T > n
     if oversubscribed and not oversubscribe:
+        need = (f"{R} ranks x {T} cores need {R * T} cores, but this node lets us use {n} "
+                f"(CPUs {cpulist(sorted(topology.allowed))})")
+        if not preset.matches(topology) and preset.node is not None:
+            # A preset for another CPU: its ranks fit the node it was written for, not this one.
+            raise UserError(
+                f"{need}: preset {preset.name} is written for {preset.node.model_name} "
+                f"({preset.node.sockets * preset.node.cores_per_socket} cores), not this "
+                f"{topology.model_name}. To see its plan for that node, pass --topology nominal "
+                f"(knl-train env --preset {preset.name} --topology nominal); to run it, launch on "
+                "such a node, or pick this node's preset (knl-train topology names it).")
         raise UserError(
-            f"{R} ranks x {T} cores need {R * T} cores, but this node lets us use {n} "
-            f"(CPUs {cpulist(sorted(topology.allowed))}). Use fewer ranks per node or threads per "
-            "rank, or pass --oversubscribe to share cores (for testing only: slower, unbound).")
+            f"{need}. Use fewer ranks per node or threads per rank, or pass --oversubscribe to "
+            "share cores (for testing only: slower, unbound).")
     ht = min(settings.threads_per_core, topology.threads_per_core)
     ranks = []
     for r in range(R):

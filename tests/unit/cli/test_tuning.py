@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from knl_train import cli
 from knl_train.tuning import preset, snapshot, topology
 from tests.support import FIXTURES, run_cli
@@ -92,3 +94,23 @@ def test_topology_command_describes_this_node_and_records_a_snapshot(tmp_path):
 def test_env_lists_the_presets():
     p = run_cli("env", "--list", check=True)
     assert [line.split()[0] for line in p.stdout.splitlines()] == list(preset.names())
+
+
+# ---- --ranks-per-node: a whole number >= 1 wherever it is taken ------------------------------------
+@pytest.mark.parametrize("command", [["env", "--preset", "generic"], ["launch", "-np", "2"]])
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_ranks_per_node_below_one_is_refused_when_parsed(command, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([*command, "--ranks-per-node", value, "--", "true"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert (f"knl-train {command[0]}: error: argument --ranks-per-node: must be a whole number "
+            f">= 1, got '{value}'; leave it out for the preset's default") in err
+
+
+def test_env_with_a_preset_for_another_cpu_suggests_the_nominal_topology():
+    p = run_cli("env", "--preset", "knl-7250", "--ranks-per-node", str(len(os.sched_getaffinity(0)) + 2))
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+    assert p.stderr.startswith("knl-train: error: ") and "pass --topology nominal" in p.stderr
+    p = run_cli("env", "--preset", "knl-7250", "--ranks-per-node", "4", "--topology", "nominal", check=True)
+    assert "# local rank 0 of 4 per node" in p.stdout

@@ -248,3 +248,73 @@ def test_launch_passes_a_preset_file_by_absolute_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     line = launch.argv(LaunchPlan(np=1, command=("x",), preset="tuned.yaml"), is_root=False, environ={})
     assert f"KNL_TRAIN_PRESET={f}" in line
+
+
+# ---- supervise: the job's status and lines from the ranks' records ---------------------------------
+# A stand-in for mpirun: writes the records it is given, may signal us, and exits with a status.
+FAKE_LAUNCHER = r"""
+import json, os, signal, sys
+where, status, records, action = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+def put(r):
+    with open(os.path.join(where, f"rank-{r['rank']:05d}.json"), "w") as f:
+        json.dump(r, f)
+if action == "term-parent":  # as a time limit or scancel does to knl-train launch
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGTERM})
+    os.kill(os.getppid(), signal.SIGTERM)
+    got = signal.sigwait({signal.SIGUSR1, signal.SIGTERM})
+    records = [{**r, "signal": signal.Signals(got).name} for r in records]
+for r in records:
+    put(r)
+if action == "linger":  # a rank left waiting for one that failed before Horovod started
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.sigwait({signal.SIGTERM})
+    open(os.path.join(where, "terminated"), "w").close()
+sys.exit(status)
+"""
+
+
+def _supervise(tmp_path, status, records, action="none", **kw):
+    import json
+    import sys
+    line = [sys.executable, "-c", FAKE_LAUNCHER, str(tmp_path), str(status), json.dumps(records), action]
+    return launch.supervise(line, tmp_path, **kw)
+
+
+def test_an_error_no_rank_said_is_said_by_launch_and_fails_the_job(tmp_path, capsys):
+    rc = _supervise(tmp_path, 0, [{"rank": 1, "kind": "error", "message": "bad", "said": False}])
+    assert rc == 2
+    assert capsys.readouterr().err == "knl-train: error (rank 1): bad\n"
+
+
+def test_an_error_a_rank_said_is_not_repeated(tmp_path, capsys):
+    rc = _supervise(tmp_path, 0, [{"rank": 0, "kind": "error", "message": "bad", "said": True},
+                                  {"rank": 1, "kind": "error", "message": "bad", "said": False}])
+    assert rc == 2 and capsys.readouterr().err == ""
+
+
+def test_a_stop_on_record_exits_0_with_the_stop_line_on_stdout(tmp_path, capsys):
+    stop = {"rank": 0, "kind": "stopped", "signal": "SIGUSR1", "step": 40, "checkpoint": "/r/step-40"}
+    assert _supervise(tmp_path, 1, [stop]) == 0  # mpirun, signalled too, exits non-zero
+    assert capsys.readouterr().out == ("knl-train: stopped by SIGUSR1 at step 40: checkpoint /r/step-40 "
+                                       "written; rerun the same command to resume from it\n")
+
+
+def test_a_sigterm_to_launch_goes_to_the_launcher_once_as_the_signal_it_forwards(tmp_path, capsys):
+    import signal
+    stop = {"rank": 0, "kind": "stopped", "step": 8, "checkpoint": "c"}
+    assert _supervise(tmp_path, 0, [stop], "term-parent", forward=signal.SIGUSR1) == 0
+    # The launcher got SIGUSR1 (its record says so); the line names what we were sent.
+    assert launch.outcome.read(tmp_path)[0]["signal"] == "SIGUSR1"
+    assert capsys.readouterr().out.startswith("knl-train: stopped by SIGTERM at step 8: checkpoint c")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # our handlers are gone again
+
+
+def test_without_records_the_launchers_status_is_the_jobs(tmp_path, capsys):
+    assert _supervise(tmp_path, 3, []) == 3
+    assert capsys.readouterr() == ("", "")
+
+
+def test_a_job_that_lingers_after_an_error_is_ended_through_its_launcher(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "ERROR_GRACE_SECONDS", 0.5)
+    rc = _supervise(tmp_path, 0, [{"rank": 1, "kind": "error", "message": "m", "said": True}], "linger")
+    assert rc == 2 and (tmp_path / "terminated").exists()

@@ -128,6 +128,24 @@ def test_more_ranks_than_cores_is_an_error_unless_oversubscribed():
     assert "KMP_AFFINITY" not in node.ranks[0].environ
 
 
+def test_a_preset_for_another_cpu_with_more_ranks_than_cores_points_at_the_nominal_topology():
+    # knl-train env --preset knl-7250 --ranks-per-node 4 on this 2-core node (issue 16, Why 9).
+    with pytest.raises(UserError) as e:
+        plan(preset.load("knl-7250"), snap("this-machine"), 4)
+    msg = str(e.value)
+    assert msg.startswith("4 ranks x 1 cores need 4 cores, but this node lets us use 2 (CPUs 0-1): "
+                          "preset knl-7250 is written for Intel(R) Xeon Phi(TM) CPU 7250")
+    assert "(68 cores)" in msg and "--topology nominal" in msg
+    assert "knl-train env --preset knl-7250 --topology nominal" in msg
+    assert "--oversubscribe" not in msg  # sharing cores is not what such a user wants
+
+
+def test_a_preset_for_this_cpu_with_more_ranks_than_cores_still_offers_oversubscribe():
+    with pytest.raises(UserError) as e:
+        plan(preset.load("spr-8480"), snap("this-machine"), 4)
+    assert "--oversubscribe" in str(e.value) and "nominal" not in str(e.value)
+
+
 def test_threads_per_rank_over_the_cores_is_an_error():
     with pytest.raises(UserError, match="2 ranks x 2 cores need 4 cores"):
         plan(preset.load("generic"), snap("this-machine"), 2, cores_per_rank=2)
