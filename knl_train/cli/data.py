@@ -20,8 +20,11 @@ def cmd_data_to_tfrecord(args) -> int:
     meta = to_tfrecord(args.src, args.out, shards=args.shards, workers=args.workers,
                        label_offset=args.label_offset, val_shards=args.val_shards,
                        progress=not args.quiet)
+    # The images left out (unreadable) were named in a warning line by to_tfrecord.
     for prefix, info in meta["splits"].items():
-        print(f"wrote {info['examples']} {prefix} examples in {info['shards']} shards to {args.out}")
+        left_out = f" ({info['unreadable']} unreadable left out)" if info.get("unreadable") else ""
+        print(f"wrote {info['examples']} {prefix} examples in {info['shards']} shards to "
+              f"{args.out}{left_out}")
     return 0
 
 

@@ -76,16 +76,68 @@ def normalize(img):
 
 # ---- validity ---------------------------------------------------------------------------------------
 def looks_valid(data):
-    """Cheap byte-level check: non-empty, a JPEG (SOI ... EOI near the end) or PNG (signature ...
-    IEND chunk near the end). Catches zero-byte, truncated and non-image files before decoding."""
+    """Cheap byte-level check: a JPEG (SOI, and an EOI after its first scan begins) or a PNG
+    (signature). Catches zero-byte, non-image and cut-off JPEG files before decoding.
+
+    Bytes after a JPEG's EOI (camera trailers, an appended preview) are allowed, as PIL and
+    libjpeg allow them. The check matters for the fused crop-and-decode of "inception", which
+    would read a crop out of the intact top of a cut-off JPEG; a full decode (and any PNG
+    decode) fails on a cut-off file by itself, and the pipeline skips what fails to decode.
+    """
     n = tf.strings.length(data)
     tail = tf.strings.substr(data, tf.maximum(n - 32, 0), 32)  # only the tail is read, not copied whole
     pieces = tf.strings.bytes_split(tail)
-    has_eoi = tf.reduce_any(tf.equal(tf.strings.join([pieces[:-1], pieces[1:]]), b"\xff\xd9"))
+    eoi_at_end = tf.reduce_any(tf.equal(tf.strings.join([pieces[:-1], pieces[1:]]), b"\xff\xd9"))
     is_png = tf.equal(tf.strings.substr(data, 0, 8), b"\x89PNG\r\n\x1a\n")
-    # The IEND chunk is the last 12 bytes: length (4), "IEND", CRC (4).
-    has_iend = tf.equal(tf.strings.substr(tail, tf.maximum(tf.strings.length(tail) - 8, 0), 4), b"IEND")
-    return (n > 0) & ((_is_jpeg(data) & has_eoi) | (is_png & has_iend))
+    # The common case costs the tail look only; the walk runs for JPEGs that end otherwise.
+    jpeg = tf.cond(_is_jpeg(data), lambda: eoi_at_end | _eoi_after_scan(data), lambda: False)
+    return (n > 0) & (jpeg | is_png)
+
+
+def _eoi_after_scan(data):
+    """Whether a JPEG has an EOI marker (FF D9) after the start of its first scan.
+
+    The walk follows the length-prefixed header segments from the SOI to the first SOS (FF DA),
+    so a thumbnail inside an APP segment (with its own SOS and EOI) is stepped over. Inside the
+    entropy-coded data a 0xFF byte is always followed by 0x00 or a restart marker, so an FF D9
+    after the scan starts is the image's own end, and a cut-off file has none.
+    """
+    b = tf.cast(tf.io.decode_raw(data, tf.uint8), tf.int32)
+    n = tf.size(b)
+
+    def at(i):
+        return tf.gather(b, tf.clip_by_value(i, 0, n - 1))
+
+    def more(p, sos):
+        return (sos < 0) & (p + 3 < n) & tf.equal(at(p), 0xFF)
+
+    def step(p, sos):
+        marker = at(p + 1)
+        length = at(p + 2) * 256 + at(p + 3)
+        nxt = tf.where(tf.equal(marker, 0xFF), p + 1, p + 2 + length)  # 0xFF: a fill byte
+        return tf.where(tf.equal(marker, 0xDA), p, nxt), tf.where(tf.equal(marker, 0xDA), p, sos)
+
+    _, sos = tf.while_loop(more, step, (tf.constant(2), tf.constant(-1)))
+    rest = b[tf.maximum(sos, 0):]
+    found = tf.reduce_any(tf.equal(rest[:-1], 0xFF) & tf.equal(rest[1:], 0xD9))
+    return (sos >= 0) & found
+
+
+def readable(data: bytes) -> bool:
+    """Whether the trainer can use the image ``data`` (eagerly, for ``to-tfrecord``): the byte
+    check, then a decode (a JPEG at 1/8 scale, which reads all its entropy-coded data: a cut-off
+    or corrupt file fails as in a full decode, for a fraction of the work)."""
+    t = tf.constant(data)
+    if not bool(looks_valid(t)):
+        return False
+    try:
+        if bool(_is_jpeg(t)):
+            tf.io.decode_jpeg(t, channels=3, ratio=8)
+        else:
+            decode(t)
+    except tf.errors.OpError:
+        return False
+    return True
 
 
 def _is_jpeg(data):

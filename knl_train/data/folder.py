@@ -3,7 +3,9 @@
 Class indices come from the sorted wnids of ``train/``, so every rank and every run agrees.
 Sharding: each epoch, all ranks permute the full file list with the same (seed, epoch), then
 rank r takes every world-th example; the shards are disjoint and together cover the epoch.
-Corrupt, truncated or empty image files are skipped and counted (``pipeline.SkipCounter``).
+Corrupt, truncated or empty image files are skipped and counted (``pipeline.SkipCounter``); a
+training stream in which nothing can be read (every image bad, the directory gone) stops with an
+error after ``pipeline.GIVE_UP`` bad images in a row.
 
 The module is a ``source.Reader`` (``train_dataset``, ``eval_dataset``) of ``FolderSplit``s.
 """
@@ -78,7 +80,7 @@ def train_dataset(split: FolderSplit, *, rank: int, world: int, per_rank_batch: 
     no decoding. ``num_batches`` defaults to the rest of the epoch (``len(split) //
     global_batch`` in all). Bad images are skipped and counted in ``skips``; the stream then
     runs on into a fixed fallback order, so a rank never runs short of batches (which would
-    stall the allreduce). ``augment``: an ``augment.Augment``, a mode name ("flip",
+    stall the allreduce), and gives up with a tagged error if nothing in it is usable. ``augment``: an ``augment.Augment``, a mode name ("flip",
     "inception", "none") or None (flip). ``epoch``, ``skip_batches`` and ``num_batches`` may
     be tensors (``inner``: one epoch of ``pipeline.across_epochs``).
     """
@@ -91,10 +93,11 @@ def train_dataset(split: FolderSplit, *, rank: int, world: int, per_rank_batch: 
     fallback = np.random.default_rng([seed, 1 << 30]).permutation(len(split))[rank::world]
     ds = ds.concatenate(tf.data.Dataset.from_tensor_slices(
         (tf.gather(files, fallback), tf.gather(labels, fallback))).repeat())
-    return train_batches(ds, _load, size=len(split), rank=rank, world=world,
-                         per_rank_batch=per_rank_batch, image_size=image_size, seed=seed,
-                         threads=threads, augment=augment, skips=skips, epoch=epoch,
-                         skip_batches=skip_batches, num_batches=num_batches, inner=inner)
+    return train_batches(ds, _load, name=_name, where=_train_dir(split), size=len(split),
+                         rank=rank, world=world, per_rank_batch=per_rank_batch,
+                         image_size=image_size, seed=seed, threads=threads, augment=augment,
+                         skips=skips, epoch=epoch, skip_batches=skip_batches,
+                         num_batches=num_batches, inner=inner)
 
 
 def _epoch_order(n: int, seed: int, rank: int, world: int, epoch) -> np.ndarray:
@@ -108,10 +111,19 @@ def eval_dataset(split: FolderSplit, *, rank: int, world: int, batch: int, image
     """This rank's share of the evaluation set; every (readable) example is evaluated exactly
     once. ``cache``: decoded once, then held in memory."""
     ds = tf.data.Dataset.from_tensor_slices((list(split.files), list(split.labels))).shard(world, rank)
-    return eval_batches(ds, _load, batch=batch, image_size=image_size, threads=threads,
-                        augment=augment, skips=skips, cache=cache)
+    return eval_batches(ds, _load, name=_name, batch=batch, image_size=image_size,
+                        threads=threads, augment=augment, skips=skips, cache=cache)
 
 
 def _load(elem):
     path, label = elem
     return tf.io.read_file(path), tf.cast(label, tf.int32), tf.constant("")
+
+
+def _name(elem):
+    return elem[0]
+
+
+def _train_dir(split: FolderSplit) -> str:
+    """The directory holding the split's class directories (named when nothing in it is usable)."""
+    return str(Path(split.files[0]).parent.parent) if split.files else ""

@@ -1,9 +1,12 @@
 """The tf.data machinery shared by the folder and TFRecord readers.
 
 * Bad images are skipped and counted (``SkipCounter``), not fatal: a cheap byte check
-  (``augment.looks_valid``) catches empty, truncated and non-image files; anything that still
+  (``augment.looks_valid``) catches empty, cut-off and non-image files; anything that still
   fails to read or decode is dropped by ``ignore_errors`` and counted from the gap it leaves in
   the stream's running index.
+* A training stream never ends, so one in which nothing is usable (every image unreadable, the
+  data directory gone) would spin forever: after ``GIVE_UP`` unusable images in a row it stops
+  with a tagged error naming the directory and a few of the files.
 * Bad data that is the user's to fix (a TFRecord missing a feature, a label out of range) stops
   the pipeline with a tagged error; ``user_errors()`` turns it into a ``UserError``.
 * Each rank's pipeline runs on a private thread pool of ``threads`` threads, so decoding never
@@ -17,6 +20,7 @@ import re
 
 import tensorflow as tf
 
+from knl_train import log as knl_log
 from knl_train.data import augment as aug
 from knl_train.errors import UserError
 
@@ -25,6 +29,10 @@ TAG = "knl-train data error: "
 # so AutoGraph's source-to-source conversion, seconds of start-up, is skipped.
 plain = tf.autograph.experimental.do_not_convert
 END = " <<end>>"
+# Unusable images in a row after which a training stream gives up. Shuffled, a dataset with a
+# fraction f of bad images has such a run with odds about f**1000: never, unless nearly all are
+# bad; a run costs at most 1000 failed reads (well under a second on local disk).
+GIVE_UP = 1000
 
 
 class SkipCounter:
@@ -65,7 +73,8 @@ def user_errors():
         msg = as_user_message(e)
         if msg is None:
             raise
-        raise UserError(msg) from None
+        # The data is this rank's shard: this rank says it, the others stop quietly.
+        raise knl_log.this_rank(UserError(msg)) from None
 
 
 def as_user_message(e):
@@ -73,63 +82,98 @@ def as_user_message(e):
     return m.group(1).strip() if m else None
 
 
-def images(ds, load, transform, *, image_size: int, seed: int, rank: int, threads: int,
-           skips: "SkipCounter | None", epoch=0, start=0, finite: "bool | None" = None):
+def images(ds, load, transform, *, name, image_size: int, seed: int, rank: int, threads: int,
+           skips: "SkipCounter | None", epoch=0, start=0, give_up: "int | None" = None,
+           where: str = ""):
     """Map a stream of raw elements to (image, label), skipping and counting bad images.
 
     ``load(elem) -> (bytes, label int32, problem string)``; ``problem`` non-empty stops the run.
+    ``name(elem)``: a string naming the element's file (for messages; it must not fail).
     ``transform(bytes, seed[2]) -> float32 [image_size, image_size, 3]``. Element i of the
     stream (counted from ``start``, its position in the epoch) is augmented with the stateless
     seed (seed, rank, epoch, i), so a resumed epoch repeats its augmentations exactly.
-    ``epoch`` and ``start`` may be tensors (inside ``across_epochs``); ``finite`` says whether
-    the stream ends (None: ask its cardinality, which only an eager dataset can answer).
+    ``epoch`` and ``start`` may be tensors (inside ``across_epochs``). ``give_up``: stop with a
+    problem naming ``where`` (the data's directory) after this many unusable images in a row: a
+    training stream never ends, so one that finds nothing usable would otherwise spin forever.
     """
     base = tf.cast(stream_seed(seed, rank, epoch), tf.int64)
     zeros = tf.zeros([image_size, image_size, 3], tf.float32)
 
-    def decode(idx, elem):
-        data, label, why = load(elem)
-        ok = aug.looks_valid(data)
-        img = tf.cond(ok, lambda: transform(data, tf.stack([base, idx])), lambda: zeros)
-        img.set_shape([image_size, image_size, 3])
-        return idx, img, label, why, ok
+    def stage(idx, elem, tick):
+        def decode():
+            data, label, why = load(elem)
+            ok = aug.looks_valid(data)
+            img = tf.cond(ok, lambda: transform(data, tf.stack([base, idx])), lambda: zeros)
+            img.set_shape([image_size, image_size, 3])
+            return img, label, why, ok
 
-    # A finite stream (evaluation) ends with a sentinel, so that a bad image at its very end still
-    # leaves a gap to count. Training streams never end (they run on into a fallback order), and
-    # skip the sentinel's per-element cost.
-    if finite is None:
-        finite = int(ds.cardinality()) != tf.data.INFINITE_CARDINALITY
-    if finite:
-        dummy = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec)
-        ds = ds.map(plain(lambda *e: (e if len(e) > 1 else e[0], False)))
-        ds = ds.concatenate(tf.data.Dataset.from_tensors((dummy, True)))
+        # A tick reads nothing, so it cannot fail.
+        img, label, why, ok = tf.cond(tick, lambda: (zeros, tf.constant(-1, tf.int32),
+                                                     tf.constant(""), tf.constant(False)), decode)
+        return idx, img, label, why, ok, tick, name(elem)
 
-        def stage(idx, e):
-            elem, sentinel = e
-            return tf.cond(sentinel, lambda: (idx, zeros, tf.constant(-1, tf.int32), tf.constant(""),
-                                              tf.constant(False)),
-                           lambda: decode(idx, elem)) + (sentinel,)
-    else:
-        def stage(idx, *elem):
-            return decode(idx, elem if len(elem) > 1 else elem[0]) + (tf.constant(False),)
-
-    ds = ds.enumerate(start=start).map(plain(stage), num_parallel_calls=threads, deterministic=True)
-    # Whatever still fails to read or decode is dropped here and counted from the gap it leaves.
-    ds = ds.ignore_errors()
+    # Whatever fails to read or decode is dropped by ignore_errors and counted from the gap it
+    # leaves in the running index. Each chunk of elements ends with a tick (a copy of its last
+    # element that is not read), which always comes through: so a gap at the very end of a finite
+    # stream is counted, and a stream in which everything fails still shows its growing gap.
+    chunk = 256 if give_up is None else max(1, min(64, give_up // 4))
+    ds = ds.enumerate(start=start).batch(chunk).map(plain(_with_tick)).unbatch()
+    ds = ds.map(plain(stage), num_parallel_calls=threads, deterministic=True).ignore_errors()
     counter = skips.variable if skips is not None else None
+    where = tf.constant(where)
 
-    def count(last, e):
-        idx, img, label, why, ok, sentinel = e
+    def count(state, e):
+        last, run, seen = state
+        idx, img, label, why, ok, tick, source = e
+        bad = tf.logical_not(ok | tick)  # arrived, and not an image
+        lost = idx - last - 1 + tf.cast(tick, tf.int64)  # failed to read or decode
+        run = run + lost + tf.cast(bad, tf.int64)
+        # The last three bad files met (a tick names its chunk's last, if that one was lost).
+        named = bad | (tick & (lost > 0))
+        seen = tf.where(named & tf.not_equal(source, seen[-1]), tf.concat([seen[1:], [source]], 0),
+                        seen)
         # A tagged problem is the user's to fix: stop (after ignore_errors, which must not eat it).
         checks = [tf.debugging.Assert(tf.equal(tf.strings.length(why), 0), [why])]
+        if give_up is not None:
+            stop = tf.cond(run >= give_up, lambda: _nothing_usable(give_up, seen, where),
+                           lambda: tf.constant(""))
+            checks.append(tf.debugging.Assert(tf.equal(tf.strings.length(stop), 0), [stop]))
         if counter is not None:
-            bad = tf.logical_not(tf.logical_or(ok, sentinel))
-            checks.append(counter.assign_add(idx - last - 1 + tf.cast(bad, tf.int64)))
+            checks.append(counter.assign_add(lost + tf.cast(bad, tf.int64)))
         with tf.control_dependencies(checks):
-            return tf.identity(idx), (tf.identity(img), label, ok)
+            state = (tf.maximum(last, idx), tf.where(ok, tf.zeros_like(run), run), seen)
+            return state, (tf.identity(img), label, ok)
 
-    ds = ds.scan(tf.cast(start, tf.int64) - 1, plain(count))
+    ds = ds.scan((tf.cast(start, tf.int64) - 1, tf.constant(0, tf.int64), tf.fill([3], "")),
+                 plain(count))
     return ds.filter(plain(_keep)).map(plain(_drop_flag))
+
+
+def _with_tick(idx, elem):
+    """A chunk of (index, element) rows, and a tick row after them: its last row again, flagged."""
+    def again(t):
+        return tf.concat([t, t[-1:]], 0)
+    tick = tf.concat([tf.zeros_like(idx, tf.bool), [True]], 0)
+    return again(idx), tf.nest.map_structure(again, elem), tick
+
+
+def _nothing_usable(give_up: int, seen, where):
+    """The problem of a stream whose last ``give_up`` images were all unusable."""
+    examples = tf.strings.reduce_join(tf.boolean_mask(seen, tf.strings.length(seen) > 0),
+                                      separator=", ")
+    gone = tf.equal(tf.size(tf.io.matching_files(glob_literal(where))), 0)
+    return problem(tf.where(
+        gone,
+        tf.strings.join([where, " no longer exists (deleted, moved or unmounted during the run?); "
+                         "restore it and rerun the same command to resume"]),
+        tf.strings.join([f"none of the last {give_up} training images this rank read from ", where,
+                         " could be read and decoded (e.g. ", examples, "); check that the files "
+                         "are whole JPEG or PNG images, and replace or remove the bad ones"])))
+
+
+def glob_literal(path):
+    """``path`` (a string tensor) as a ``matching_files`` pattern that matches itself only."""
+    return tf.strings.regex_replace(path, r"([\[*?])", r"[\1]")
 
 
 def stream_seed(seed: int, rank: int, epoch: int = 0) -> int:
@@ -137,13 +181,14 @@ def stream_seed(seed: int, rank: int, epoch: int = 0) -> int:
     return seed * 1_000_003 + rank + epoch * 1_000_000_007
 
 
-def train_batches(ds, load, *, size: int, rank: int, world: int, per_rank_batch: int,
-                  image_size: int, seed: int, threads: int, augment, skips, epoch,
-                  skip_batches, num_batches=None, inner: bool = False):
+def train_batches(ds, load, *, name, where: str, size: int, rank: int, world: int,
+                  per_rank_batch: int, image_size: int, seed: int, threads: int, augment, skips,
+                  epoch, skip_batches, num_batches=None, inner: bool = False):
     """A reader's training batches from ``ds``, its raw stream from batch ``skip_batches`` on
     (the reader has dropped what precedes it): decode, augment, batch, take, prefetch.
 
     ``size``: the split's image count; the epoch has ``size // global_batch`` batches.
+    ``name``, ``where``: as in ``images`` (the stream gives up after ``GIVE_UP`` bad images).
     ``inner``: one epoch of ``across_epochs``, which prefetches and sets the threads itself.
     """
     augment = aug.resolve(augment)
@@ -151,8 +196,9 @@ def train_batches(ds, load, *, size: int, rank: int, world: int, per_rank_batch:
     if num_batches is None:
         num_batches = steps - skip_batches
     ds = images(ds, load, lambda data, s: aug.train_image(data, s, image_size, augment),
-                image_size=image_size, seed=seed, rank=rank, threads=threads, skips=skips,
-                epoch=epoch, start=skip_batches * per_rank_batch, finite=False)
+                name=name, image_size=image_size, seed=seed, rank=rank, threads=threads,
+                skips=skips, epoch=epoch, start=skip_batches * per_rank_batch, give_up=GIVE_UP,
+                where=where)
     ds = ds.batch(per_rank_batch, drop_remainder=True).take(num_batches)
     return ds if inner else with_threads(ds.prefetch(2), threads)
 
@@ -178,7 +224,7 @@ def across_epochs(one_epoch, *, first_epoch: int, skip_batches: int, batches_per
     return with_threads(ds.take(num_batches).prefetch(prefetch), threads)
 
 
-def eval_batches(ds, load, *, batch: int, image_size: int, threads: int, augment, skips,
+def eval_batches(ds, load, *, name, batch: int, image_size: int, threads: int, augment, skips,
                  cache: bool = False):
     """A reader's evaluation batches from ``ds``, its raw stream: decode, center, batch.
 
@@ -187,7 +233,7 @@ def eval_batches(ds, load, *, batch: int, image_size: int, threads: int, augment
     """
     augment = aug.resolve(augment)
     ds = images(ds, load, lambda data, s: aug.eval_image(data, image_size, augment),
-                image_size=image_size, seed=0, rank=0, threads=threads, skips=skips)
+                name=name, image_size=image_size, seed=0, rank=0, threads=threads, skips=skips)
     ds = ds.batch(batch)
     if cache:
         ds = ds.cache()

@@ -7,6 +7,7 @@ wnid), ``image/height``, ``image/width``, ``image/colorspace`` and ``image/chann
 named ``train-00000-of-01024`` and ``validation-00000-of-00128``; ``knl_tfrecord.json`` beside
 them records the classes, the label offset and the example counts (the reader uses it when it
 is there; plain ImageNet TFRecords need ``num_classes`` and optionally ``num_examples``).
+The writer leaves out images the trainer could not use and lists them in ``unreadable.txt``.
 
 Reader sharding: when the split has at least ``world`` files and a multiple of ``world``, rank r
 reads every world-th file of the epoch's (seeded, identical on all ranks) file order; otherwise
@@ -45,7 +46,11 @@ def assign(n: int, shards: int, seed: int = 0):
 def to_tfrecord(src, out, *, shards: int, workers: int = 1, label_offset: int = 1,
                 val_shards: Optional[int] = None, progress: bool = True) -> dict:
     """Convert the folder dataset ``src`` (train/ and, if present, val/) into TFRecord shards in
-    ``out``. Returns the metadata written to ``out/knl_tfrecord.json``."""
+    ``out``. Returns the metadata written to ``out/knl_tfrecord.json``.
+
+    Images the trainer could not use (``augment.readable``: empty, cut-off, not JPEG or PNG) are
+    left out, counted in the metadata, listed in ``out/unreadable.txt`` and named in a warning.
+    A split with no usable image at all is an error, and nothing is left behind."""
     from knl_train.data import folder
     if shards < 1:
         raise UserError(f"--shards must be >= 1, got {shards}")
@@ -59,39 +64,89 @@ def to_tfrecord(src, out, *, shards: int, workers: int = 1, label_offset: int = 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    jobs = []
+    jobs, prefix_of = [], {}
     for prefix, (split, n_shards) in splits.items():
         if n_shards > len(split):
             raise UserError(f"{prefix} has {len(split)} images, fewer than --shards {n_shards}")
         for name, idx in zip(shard_names(prefix, n_shards), assign(len(split), n_shards)):
             items = [(split.files[i], split.labels[i] + label_offset, classes[split.labels[i]]) for i in idx]
             jobs.append((str(out / name), items))
-    total = sum(len(items) for _, items in jobs)
-    from tqdm import tqdm
-    with tqdm(total=total, desc=f"to-tfrecord {out.name}", unit="img", disable=not progress,
-              mininterval=1.0) as bar:
-        if workers == 1:
-            for job in jobs:
-                bar.update(write_shard(job))
-        else:
-            import multiprocessing
-            # spawn: the parent may have TF loaded, and a forked TF runtime is not safe.
-            with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-                for n in pool.imap_unordered(write_shard, jobs):
-                    bar.update(n)
+            prefix_of[str(out / name)] = prefix
+    bad = {prefix: [] for prefix in splits}
+    for path, unreadable in _write_all(jobs, workers, progress, desc=f"to-tfrecord {out.name}"):
+        bad[prefix_of[path]].extend(unreadable)
+    for prefix, (split, _) in splits.items():
+        if len(bad[prefix]) == len(split):
+            for path in prefix_of:
+                Path(path).unlink(missing_ok=True)
+            where = Path(src) / ("train" if prefix == "train" else "val")
+            raise UserError(f"none of the {len(split)} images in {where} can be read and decoded "
+                            f"(e.g. {_examples(bad[prefix])}); nothing was written: check that "
+                            "they are whole JPEG or PNG files")
     meta = {"classes": list(classes), "label_offset": label_offset,
-            "splits": {p: {"shards": n, "examples": len(s)} for p, (s, n) in splits.items()}}
+            "splits": {p: {"shards": n, "examples": len(s) - len(bad[p]), "unreadable": len(bad[p])}
+                       for p, (s, n) in splits.items()}}
+    _report_unreadable(out, {p: sorted(b) for p, b in bad.items()},
+                       {p: len(s) for p, (s, _) in splits.items()})
     from knl_train.atomic import write_json_atomic
     write_json_atomic(out / METADATA, meta)
     return meta
 
 
-def write_shard(job) -> int:
-    """Write one shard (temporary file, then rename); returns its number of examples."""
+UNREADABLE = "unreadable.txt"
+
+
+def _examples(paths, k: int = 3) -> str:
+    return ", ".join(sorted(paths)[:k]) + (", ..." if len(paths) > k else "")
+
+
+def _report_unreadable(out: Path, bad: dict, totals: dict) -> None:
+    """List the left-out images in ``out/unreadable.txt`` (removed when there are none) and say
+    how many there were, naming a few."""
+    from knl_train import log as knl_log
+    from knl_train.atomic import write_text_atomic
+    listing = out / UNREADABLE
+    if not any(bad.values()):
+        listing.unlink(missing_ok=True)
+        return
+    write_text_atomic(listing, "".join(f"{path}\n" for paths in bad.values() for path in paths))
+    for prefix, paths in bad.items():
+        if paths:
+            knl_log.get(__name__).warning(
+                f"left out {len(paths)} of {totals[prefix]} {prefix} images that cannot be read "
+                f"and decoded (e.g. {_examples(paths)}); all are listed in {listing}")
+
+
+def _write_all(jobs, workers: int, progress: bool, desc: str) -> list:
+    """Write the shards of ``jobs``; returns each one's (path, unreadable sources)."""
+    from tqdm import tqdm
+    done = []
+    with tqdm(total=sum(len(items) for _, items in jobs), desc=desc, unit="img",
+              disable=not progress, mininterval=1.0) as bar:
+        def collect(results):
+            for path, n, unreadable in results:
+                bar.update(n)
+                done.append((path, unreadable))
+
+        if workers == 1:
+            collect(map(write_shard, jobs))
+        else:
+            import multiprocessing
+            # spawn: the parent may have TF loaded, and a forked TF runtime is not safe.
+            with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+                collect(pool.imap_unordered(write_shard, jobs))
+    return done
+
+
+def write_shard(job):
+    """Write one shard (temporary file, then rename) of the usable images among its sources;
+    returns (its path, the number of sources, the unusable sources)."""
     path, items = job
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import tensorflow as tf
     from PIL import Image
+
+    from knl_train.data.augment import readable
     tmp = f"{path}.tmp-{os.getpid()}"
 
     def b(v):
@@ -100,14 +155,21 @@ def write_shard(job) -> int:
     def i(v):
         return tf.train.Feature(int64_list=tf.train.Int64List(value=[v]))
 
+    unreadable = []
     try:
         with tf.io.TFRecordWriter(tmp) as w:
             for file, label, synset in items:
-                data = Path(file).read_bytes()
+                try:
+                    data = Path(file).read_bytes()
+                except OSError:
+                    data = b""
+                if not readable(data):
+                    unreadable.append(file)
+                    continue
                 try:
                     with Image.open(file) as im:
                         (width, height), fmt = im.size, (im.format or "JPEG")
-                except Exception:  # unreadable: written as is; the reader skips and counts it
+                except Exception:  # TF decodes it, PIL cannot say its size: size unknown
                     width = height = 0
                     fmt = "JPEG"
                 ex = tf.train.Example(features=tf.train.Features(feature={
@@ -121,7 +183,7 @@ def write_shard(job) -> int:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return len(items)
+    return path, len(items), unreadable
 
 
 # ---- reader ---------------------------------------------------------------------------------------
@@ -203,20 +265,33 @@ def _records(split: TFRecordSplit, *, rank: int, world: int, seed: Optional[int]
         names = tf.random.experimental.stateless_shuffle(
             names, seed=tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)]))
     files = tf.data.Dataset.from_tensor_slices(names)
-
-    def read(f):
-        return tf.data.TFRecordDataset(f).map(plain(lambda r: (r, f)))
-
     if _file_level(len(split.files), world):
         files = files.shard(world, rank)
         n = -(-len(split.files) // world)
-        ds = files.interleave(plain(read), cycle_length=max(1, min(threads, n)), block_length=1,
+        ds = files.interleave(plain(_read_shard), cycle_length=max(1, min(threads, n)), block_length=1,
                               num_parallel_calls=max(1, min(threads, n)), deterministic=True)
     else:
-        ds = files.flat_map(plain(read)).shard(world, rank)
+        ds = files.flat_map(plain(_read_shard)).shard(world, rank)
     if seed is not None and shuffle_buffer > 1:
         ds = ds.shuffle(shuffle_buffer, seed=seed * 7919 + rank, reshuffle_each_iteration=True)
     return ds
+
+
+# Stands in for the records of a shard that no longer exists (never a serialized Example, whose
+# first byte is a field tag, never 0): the loader turns it into a tagged error naming the shard.
+GONE = b"\x00knl-train: shard gone"
+
+
+def _read_shard(f):
+    """(record, f) of shard ``f``; if ``f`` is gone (the data deleted or unmounted since the
+    listing), a single ``GONE`` record instead of an open error, which ``ignore_errors`` would
+    swallow, retrying it forever."""
+    import tensorflow as tf
+    from knl_train.data.pipeline import glob_literal, plain
+    there = tf.size(tf.io.matching_files(glob_literal(f))) > 0
+    records = tf.data.TFRecordDataset(tf.boolean_mask(tf.reshape(f, [1]), tf.reshape(there, [1])))
+    gone = tf.data.Dataset.from_tensors(tf.constant(GONE)).repeat(1 - tf.cast(there, tf.int64))
+    return records.concatenate(gone).map(plain(lambda r: (r, f)))
 
 
 def _loader(split: TFRecordSplit):
@@ -224,29 +299,44 @@ def _loader(split: TFRecordSplit):
     from knl_train.data.pipeline import problem
     offset, n = int(split.label_offset), len(split.classes)
     spec = {"image/encoded": tf.io.VarLenFeature(tf.string),
-            "image/class/label": tf.io.VarLenFeature(tf.int64)}
+            "image/class/label": tf.io.VarLenFeature(tf.int64),
+            "image/filename": tf.io.VarLenFeature(tf.string)}
 
     def load(elem):
         record, source = elem
-        f = tf.io.parse_single_example(record, spec)
+        is_gone = tf.equal(record, GONE)
+        f = tf.io.parse_single_example(tf.where(is_gone, tf.constant(b""), record), spec)
         enc, lab = f["image/encoded"].values, f["image/class/label"].values
         data = tf.strings.reduce_join(enc[:1])
         raw = tf.reduce_sum(lab[:1])
         label = raw - offset
+        # "the record of image x.JPEG in shard-path", or "a record in shard-path" without a name
+        name = tf.strings.reduce_join(f["image/filename"].values[:1])
+        record_in = tf.where(tf.strings.length(name) > 0,
+                             tf.strings.join(["the record of image ", name, " in ", source]),
+                             tf.strings.join(["a record in ", source]))
         missing = lambda key: problem(tf.strings.join([  # noqa: E731
-            "a record in ", source, f" has no feature {key} (the standard ImageNet schema has "
+            record_in, f" has no feature {key} (the standard ImageNet schema has "
             "image/encoded and image/class/label); rewrite the shards with 'knl-train data to-tfrecord'"]))
         bad_label = problem(tf.strings.join([
-            "label ", tf.strings.as_string(raw), " in ", source, f" is outside [0, {n}) after "
+            "label ", tf.strings.as_string(raw), " of ", record_in, f" is outside [0, {n}) after "
             f"subtracting label_offset {offset} (got ", tf.strings.as_string(label),
             "); set data.label_offset (1 for TF's build_imagenet_data, 0 for 0-based labels) "
             "or data.num_classes to match the data"]))
-        why = tf.where(tf.size(enc) == 0, missing("image/encoded"),
-                       tf.where(tf.size(lab) == 0, missing("image/class/label"),
-                                tf.where((label < 0) | (label >= n), bad_label, tf.constant(""))))
+        gone = problem(tf.strings.join([
+            "TFRecord shard ", source, " no longer exists (deleted, moved or unmounted during the "
+            "run?); restore it and rerun the same command to resume"]))
+        why = tf.where(is_gone, gone, tf.where(
+            tf.size(enc) == 0, missing("image/encoded"),
+            tf.where(tf.size(lab) == 0, missing("image/class/label"),
+                     tf.where((label < 0) | (label >= n), bad_label, tf.constant("")))))
         return data, tf.cast(label, tf.int32), why
 
     return load
+
+
+def _source(elem):
+    return elem[1]
 
 
 def train_dataset(split: TFRecordSplit, *, rank: int, world: int, per_rank_batch: int, image_size: int,
@@ -262,7 +352,8 @@ def train_dataset(split: TFRecordSplit, *, rank: int, world: int, per_rank_batch
                   shuffle_buffer=shuffle_buffer).skip(skip_batches * per_rank_batch)
     # Runs on in a fixed order if skipped images leave a rank short (see folder.train_dataset).
     ds = ds.concatenate(_records(split, rank=rank, world=world, seed=None, threads=threads).repeat())
-    return train_batches(ds, _loader(split), size=len(split), rank=rank, world=world,
+    return train_batches(ds, _loader(split), name=_source, where=os.path.dirname(split.files[0]),
+                         size=len(split), rank=rank, world=world,
                          per_rank_batch=per_rank_batch, image_size=image_size, seed=seed,
                          threads=threads, augment=augment, skips=skips, epoch=epoch,
                          skip_batches=skip_batches, num_batches=num_batches, inner=inner)
@@ -272,6 +363,6 @@ def eval_dataset(split: TFRecordSplit, *, rank: int, world: int, batch: int, ima
                  threads: int = 1, augment=None, skips=None, cache: bool = False):
     from knl_train.data.pipeline import eval_batches
     ds = _records(split, rank=rank, world=world, seed=None, threads=threads)
-    return eval_batches(ds, _loader(split), batch=batch, image_size=image_size, threads=threads,
-                        augment=augment, skips=skips, cache=cache)
+    return eval_batches(ds, _loader(split), name=_source, batch=batch, image_size=image_size,
+                        threads=threads, augment=augment, skips=skips, cache=cache)
 

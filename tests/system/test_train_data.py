@@ -72,3 +72,38 @@ def test_labels_out_of_range_stop_with_a_clear_error(tiny_tfrecords, tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "knl-train: error:" in proc.stderr and "label" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_every_image_unreadable_stops_two_ranks_with_one_line(launch, tiny_dataset, tmp_path):
+    import time
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    for f in (data / "train").glob("*/*.JPEG"):
+        f.write_bytes(b"not an image")
+    started = time.monotonic()
+    proc = launch(KNL_TRAIN, "train", "--set", f"data.path={data}", "--set", f"run_dir={tmp_path / 'run'}",
+                  *COMMON, timeout=240)
+    seconds = time.monotonic() - started
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "none of the last 1000 training images" in line]
+    assert lines, proc.stderr
+    assert all(line.startswith("knl-train: error") and str(data / "train") in line for line in lines)
+    assert "Traceback" not in proc.stderr
+    assert seconds < 120, seconds  # start-up and 1000 failed reads, not a hang
+
+
+@pytest.mark.slow
+def test_jpegs_with_trailing_bytes_train_with_none_skipped(tiny_dataset, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    for f in data.glob("*/*/*.JPEG"):
+        f.write_bytes(f.read_bytes() + b"\x00" * 32 + b"camera trailer")
+    run = tmp_path / "run"
+    proc = run_cli("train", "--set", f"data.path={data}", "--set", f"run_dir={run}",
+                   "--set", "data.image_size=16", "--set", "per_rank_batch=16", "--set", "epochs=1",
+                   "--set", "log_every=100", timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    epochs = [r for r in read_jsonl(run / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert [r["skipped_images"] for r in epochs] == [0] and epochs[0]["val_count"] == 40
+    assert "unreadable" not in proc.stdout + proc.stderr

@@ -63,12 +63,64 @@ def test_flip_mode_eval_resizes_the_whole_image():
     np.testing.assert_allclose(out, (pixels - np.array(aug.MEAN_RGB)) / np.array(aug.STDDEV_RGB), atol=1e-4)
 
 
+def _with_thumbnail(jpeg, thumb):
+    """``jpeg`` with ``thumb`` (a whole JPEG, SOS and EOI included) inside an APP1 segment after
+    the SOI, as cameras store an EXIF thumbnail."""
+    body = b"Exif\x00\x00" + thumb
+    return jpeg[:2] + b"\xff\xe1" + (len(body) + 2).to_bytes(2, "big") + body + jpeg[2:]
+
+
 def test_looks_valid():
     jpeg, png = _encode(PIXELS), _encode(PIXELS, "PNG")
-    cases = {b"": False, jpeg: True, png: True, jpeg[: len(jpeg) // 2]: False, png[:-20]: False,
+    cases = {b"": False, jpeg: True, png: True, jpeg[: len(jpeg) // 2]: False,
              b"not an image at all": False, b"\xff\xd8\xff" + b"\x00" * 100: False}
     for data, want in cases.items():
         assert bool(aug.looks_valid(tf.constant(data))) is want, data[:20]
+
+
+def test_bytes_after_the_end_marker_are_allowed_a_cut_off_jpeg_is_not():
+    jpeg, png = _encode(PIXELS), _encode(PIXELS, "PNG")
+    progressive = io.BytesIO()
+    Image.fromarray(PIXELS).save(progressive, format="JPEG", progressive=True)
+    progressive = progressive.getvalue()
+    thumbed = _with_thumbnail(jpeg, _encode(PIXELS[:8, :8]))
+    trailers = [b"\x00" * 300, b"garbage" * 50, b"\xff\xda\x00\x08" * 20, jpeg]
+    for base in (jpeg, progressive, thumbed):
+        # PIL reads all of these (the trailer is ignored) ...
+        for trailer in trailers:
+            Image.open(io.BytesIO(base + trailer)).load()
+            assert bool(aug.looks_valid(tf.constant(base + trailer))), trailer[:8]
+        # ... and rejects a file cut off in its scan, even one whose thumbnail is whole.
+        for cut in (base[: len(base) // 2], base[:-40]):
+            with pytest.raises(OSError, match="truncated"):
+                Image.open(io.BytesIO(cut)).load()
+            assert not bool(aug.looks_valid(tf.constant(cut)))
+    assert bool(aug.looks_valid(tf.constant(png + b"trailer" * 10)))
+    # Compiled (as the pipelines run it) it agrees.
+    check = tf.function(aug.looks_valid)
+    assert bool(check(tf.constant(jpeg + b"x" * 100))) and not bool(check(tf.constant(jpeg[:-40])))
+
+
+@pytest.mark.parametrize("mode", ["flip", "inception", "none"])
+def test_a_jpeg_with_trailing_bytes_transforms_as_without_them(mode):
+    jpeg = _encode(PIXELS)
+    a, seed = aug.Augment(mode=mode), tf.constant([3, 4], tf.int64)
+    clean = aug.train_image(tf.constant(jpeg), seed, 32, a).numpy()
+    trailed = aug.train_image(tf.constant(jpeg + b"\x00junk" * 64), seed, 32, a).numpy()
+    np.testing.assert_array_equal(trailed, clean)
+    np.testing.assert_array_equal(aug.eval_image(tf.constant(jpeg + b"junk"), 32, a).numpy(),
+                                  aug.eval_image(tf.constant(jpeg), 32, a).numpy())
+
+
+def test_readable_decodes_what_the_byte_check_lets_through():
+    jpeg, png = _encode(PIXELS), _encode(PIXELS, "PNG")
+    assert aug.readable(jpeg) and aug.readable(png) and aug.readable(jpeg + b"trailer" * 9)
+    # A cut-off PNG passes the byte check (its decoder fails on it, and the pipeline skips it).
+    assert bool(aug.looks_valid(tf.constant(png[:-20]))) and not aug.readable(png[:-20])
+    # A JPEG header with garbage for a body, and an end marker: looks whole, fails to decode.
+    garbage = jpeg[:20] + bytes(range(256)) * 2 + b"\xff\xd9"
+    assert not aug.readable(garbage)
+    assert not aug.readable(b"") and not aug.readable(jpeg[: len(jpeg) // 2])
 
 
 @pytest.mark.parametrize("kwargs, needle", [

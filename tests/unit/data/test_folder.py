@@ -243,3 +243,90 @@ def test_an_empty_val_directory_is_named(tmp_path):
     (tmp_path / "val" / "n01").mkdir(parents=True)
     with pytest.raises(UserError, match=f"{tmp_path / 'val' / 'n01'} holds no images"):
         folder.scan(tmp_path, "val", folder.list_classes(tmp_path))
+
+
+# ---- folder: JPEGs with trailing bytes, nothing usable, the directory gone --------------------------
+@pytest.fixture()
+def small_demo(tmp_path):
+    root = tmp_path / "ds"
+    make_demo(root, DemoSpec(classes=2, train_per_class=6, val_per_class=1, size=16, seed=2),
+              progress=False)
+    classes = folder.list_classes(root)
+    return root, classes
+
+
+def _train_files(root):
+    return sorted((Path(root) / "train").glob("*/*.JPEG"))
+
+
+@pytest.mark.parametrize("augment", ["flip", "inception"])
+def test_jpegs_with_bytes_after_their_end_marker_train_and_none_is_skipped(small_demo, augment):
+    root, classes = small_demo
+    split = folder.scan(root, "train", classes)
+    clean = [b[0].numpy() for b in folder.train_dataset(split, rank=0, world=1, per_rank_batch=4,
+                                                         image_size=16, seed=3, augment=augment)]
+    for f in _train_files(root):  # what some cameras and editors leave after the EOI
+        f.write_bytes(f.read_bytes() + b"\x00" * 64 + b"trailer")
+    skips = folder.SkipCounter()
+    trailed = [b[0].numpy() for b in folder.train_dataset(split, rank=0, world=1, per_rank_batch=4,
+                                                           image_size=16, seed=3, augment=augment,
+                                                           skips=skips)]
+    assert len(trailed) == len(clean) == 3 and skips.count == 0
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(clean, trailed))
+
+
+def _all_of_one_rank(split, **kw):
+    """Iterate rank 1's training stream of a two-rank job as the trainer does, under user_errors."""
+    from knl_train.data.pipeline import user_errors
+    with user_errors():
+        return list(folder.train_dataset(split, rank=1, world=2, per_rank_batch=2, image_size=16,
+                                         seed=0, **kw))
+
+
+def test_a_stream_with_no_usable_image_is_an_error_naming_the_directory_and_files(small_demo,
+                                                                                 monkeypatch):
+    from knl_train.data import pipeline
+    monkeypatch.setattr(pipeline, "GIVE_UP", 40)
+    root, classes = small_demo
+    files = _train_files(root)
+    for i, f in enumerate(files):  # empty, cut off, not an image, a header and garbage
+        good = f.read_bytes()
+        f.write_bytes([b"", good[: len(good) // 2], b"text" * 30,
+                       good[:20] + b"\x00" * 99 + b"\xff\xd9"][i % 4])
+    split = folder.scan(root, "train", classes)
+    skips = folder.SkipCounter()
+    with pytest.raises(UserError) as e:
+        _all_of_one_rank(split, skips=skips)
+    msg = str(e.value)
+    assert f"none of the last 40 training images this rank read from {root / 'train'}" in msg
+    named = [n for n in (str(f) for f in files) if n in msg]
+    assert len(named) == 3, msg  # examples of the bad files
+    assert skips.count >= 40  # the 40 at least (a gap counts when the next element comes)
+    # One usable image in the rank's share is enough: the stream fills its batches with it.
+    good_root = root.parent / "good"
+    make_demo(good_root, DemoSpec(classes=2, train_per_class=6, val_per_class=1, size=16, seed=2),
+              progress=False)
+    kept = files[0]
+    kept.write_bytes((good_root / kept.relative_to(root)).read_bytes())
+    batches = folder.train_dataset(split, rank=0, world=1, per_rank_batch=2, image_size=16, seed=0)
+    assert len(list(batches)) == 6
+
+
+def test_the_data_directory_deleted_mid_run_is_a_one_line_error(small_demo, monkeypatch):
+    import shutil
+
+    from knl_train.data import pipeline
+    monkeypatch.setattr(pipeline, "GIVE_UP", 40)
+    root, classes = small_demo
+    split = folder.scan(root, "train", classes)
+    ds = folder.train_dataset(split, rank=0, world=1, per_rank_batch=2, image_size=16, seed=0,
+                              num_batches=100)
+    it = iter(ds)
+    next(it)  # reading...
+    shutil.rmtree(root)  # ...when the data goes away
+    with pytest.raises(UserError) as e, pipeline.user_errors():
+        for _ in it:
+            pass
+    msg = str(e.value)
+    assert msg.startswith(f"{root / 'train'} no longer exists") and "\n" not in msg
+    assert "rerun the same command to resume" in msg

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -207,3 +208,108 @@ def test_a_resumed_epoch_continues_where_it_left_off(data, rec):
     assert len(whole) == 12 and rest == whole[4:]
     # Another epoch, another order.
     assert _bytes_of(tfrecord.train_dataset(train, epoch=3, **kw), refs_t) != whole
+
+
+# ---- errors a rank meets in its own shard; unreadable sources at conversion -------------------------
+def test_a_bad_label_in_rank_1s_shard_is_rank_1s_user_error(data, tmp_path):
+    from knl_train import log as knl_log
+    jpeg = Path(data["train"].files[0]).read_bytes()
+
+    def shard(path, label):
+        _write(path, [{"image/encoded": _feature_bytes(jpeg), "image/class/label": _feature_int(label),
+                       "image/filename": _feature_bytes(f"img{k}.JPEG".encode())} for k in range(4)])
+
+    names = [tmp_path / n for n in tfrecord.shard_names("train", 2)]
+    for n in names:
+        shard(n, 1)
+    split = tfrecord.scan(tmp_path, "train", num_classes=3)
+    kw = dict(world=2, per_rank_batch=2, image_size=16, seed=4)
+    # Two files, two ranks: each rank reads one file per epoch; find rank 1's in epoch 0.
+    (theirs,) = {s.numpy().decode() for _, s in tfrecord._records(split, rank=1, world=2, seed=4,
+                                                                  threads=1)}
+    shard(theirs, 7)  # outside [0, 3) after the offset of 1
+    assert len(list(tfrecord.train_dataset(split, rank=0, **kw))) == 2  # rank 0's shard is fine
+    with pytest.raises(UserError) as e, user_errors():
+        for _ in tfrecord.train_dataset(split, rank=1, **kw):
+            pass
+    msg = str(e.value)
+    assert re.match(rf"label 7 of the record of image img[0-3]\.JPEG in {re.escape(theirs)} is "
+                    r"outside \[0, 3\)", msg), msg
+    assert "\n" not in msg and "data.label_offset" in msg
+    assert knl_log.seen_by_this_rank(e.value)  # this rank's to say
+
+
+def test_a_shard_deleted_mid_run_is_a_one_line_error(data, tmp_path):
+    import shutil
+    root = tmp_path / "rec"
+    shutil.copytree(data["base"] / "rec4", root)
+    split = tfrecord.scan(root, "train")
+    it = iter(tfrecord.train_dataset(split, rank=0, world=1, per_rank_batch=2, image_size=16,
+                                     seed=0, num_batches=100))
+    next(it)
+    shutil.rmtree(root)
+    with pytest.raises(UserError) as e, user_errors():
+        for _ in it:
+            pass
+    msg = str(e.value)
+    assert msg.startswith(f"TFRecord shard {root}/train-0000") and "no longer exists" in msg
+    assert "\n" not in msg
+
+
+def test_shards_with_no_usable_image_are_an_error_naming_them(tmp_path, monkeypatch):
+    from knl_train.data import pipeline
+    monkeypatch.setattr(pipeline, "GIVE_UP", 30)
+    for name in tfrecord.shard_names("train", 2):
+        _write(tmp_path / name, [{"image/encoded": _feature_bytes(b"not an image"),
+                                  "image/class/label": _feature_int(1)}] * 5)
+    with pytest.raises(UserError) as e:
+        _iterate(tfrecord.scan(tmp_path, "train", num_classes=3))
+    msg = str(e.value)
+    assert msg.startswith(f"none of the last 30 training images this rank read from {tmp_path} could "
+                          f"be read and decoded (e.g. {tmp_path}/train-0000")
+
+
+def _damage(src, dst, bad):
+    """A copy of the folder dataset ``src`` whose first ``bad`` train images are unreadable."""
+    import shutil
+    shutil.copytree(src, dst)
+    files = sorted((dst / "train").glob("*/*.JPEG"))
+    for i, f in enumerate(files[:bad]):
+        good = f.read_bytes()
+        f.write_bytes([b"", good[: len(good) // 2], b"not an image"][i % 3])
+    return [str(f) for f in files[:bad]]
+
+
+def test_to_tfrecord_leaves_out_unreadable_images_and_names_them(data, tmp_path, capsys):
+    bad = _damage(data["src"], tmp_path / "src", 4)
+    (tmp_path / "out").mkdir()
+    meta = tfrecord.to_tfrecord(tmp_path / "src", tmp_path / "out", shards=2, progress=False)
+    assert meta["splits"]["train"] == {"shards": 2, "examples": 20, "unreadable": 4}
+    assert meta["splits"]["validation"]["unreadable"] == 0
+    listed = (tmp_path / "out" / tfrecord.UNREADABLE).read_text().splitlines()
+    assert listed == sorted(bad)
+    err = capsys.readouterr().err
+    assert f"knl-train: warning: left out 4 of 24 train images that cannot be read and decoded (e.g. " \
+           f"{sorted(bad)[0]}" in err and str(tmp_path / "out" / tfrecord.UNREADABLE) in err
+    split = tfrecord.scan(tmp_path / "out", "train")
+    assert len(split) == 20 and len(read_examples(split)) == 20
+    kept = {Path(f).read_bytes() for f in folder.scan(tmp_path / "src", "train", data["classes"]).files
+            if f not in bad}
+    assert {d for d, _ in read_examples(split)} == kept
+    # Converted again after a fix, the stale list goes.
+    for f in bad:
+        Path(f).unlink()
+    tfrecord.to_tfrecord(tmp_path / "src", tmp_path / "out", shards=2, progress=False)
+    assert not (tmp_path / "out" / tfrecord.UNREADABLE).exists()
+
+
+def test_to_tfrecord_fails_when_nothing_is_readable(data, tmp_path):
+    _damage(data["src"], tmp_path / "src", len(data["train"]))
+    proc = run_cli("data", "to-tfrecord", "--src", tmp_path / "src", "--out", tmp_path / "out",
+                   "--shards", "2", "--quiet")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"knl-train: error: none of the 24 images in {tmp_path / 'src' / 'train'} can be read")
+    assert "nothing was written" in lines[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []
