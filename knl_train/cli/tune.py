@@ -173,8 +173,7 @@ def workload_from_args(args) -> Workload:
 def _check_model(name: str) -> None:
     # Here, not at the top: the registry imports TensorFlow, which the CLI loads only to run.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from knl_train.models.registry import MODELS
-    import knl_train.models  # noqa: F401  (registers the models)
+    from knl_train.models import MODELS  # registers the models
     if name not in MODELS:
         raise UserError(f"--model {name!r} is not in the registry{did_you_mean(name, MODELS)}; "
                         f"available: {', '.join(sorted(MODELS))}")

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Literal, Optional, Tuple
 
-from knl_train import yamlconfig
+from knl_train import resources, yamlconfig
 from knl_train.errors import UserError
-from knl_train import resources
+from knl_train.studies import walltime
+from knl_train.tuning import preset as presets
 
 # Scheduler names, account, queue, QoS and constraint values go into directive lines, which
 # the schedulers parse themselves (not a shell): allow only what such names are made of.
@@ -32,6 +33,11 @@ class Queue:
 
     def __post_init__(self):
         safe_value("queues[].name", self.name)
+        if self.max_walltime is not None:
+            try:
+                walltime.minutes(self.max_walltime, {})
+            except UserError as e:
+                raise ValueError(f"queue {self.name}: max_walltime: {e}") from None
         if self.max_nodes is not None and self.max_nodes < self.min_nodes:
             raise ValueError(f"queue {self.name}: max_nodes {self.max_nodes} < min_nodes {self.min_nodes}")
 
@@ -65,6 +71,10 @@ class Site:
     memory_modes: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
     memory_mode: Optional[Literal["cache", "flat"]] = None
     exclusive: bool = True
+    # Whether the scheduler may requeue a job (node failure, preemption): Slurm --requeue, PBS -r y.
+    # False renders --no-requeue / -r n, so a lost node ends the job where status and
+    # `study submit --retry-failed` see it, rather than the cluster's default rerunning it unseen.
+    requeue: bool = False
     # Slurm's MPI plugin for srun (pmix for Open MPI 4; pmi2 for Intel MPI with I_MPI_PMI_LIBRARY).
     srun_mpi: Optional[str] = "pmix"
     mpirun_args: Tuple[str, ...] = ()
@@ -142,3 +152,52 @@ def load(ref: str, base: Optional[Path] = None) -> Site:
     if site.topology.endswith(".json") and not Path(site.topology).is_absolute():
         object.__setattr__(site, "topology", str((path.parent / site.topology).resolve()))
     return site
+
+
+# ---- the node's CPU against a preset ---------------------------------------------------------------
+def preset_mismatch(site: Site, chosen: presets.Preset, planned) -> Optional[str]:
+    """Why preset ``chosen`` is for another CPU than the site's node, or None when it fits.
+
+    The node's CPU is the machine's own when the site plans on a detected topology or a snapshot
+    (``planned``), else the CPU of the site's own preset. A site whose preset names no CPU
+    (generic) has a node of unknown family: only a preset that names none either fits it.
+    """
+    if site.topology != "nominal":
+        if chosen.matches(planned):
+            return None
+        return (f"preset {chosen.name} is for {_cpu(chosen)}, but site {site.name}'s node is a "
+                f"{planned.model_name} (use preset {presets.detect(planned).name})")
+    own = _own_preset(site)
+    if own is None or own.name == chosen.name:
+        return None
+    counts = (site.node.sockets, site.node.cores_per_socket, site.node.threads_per_core)
+    if None in counts and own.node is not None:
+        counts = tuple(c or n for c, n in zip(counts, (own.node.sockets, own.node.cores_per_socket,
+                                                         own.node.threads_per_core)))
+    shape = " x ".join(f"{c} {w}{'s' if c != 1 else ''}" for c, w in zip(counts, ("socket", "core", "thread"))
+                       if c)
+    if own.node is None:
+        if not chosen.match.vendor and not chosen.match.flags:
+            return None
+        return (f"preset {chosen.name} is for {_cpu(chosen)}, but site {site.name}'s node "
+                f"({shape}) names no CPU family: its preset is {own.name} (use preset {own.name}, "
+                f"or a site profile whose preset names the node's CPU)")
+    if chosen.matches(own.node):
+        return None
+    return (f"preset {chosen.name} is for {_cpu(chosen)}, but site {site.name}'s node is "
+            f"{site.node.model_name or own.node.model_name} ({shape}) "
+            f"(use preset {presets.detect(own.node).name})")
+
+
+def _cpu(preset: presets.Preset) -> str:
+    return preset.title.split(", ")[0]
+
+
+def _own_preset(site: Site) -> Optional[presets.Preset]:
+    """The site's preset, or None when it cannot say (auto, or a file that is not there)."""
+    for ref in (site.preset, str(Path(site.path).parent / site.preset) if site.path else None):
+        try:
+            return presets.load(ref) if ref and ref != "auto" else None
+        except UserError:
+            continue
+    return None

@@ -4,7 +4,8 @@ All three write a time as ``[D-]F[:F[:F]]``; they differ in which of those forms
 what a lone number means. :func:`clock` splits the text; each reader applies its own rules:
 
 - a study (:func:`minutes`): HH:MM:SS, MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, read as Slurm reads
-  them, or else an arithmetic formula in minutes over the point's numbers;
+  them, or else an arithmetic formula in minutes over the point's numbers (of bounded length);
+  either way more than zero, since Slurm reads ``--time=0`` as no limit;
 - Slurm (:func:`valid_slurm`): MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, with the clock
   fields in range;
 - PBS (:func:`valid_pbs`): HH:MM:SS (two-digit MM and SS below 60) or seconds.
@@ -28,6 +29,10 @@ _CLOCK = re.compile(r"(?:(\d+)-)?(\d+(?::\d+)*)")
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
         ast.FloorDiv: operator.floordiv, ast.Pow: lambda a, b: float(a) ** float(b), ast.Mod: operator.mod}
 _FUNCS = {"min": min, "max": max, "ceil": math.ceil, "log2": math.log2, "sqrt": math.sqrt}
+# A formula is a line a person writes: longer ones are refused before parsing (a parser or the
+# evaluator would otherwise recurse into a RecursionError or MemoryError).
+MAX_FORMULA_CHARS = 500
+MAX_FORMULA_NODES = 200
 
 
 @dataclass(frozen=True)
@@ -61,16 +66,33 @@ def minutes(text, variables: Dict[str, float]) -> float:
             h, mi, s = fields[0], (fields[1] if len(fields) > 1 else 0), 0
         else:                           # M:S, as Slurm and PBS both read two fields
             h, mi, s = 0, fields[0], fields[1]
-        return days * 1440 + h * 60 + mi + s / 60
+        total = days * 1440 + h * 60 + mi + s / 60
+        if total <= 0:
+            # Slurm reads --time=0 as no limit at all, PBS as a job that cannot run.
+            raise UserError(f"walltime {text!r} is zero: give the time a point needs, e.g. 00:30:00")
+        return total
+    shown = text if len(text) <= 60 else f"{text[:40]}... ({len(text):,} characters)"
     try:
-        tree = ast.parse(text, mode="eval")
-        value = _eval(tree.body, variables)
-    except (SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError) as e:
-        raise UserError(f"walltime {text!r}: {e}; write HH:MM:SS or a formula in minutes over "
+        value = float(_formula(text, variables))
+    except (SyntaxError, ValueError, TypeError, ZeroDivisionError, OverflowError, RecursionError,
+            MemoryError) as e:
+        why = (e.msg if isinstance(e, SyntaxError) else str(e)) or type(e).__name__
+        raise UserError(f"walltime {shown!r}: {why}; write HH:MM:SS or a formula in minutes over "
                         f"{', '.join(sorted(variables)) or 'no variables'} (e.g. \"10 + 0.5 * repeats\")") from None
-    if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise UserError(f"walltime {text!r} gives {value!r} minutes at {variables}; it must be > 0")
-    return float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise UserError(f"walltime {shown!r} gives {value!r} minutes at {variables}; it must be > 0")
+    return value
+
+
+def _formula(text: str, variables: Dict[str, float]):
+    """A formula's value; ValueError when it is longer than a formula a person writes."""
+    if len(text) > MAX_FORMULA_CHARS:
+        raise ValueError(f"a formula of {len(text):,} characters is too long (at most {MAX_FORMULA_CHARS})")
+    tree = ast.parse(text, mode="eval")
+    nodes = sum(isinstance(n, ast.expr) for n in ast.walk(tree))   # numbers, names, operations
+    if nodes > MAX_FORMULA_NODES:
+        raise ValueError(f"a formula of {nodes} terms and operators is too long (at most {MAX_FORMULA_NODES})")
+    return _eval(tree.body, variables)
 
 
 def _eval(node, variables):

@@ -86,15 +86,59 @@ def test_pbs_accepts_and_rejects_as_before():
     assert [v for v in CANDIDATES if walltime.valid_pbs(v) != old_pbs(v)] == []
 
 
-def test_study_clock_forms_read_as_before():
-    differ = []
+def test_study_clock_forms_read_as_before_but_zero_is_an_error():
+    differ, zeros = [], []
     for text in CANDIDATES:
         want = old_spec_clock(text)
         if want is None:
             continue   # a formula (or an error): below
-        if walltime.minutes(text, {}) != want:
+        if want == 0:
+            with pytest.raises(UserError, match=r"is zero: give the time a point needs"):
+                walltime.minutes(text, {})
+            zeros.append(text)
+        elif walltime.minutes(text, {}) != want:
             differ.append(text)
     assert differ == []
+    assert {"00:00:00", "0:00", "0-0", "0-00:00:00", "00:00"} <= set(zeros)
+    assert all(text.strip("0-:") == "" for text in zeros)
+
+
+@pytest.mark.parametrize("text", ["00:00:00", "0-00:00", "00:00"])
+def test_zero_walltime_is_an_error(text):
+    # Slurm reads --time=00:00:00 as no limit: the study refuses it before rendering.
+    with pytest.raises(UserError) as e:
+        walltime.minutes(text, {})
+    assert str(e.value) == f"walltime {text!r} is zero: give the time a point needs, e.g. 00:30:00"
+    assert walltime.minutes("00:00:01", {}) == pytest.approx(1 / 60)
+
+
+@pytest.mark.parametrize("text, words", [
+    # The issue's case: 200,000 terms, a RecursionError in the parser before.
+    ("+".join(["1"] * 200_000), "a formula of 399,999 characters is too long (at most 500)"),
+    ("1" + "+1" * 250, "a formula of 501 characters is too long (at most 500)"),
+    # 120 names and 119 additions: 239 numbers, names and operations.
+    ("+".join(["n"] * 120), "a formula of 239 terms and operators is too long (at most 200)"),
+    ("-" * 300 + "1", "terms and operators is too long (at most 200)"),
+    ("(" * 240 + "1" + ")" * 240, "too many nested parentheses"),
+])
+def test_formula_length_is_bounded_with_one_line(text, words):
+    with pytest.raises(UserError) as e:
+        walltime.minutes(text, {"n": 2})
+    msg = str(e.value)
+    assert msg.startswith("walltime '") and "\n" not in msg and len(msg) < 400
+    assert words in msg
+
+
+def test_formula_within_bounds_still_evaluates():
+    text = "+".join(["n"] * 100)            # 199 terms and operators: within the bound
+    assert walltime.minutes(text, {"n": 2}) == 200.0
+    assert walltime.MAX_FORMULA_CHARS == 500 and walltime.MAX_FORMULA_NODES == 200
+
+
+def test_formula_with_a_huge_integer_is_an_error_not_a_traceback():
+    # An integer too large for a float: OverflowError when checking it, a line now.
+    with pytest.raises(UserError, match=r"walltime .*int too large to convert to float"):
+        walltime.minutes(" * ".join(["99999999999999999999"] * 20), {})
 
 
 @pytest.mark.parametrize("text", ["1:123", "1:2:3:4", "1-2:3:4:5", "1:", "1-", "-5", "1h", ""])
