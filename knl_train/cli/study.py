@@ -41,7 +41,7 @@ def cmd_study_render(args) -> int:
 def cmd_study_submit(args) -> int:
     from knl_train import studies
     jobs = studies.jobs.submit(args.dir, attempts=args.attempts, base_delay=args.retry_delay,
-                               resubmit=args.resubmit, echo=functools.partial(print, flush=True))
+                               retry_failed=args.retry_failed, echo=functools.partial(print, flush=True))
     new = sum(1 for j in jobs if j.new)
     print(f"{new} job(s) submitted, {len(jobs) - new} already submitted; follow them with "
           f"knl-train study status {args.dir}")
@@ -112,8 +112,9 @@ def add_parsers(sub) -> None:
     ss.add_argument("--attempts", type=int, default=5, help="tries per job on transient scheduler errors")
     ss.add_argument("--retry-delay", type=float, default=2.0,
                     help="first backoff in seconds (doubles per retry, at most 60)")
-    ss.add_argument("--resubmit", action="store_true",
-                    help="PBS: submit points whose earlier submission was cut off (check qstat first)")
+    ss.add_argument("--retry-failed", action="store_true",
+                    help="also submit again the points whose job failed, timed out or lost a node; "
+                         "their training resumes from its checkpoints (retries are counted in the manifest)")
     ss.set_defaults(fn=cmd_study_submit)
     sq = ssub.add_parser("status", help="each point's job state (squeue/sacct/qstat and the jobs' own records)")
     sq.add_argument("dir", help="study directory")

@@ -125,7 +125,10 @@ def time_limit(value: str) -> int:
     if not walltime.valid_slurm(text):
         raise UserError(f"--time={value} is not a time limit: write HH:MM:SS (or MM, MM:SS, D-HH, "
                         "D-HH:MM, D-HH:MM:SS)")
-    minutes = int(text) if text.isdigit() else walltime.minutes(text, {})  # a lone number: minutes
+    try:
+        minutes = int(text) if text.isdigit() else walltime.minutes(text, {})  # a lone number: minutes
+    except UserError:
+        minutes = 0  # a valid Slurm time that walltime refuses is zero: said below, as --time
     seconds = round(minutes * 60)
     if seconds <= 0:
         raise UserError(f"--time={value} is zero: give a limit above zero (or no --time for none)")

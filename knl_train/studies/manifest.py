@@ -13,9 +13,10 @@ import dataclasses
 import datetime as dt
 import fcntl
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 from knl_train.atomic import write_json_atomic
 from knl_train.errors import UserError
@@ -51,6 +52,8 @@ class JobRecord:
     adopted: Optional[bool] = None    # found by name and token after an interrupted submit
     exit_code: Optional[int] = None
     checked: Optional[str] = None     # when status last changed its state
+    retries: Optional[int] = None     # jobs submitted again by `study submit --retry-failed`
+    earlier: Optional[Tuple[str, ...]] = None  # the ids of the jobs those retries replaced
     recorded: Tuple[str, ...] = ()
     # Keys this knl-train does not know (a newer one's, a user's): kept, and written back.
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
@@ -64,13 +67,20 @@ class JobRecord:
         added = tuple(k for k in changes if k not in self.recorded)
         return dataclasses.replace(self, **changes, recorded=self.recorded + added)
 
+    def retried(self) -> "JobRecord":
+        """The record of a new job for a point whose job ended badly: its id kept in ``earlier``."""
+        earlier = (*(self.earlier or ()), *((self.id,) if self.id else ()))
+        fresh = JobRecord.new().updated(retries=(self.retries or 0) + 1, earlier=earlier)
+        return dataclasses.replace(fresh, extra=self.extra)
+
     def to_dict(self) -> Dict[str, Any]:
-        return {**self.extra, **{k: getattr(self, k) for k in self.recorded}}
+        return {**self.extra, **{k: _plain(getattr(self, k)) for k in self.recorded}}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "JobRecord":
         known = tuple(k for k in data if k in _JOB_FIELDS)
-        return cls(**{k: data[k] for k in known}, recorded=known,
+        fields = {k: tuple(data[k]) if isinstance(data[k], list) else data[k] for k in known}
+        return cls(**fields, recorded=known,
                    extra={k: v for k, v in data.items() if k not in _JOB_FIELDS})
 
 
@@ -189,6 +199,7 @@ class Manifest:
             raise UserError(f"{path} is damaged ({e}); render the study again with "
                             "`knl-train study render`") from None
         _check(path, data)
+        _check_types(path, "", cls, data)
         fields = _known(cls, data, path, ("notes",))
         points = tuple(_point(path, p) for p in data["points"])
         return cls(**{**fields, "points": points})
@@ -225,12 +236,53 @@ def _point(path: Path, data) -> PointRecord:
     for key in ("id", "nodes", "ranks", "global_batch", "run_dirs"):
         if key not in data:
             raise UserError(f"{path}: point {data.get('id', '?')} has no '{key}'; render the study again")
+    where = f"point {data['id']}: " if isinstance(data["id"], str) else "a point's "
+    _check_types(path, where, PointRecord, data)
     fields = _known(PointRecord, data, path, ("constraints", "run_dirs"))
     job = data.get("job")
     if job is not None and not isinstance(job, dict):
         raise UserError(f"{path}: point {data['id']}: invalid 'job': {job!r}")
+    if job is not None:
+        _check_types(path, f"point {data['id']}: job ", JobRecord, job)
     fields["job"] = None if job is None else JobRecord.from_dict(job)
     return PointRecord(**fields)
+
+
+def _check_types(path: Path, where: str, cls, data: Mapping[str, Any]) -> None:
+    """One line naming the first field of ``data`` whose value is not of its field's type."""
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        hint = hints.get(key)
+        if hint is None or key in ("points", "job", "extra", "recorded") or _typed(value, hint):
+            continue
+        raise UserError(f"{path}: {where}'{key}' is {json.dumps(value)[:60]}, not {_described(hint)}; "
+                        "correct it or render the study again")
+
+
+def _typed(value, hint) -> bool:
+    """Whether a JSON value fits a field's type (JSON lists for tuples; no bools for numbers)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return any(_typed(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, list) and all(_typed(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is int:
+        return is_integer(value)
+    if hint is float:
+        return is_number(value)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _described(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Union:
+        return " or ".join(_described(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_described(args[0]).split(' ', 1)[1]}s"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            type(None): "null"}.get(hint, str(hint))
 
 
 def _known(cls, data: dict, path: Path, lists: Tuple[str, ...]) -> Dict[str, Any]:

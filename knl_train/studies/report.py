@@ -2,7 +2,10 @@
 
 Definitions follow jobs_and_schedulers.md 2.6: X is throughput (images/s), the median over
 repeats of each repeat's median per-step rate after the warm-up; the baseline is the smallest
-node count with data (N0, X0); speed-up X/X0; efficiency (X/N)/(X0/N0). The projected time to
+node count with data (N0, X0); speed-up X/X0; efficiency (X/N)/(X0/N0). A repeat without step
+records after the warm-up has only summary.json's whole-run rate, which includes the warm-up:
+it is left out of its point's median, and a point with nothing else is marked and is no
+baseline while a point measured after the warm-up exists. The projected time to
 train adds the runs' measured start-up, evaluation and checkpoint costs (:mod:`.projection`).
 The runs are read through :mod:`knl_train.records`, the study through its
 :class:`~.manifest.Manifest`.
@@ -20,7 +23,7 @@ from typing import Dict, List, Optional
 from knl_train import records
 from knl_train.atomic import save_figure_atomic, write_json_atomic, write_text_atomic
 from knl_train.errors import UserError
-from knl_train.studies import accuracy, accuracy_report, projection, walltime
+from knl_train.studies import accuracy, accuracy_report, projection, stragglers, walltime
 from knl_train.studies.manifest import Manifest, PointRecord
 
 RESULTS = "results.json"
@@ -33,6 +36,9 @@ BASE_COLUMNS = ("nodes", "ranks", "global_batch", "images_per_sec", "images_per_
                 *projection.COSTS)
 # Marks a projection made from the step time alone (its runs have no time account).
 STEPS_ONLY = "\u2020"
+# Marks a rate that includes the warm-up (summary.json's whole-run rate: too few step records);
+# not "*", which starts a list item at the head of a Markdown line.
+WARMUP_MARK = "\u2021"
 
 
 # ---- collect ---------------------------------------------------------------------------------
@@ -123,11 +129,18 @@ def collect(study_dir) -> dict:
     points = []
     for p in m.points:
         repeats = [_repeat(study_dir, rel, p, warmup, m.project_epochs) for rel in p.run_dirs]
-        values = [r["images_per_sec"] for r in repeats if r["status"] == "ok"]
+        ok = [r for r in repeats if r["status"] == "ok"]
+        # A whole-run rate includes the warm-up (16 against 526 images/s was seen): it stays
+        # out of the median while a repeat measured after the warm-up exists, and else the
+        # point is marked and kept out of the baseline.
+        clean = [r["images_per_sec"] for r in ok if r["source"] == "metrics"]
+        values = clean or [r["images_per_sec"] for r in ok]
         point = {"id": p.id, "nodes": p.nodes, "ranks_per_node": p.ranks_per_node, "ranks": p.ranks,
                  "global_batch": p.global_batch, "per_rank_batch": p.per_rank_batch, "steps": p.steps,
                  "job": None if p.job is None else p.job.to_dict()}
         point.update({"repeats": repeats, "values": values, "n": len(values),
+                      "warmup_included": bool(values) and not clean,
+                      "left_out": [r["run_dir"] for r in ok if clean and r["source"] != "metrics"],
                       "images_per_sec": statistics.median(values) if values else None,
                       "images_per_sec_min": min(values) if values else None,
                       "images_per_sec_max": max(values) if values else None,
@@ -149,7 +162,7 @@ def projection_column(results: dict) -> str:
 
 
 def columns(results: dict) -> List[str]:
-    return [*BASE_COLUMNS, projection_column(results)]
+    return [*BASE_COLUMNS, projection_column(results), "warmup_included"]
 
 
 def _sorted_points(results: dict) -> List[dict]:
@@ -171,7 +184,8 @@ def table(results: dict) -> List[dict]:
     have = [p for p in _sorted_points(results) if p["n"]]
     if not have:
         return []
-    base = have[0]
+    # A warm-up-inclusive rate is no baseline, unless every point has only such a rate.
+    base = next((p for p in have if not p.get("warmup_included")), have[0])
     n0, x0 = base["nodes"], base["images_per_sec"]
     per_epoch, epochs = results["images_per_epoch"], results["project_epochs"]
     proj = projection_column(results)
@@ -185,8 +199,14 @@ def table(results: dict) -> List[dict]:
                      "images_per_sec_max": p["images_per_sec_max"], "repeats": p["n"],
                      "speedup": x / x0, "efficiency": efficiency(results["scaling"], x, n, x0, n0),
                      "epoch_seconds": per_epoch / x, **costs,
-                     proj: projection.hours(epochs, per_epoch / x, costs)})
+                     proj: projection.hours(epochs, per_epoch / x, costs),
+                     "warmup_included": bool(p.get("warmup_included"))})
     return rows
+
+
+def baseline(rows: List[dict]) -> dict:
+    """The row the speed-ups are relative to (see :func:`table`)."""
+    return next((r for r in rows if not r["warmup_included"]), rows[0])
 
 
 def missing(results: dict) -> List[dict]:
@@ -214,14 +234,16 @@ def csv_text(results: dict, rows: List[dict]) -> str:
     w.writeheader()
     for r in rows:
         # repr keeps every digit of a float, so the CSV reads back to the same numbers.
-        w.writerow({k: repr(v) if isinstance(v, float) else v for k, v in r.items()})
+        w.writerow({k: repr(v) if isinstance(v, float) else str(v).lower() if isinstance(v, bool) else v
+                    for k, v in r.items()})
     return buf.getvalue()
 
 
 def markdown(results: dict, rows: List[dict]) -> str:
     lines = [f"# Scaling study {results['study']}: {results['scaling']} scaling", "",
              *_definitions(results, rows), "", *_table_lines(results, rows),
-             *_gate_lines(rows), *_accuracy_lines(results), *_missing_lines(results)]
+             *_gate_lines(rows), *_accuracy_lines(results), *_missing_lines(results),
+             *stragglers.section(results)]
     notes = _notes(results)
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
@@ -230,13 +252,15 @@ def markdown(results: dict, rows: List[dict]) -> str:
 
 def _definitions(results: dict, rows: List[dict]) -> List[str]:
     """The baseline, and how each column is measured."""
-    base, kind, epochs = rows[0], results["scaling"], results["project_epochs"]
+    base, kind, epochs = baseline(rows), results["scaling"], results["project_epochs"]
     held = ("per-rank batch fixed, global batch grows with the ranks" if kind == "weak"
             else "global batch fixed")
     eff_def = ("(X/N)/(X0/N0)" if kind == "weak" else "X·N0/(X0·N), i.e. T(N0)·N0/(T(N)·N)")
     repeats = results.get("repeats")
+    which = (f"with data; it too includes the warm-up, {WARMUP_MARK}" if base["warmup_included"]
+             else "with data measured after the warm-up")
     lines = [f"Baseline: {base['nodes']} node(s), {base['ranks']} ranks, "
-             f"{base['images_per_sec']:.1f} images/s (the smallest node count with data).", "",
+             f"{base['images_per_sec']:.1f} images/s (the smallest node count {which}).", "",
              f"X = images/s: the median of per-step images/s after {results['warmup_steps']} "
              f"warm-up step(s), then the median over {repeats if repeats else 'the'} repeat(s) "
              f"(min-max shown). {kind.capitalize()} scaling ({held}): speed-up X/X0, "
@@ -268,12 +292,14 @@ def _table_lines(results: dict, rows: List[dict]) -> List[str]:
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         mark = "" if projection.known(r) else f" {STEPS_ONLY}"
+        warm = f" {WARMUP_MARK}" if r["warmup_included"] else ""
         lines.append(f"| {r['nodes']} | {r['ranks']} | {r['global_batch']} | "
-                     f"{r['images_per_sec']:.1f} | {r['images_per_sec_min']:.1f}-"
+                     f"{r['images_per_sec']:.1f}{warm} | {r['images_per_sec_min']:.1f}-"
                      f"{r['images_per_sec_max']:.1f} | {r['repeats']} | {r['speedup']:.2f} | "
                      f"{100 * r['efficiency']:.1f} % | {walltime.hms(r['epoch_seconds'])} | "
                      + " | ".join(_seconds(r[k]) for k in projection.COSTS)
                      + f" | {r[proj]:.2f}{mark} |")
+    lines += _warmup_lines(results)
     unknown = [p for p in _sorted_points(results) if p["n"] and not projection.known(p)]
     if unknown:
         lines += ["", f"{STEPS_ONLY} From the epoch time alone: start-up, evaluations and "
@@ -284,10 +310,36 @@ def _table_lines(results: dict, rows: List[dict]) -> List[str]:
     return lines
 
 
+def _warmup_lines(results: dict) -> List[str]:
+    """The footnote to rates that include the warm-up, and the repeats left out for it."""
+    points = [p for p in _sorted_points(results) if p["n"]]
+    marked = [p for p in points if p.get("warmup_included")]
+    left_out = [p for p in points if p.get("left_out")]
+    if not marked and not left_out:
+        return []
+    why = (f"no step records after the {results['warmup_steps']} warm-up step(s), so "
+           "summary.json's whole-run images/s, which includes the warm-up")
+    lines = [""]
+    if marked:
+        lines += [f"{WARMUP_MARK} Includes the warm-up ({why}): not comparable with the other "
+                  "points, and no baseline while a point measured after the warm-up exists:", ""]
+        lines += [f"- {p['nodes']} node(s): {', '.join(r['run_dir'] for r in p['repeats'] if r['status'] == 'ok')}"
+                  for p in marked]
+        lines.append("")
+    if left_out:
+        lines += [f"Left out of the median over repeats ({why}):", ""]
+        lines += [f"- {p['nodes']} node(s): " + ", ".join(
+            f"{r['run_dir']} ({r['images_per_sec']:.1f} images/s)" for r in p["repeats"]
+            if r["run_dir"] in p["left_out"]) for p in left_out]
+    return lines
+
+
 def _gate_lines(rows: List[dict]) -> List[str]:
     low = [r for r in rows if _below_gate(r)]
     lines = ["", f"## Below {100 * EFFICIENCY_GATE:.0f} % efficiency", "", f"{GATE_SOURCE}.", ""]
-    return lines + ([f"- {r['nodes']} node(s): {100 * r['efficiency']:.1f} %" for r in low]
+    return lines + ([f"- {r['nodes']} node(s): {100 * r['efficiency']:.1f} %"
+                     + (f" (includes the warm-up, {WARMUP_MARK})" if r["warmup_included"] else "")
+                     for r in low]
                     or [f"None: every point reaches {100 * EFFICIENCY_GATE:.0f} %."])
 
 
@@ -327,12 +379,12 @@ def _notes(results: dict) -> List[str]:
         notes.append(f"The {'global' if kind == 'strong' else 'per-rank'} batch differs between "
                      f"points ({', '.join(map(str, sorted(batches, key=str)))}): this is not a "
                      f"clean {kind}-scaling series.")
-    for p in _sorted_points(results):
-        fallback = [r["run_dir"] for r in p["repeats"] if r.get("source") == "summary"]
-        if fallback:
-            notes.append(f"{p['nodes']} node(s): no step records after the warm-up in "
-                         f"{', '.join(fallback)}; used summary.json's whole-run images/s, "
-                         "which includes the warm-up.")
+    # `study submit --retry-failed` counts its retries in the manifest's job records.
+    for p in results["points"]:
+        job = p.get("job") or {}
+        if job.get("retries"):
+            notes.append(f"Point {p['id']} was retried {job['retries']} time(s) (earlier job(s) "
+                         f"{', '.join(job.get('earlier') or ())}); its runs resumed from their checkpoints.")
     return notes
 
 
@@ -349,7 +401,8 @@ def chart(results: dict, rows: List[dict], path: Path) -> None:
     err = [[r["images_per_sec"] - r["images_per_sec_min"] for r in rows],
            [r["images_per_sec_max"] - r["images_per_sec"] for r in rows]]
     eff = [100 * r["efficiency"] for r in rows]
-    n0, x0 = nodes[0], x[0]
+    base = baseline(rows)
+    n0, x0 = base["nodes"], base["images_per_sec"]
     ticks = sorted(set(nodes))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     try:

@@ -65,6 +65,11 @@ class RetriesExhausted(UserError):
     """Every attempt failed transiently: the last one may still have queued the job."""
 
 
+class LookupFailed(TransientError):
+    """The scheduler could not be asked whether a job exists (controller down, command error):
+    not knowing is not "none", so nothing may be submitted for it."""
+
+
 class Scheduler(abc.ABC):
     """The interface every backend implements; see the module docstring."""
 
@@ -115,8 +120,12 @@ class Scheduler(abc.ABC):
         """The job id in the submit command's output, or None if there is none."""
 
     @abc.abstractmethod
-    def find(self, job_name: str, token: str, env: Env = None) -> Optional[str]:
-        """The id of a job already submitted with this name and token, or None."""
+    def find(self, job_name: str, token: str, env: Env = None, *, workdir: Optional[Path] = None,
+             exclude: Sequence[str] = ()) -> Optional[str]:
+        """The id of a job already submitted with this name and token (from ``workdir``, the
+        point's directory, where the token cannot be read back), or None; ids in ``exclude``
+        (a point's earlier jobs) do not count. Raises LookupFailed when the scheduler cannot
+        be asked."""
 
     @abc.abstractmethod
     def status(self, job_ids: Sequence[str], env: Env = None) -> Dict[str, JobState]:
@@ -205,13 +214,14 @@ def submit_with_retry(scheduler: Scheduler, script: Path, *, cwd: Path,
                       after: Optional[str] = None, env: Env = None, attempts: int = 5,
                       base_delay: float = 2.0, max_delay: float = 60.0,
                       sleep: Callable[[float], None] = time.sleep,
-                      job_name: Optional[str] = None, token: Optional[str] = None) -> str:
+                      job_name: Optional[str] = None, token: Optional[str] = None,
+                      exclude: Sequence[str] = ()) -> str:
     """Submit, retrying transient failures with exponential backoff; return the job id.
 
     Delays are ``base_delay * 2**k`` capped at ``max_delay``; each retry is logged as a warning.
     With ``job_name`` and ``token``, each retry first asks :meth:`Scheduler.find`: a submit
     command that timed out may still have queued the job, and submitting it again would run
-    the point twice.
+    the point twice; when that lookup fails, nothing more is submitted (RetriesExhausted).
     """
     if attempts < 1:
         raise ValueError("attempts must be at least 1")
@@ -223,7 +233,14 @@ def submit_with_retry(scheduler: Scheduler, script: Path, *, cwd: Path,
                         f"in {delay:g} s")
             sleep(delay)
             if job_name and token:
-                found = scheduler.find(job_name, token, env=env)
+                try:
+                    found = scheduler.find(job_name, token, env=env, workdir=cwd, exclude=exclude)
+                except LookupFailed as e:
+                    raise RetriesExhausted(
+                        f"submitting {script} failed transiently ({last}), and whether that "
+                        f"queued a job is unknown: {e}. Nothing more was submitted; check "
+                        f"{scheduler.status_command} for a job named {job_name}, then submit again."
+                    ) from None
                 if found:
                     return found
         try:
@@ -328,5 +345,6 @@ def check_directives_first(text: str, directive: str, reader: str) -> List[str]:
             for n, _ in directive_lines(text, directive) if n > first]
 
 
-__all__ = ["STATES", "FINISHED", "JobState", "TransientError", "RetriesExhausted", "Scheduler",
+__all__ = ["STATES", "FINISHED", "JobState", "TransientError", "RetriesExhausted", "LookupFailed",
+           "Scheduler",
            "BACKENDS", "get", "detect", "check_script", "submit_with_retry", "COMMAND_TIMEOUT"]

@@ -31,7 +31,7 @@ from knl_train.studies.localqueue import (DIRECTIVE, OPTIONS, Queue, alive, dire
                                           queue_dir, read_json, time_limit)
 from knl_train.studies.localrunner import ensure_runner, run_queue
 
-from . import (COMMAND_TIMEOUT, Env, JobState, Scheduler, check_directives_first, check_foreign_directives,
+from . import (COMMAND_TIMEOUT, Env, JobState, LookupFailed, Scheduler, check_directives_first, check_foreign_directives,
                check_shebang, command_program, directive_lines, is_command, logical_lines, split_words)
 
 MODULE = "knl_train.studies.schedulers.local"
@@ -123,10 +123,15 @@ class Local(Scheduler, name="local", script_name="job.sh", directive=DIRECTIVE,
         found = [m.group(1) for m in map(_SUBMITTED.match, stdout.splitlines()) if m]
         return found[-1] if found else None
 
-    def find(self, job_name: str, token: str, env: Env = None) -> Optional[str]:
+    def find(self, job_name: str, token: str, env: Env = None, *, workdir: Optional[Path] = None,
+             exclude: Sequence[str] = ()) -> Optional[str]:
         # The first one: a second submit of the same point is the duplicate.
-        jobs = Queue(queue_dir(env)).jobs()
-        return next((str(j["id"]) for j in jobs if j["token"] == token and j["name"] == job_name), None)
+        try:
+            jobs = Queue(queue_dir(env)).jobs()
+        except (OSError, UserError) as e:
+            raise LookupFailed(f"the local queue could not be read ({e})") from None
+        return next((str(j["id"]) for j in jobs if j["token"] == token and j["name"] == job_name
+                     and str(j["id"]) not in exclude), None)
 
     def status(self, job_ids: Sequence[str], env: Env = None) -> Dict[str, JobState]:
         queue = Queue(queue_dir(env))

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from knl_train.errors import UserError
 from knl_train.studies import walltime
 
-from . import (Env, JobState, Scheduler, TransientError, check_directives_first,
+from . import (Env, JobState, LookupFailed, Scheduler, TransientError, check_directives_first,
                check_foreign_directives, check_shebang, command_program, directive_lines,
                is_command, logical_lines, split_words)
 
@@ -139,6 +139,18 @@ def _int(value) -> Optional[int]:
         return int(str(value).strip())
     except (TypeError, ValueError):
         return None
+
+
+def _workdir(info: dict) -> Optional[str]:
+    """PBS_O_WORKDIR from a job's Variable_List (an object in -F json; "K=V,K=V" text elsewhere)."""
+    variables = info.get("Variable_List")
+    if isinstance(variables, dict):
+        return variables.get("PBS_O_WORKDIR")
+    for item in str(variables or "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip() == "PBS_O_WORKDIR":
+            return value
+    return None
 
 
 def _same_job(requested: str, listed: str) -> bool:
@@ -359,15 +371,28 @@ class Pbs(Scheduler, name="pbs", script_name="job.pbs", directive="#PBS",
         job_id = words[0] if words else ""
         return job_id if _JOB_ID.match(job_id) else None
 
-    def find(self, job_name: str, token: str, env: Env = None) -> Optional[str]:
-        """Always None: PBS has no reliable way to find our job again.
+    def find(self, job_name: str, token: str, env: Env = None, *, workdir: Optional[Path] = None,
+             exclude: Sequence[str] = ()) -> Optional[str]:
+        """The newest job in ``qstat -x`` (finished ones too, while the server keeps history)
+        with this name that was submitted from ``workdir``, the point's directory.
 
-        Names are cut to 15 characters, so they are not unique across a study, and users
-        cannot set the ``comment`` attribute that would carry the token (the scheduler
-        overwrites it). A crash between qsub and recording the id can therefore leave a
-        duplicate job; the job-side sentinel tells the two apart.
+        The token cannot be used: users cannot set the ``comment`` attribute that would carry it
+        (the scheduler overwrites it). Names are cut to 15 characters, so they are not unique
+        across studies; the job's PBS_O_WORKDIR is. Without ``workdir``, None.
         """
-        return None
+        if workdir is None:
+            return None
+        try:
+            jobs, failed = self._qstat([], env)
+        except (TransientError, UserError) as e:
+            raise LookupFailed(f"qstat could not be asked ({e})") from None
+        if failed:
+            raise LookupFailed(f"qstat -x failed: {failed[:200]}")
+        found = [job_id for job_id, info in jobs.items()
+                 if isinstance(info, dict) and info.get("Job_Name") == job_name
+                 and _workdir(info) == str(workdir)
+                 and not any(_same_job(e, job_id) for e in exclude)]
+        return max(found, key=lambda i: int(re.match(r"\d+", i).group(0))) if found else None
 
     def status(self, job_ids: Sequence[str], env: Env = None) -> Dict[str, JobState]:
         ids = list(dict.fromkeys(str(i) for i in job_ids))

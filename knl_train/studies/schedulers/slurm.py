@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from knl_train.errors import UserError
 from knl_train.studies import walltime
 
-from . import (Env, JobState, Scheduler, TransientError, check_directives_first,
+from . import (Env, JobState, LookupFailed, Scheduler, TransientError, check_directives_first,
                check_foreign_directives, check_shebang, command_program, directive_lines,
                logical_lines, is_command, split_words)
 
@@ -35,6 +35,9 @@ STATE_MAP = {
     "TIMEOUT": "timeout",
     **dict.fromkeys(("CANCELLED", "PREEMPTED", "REVOKED"), "cancelled"),
 }
+
+# What sacct says where accounting is off: it cannot help, and that is not a failure.
+ACCOUNTING_OFF = "accounting storage is disabled"
 
 # When array tasks end differently, the array reports the worst: a failure says the most.
 SEVERITY = ("failed", "timeout", "cancelled", "completed")
@@ -230,20 +233,46 @@ class Slurm(Scheduler, name="slurm", script_name="job.sbatch", directive="#SBATC
         job_id = lines[-1].split(";", 1)[0].strip() if lines else ""
         return job_id if _JOB_ID.match(job_id) else None
 
-    def find(self, job_name: str, token: str, env: Env = None) -> Optional[str]:
-        # -t all: a job that already ended (within MinJobAge) was submitted too; submitting
-        # it again would run the point twice.
-        argv = ["squeue", "-h", "-t", "all", f"--name={job_name}", "-o", "%i|%k"]
+    def find(self, job_name: str, token: str, env: Env = None, *, workdir: Optional[Path] = None,
+             exclude: Sequence[str] = ()) -> Optional[str]:
+        """squeue first (-t all: a job that ended within MinJobAge was submitted too), then sacct
+        for one that has aged out of squeue. The comment carries the token; where sacct does not
+        store comments (AccountingStoreFlags without job_comment), the point's directory
+        (``workdir``) identifies the job instead."""
+        proc = self._ask(["squeue", "-h", "-t", "all", f"--name={job_name}", "-o", "%i|%k|%Z"], env)
+        found = _pick(proc.stdout, token, workdir, exclude)
+        if found:
+            return found
+        return _pick(self._sacct_named(job_name, env), token, workdir, exclude)
+
+    def _ask(self, argv: List[str], env: Env):
+        """Run a lookup command; LookupFailed when it cannot answer."""
         try:
             proc = self.run(argv, env=env)
-        except (TransientError, UserError):
-            return None
+        except (TransientError, UserError) as e:
+            raise LookupFailed(f"{argv[0]} could not be asked ({e})") from None
         if proc.returncode != 0:
-            return None
-        found = sorted({base_id(job_id.strip()) for job_id, _, comment in
-                        (ln.partition("|") for ln in proc.stdout.splitlines())
-                        if comment.strip() == token and job_id.strip()}, key=_id_key)
-        return found[-1] if found else None
+            raise LookupFailed(f"{argv[0]} failed (exit {proc.returncode}): "
+                               f"{(proc.stderr or proc.stdout).strip()[:200] or '(no output)'}")
+        return proc
+
+    def _sacct_named(self, job_name: str, env: Env) -> str:
+        """sacct's rows (JobID|Comment|WorkDir) for the job name over the last year; empty where
+        accounting is off or sacct is not installed (squeue was all there is)."""
+        argv = ["sacct", "-n", "-P", "-X", f"--name={job_name}", "-S", "now-366days", "-E", "now",
+                "-o", "JobID,Comment,WorkDir"]
+        try:
+            proc = self.run(argv, env=env)
+        except UserError:
+            return ""
+        except TransientError as e:
+            raise LookupFailed(f"sacct could not be asked ({e})") from None
+        if proc.returncode != 0:
+            text = (proc.stderr + proc.stdout).strip()
+            if ACCOUNTING_OFF in text.lower():
+                return ""
+            raise LookupFailed(f"sacct failed (exit {proc.returncode}): {text[:200] or '(no output)'}")
+        return proc.stdout
 
     def status(self, job_ids: Sequence[str], env: Env = None) -> Dict[str, JobState]:
         ids = list(dict.fromkeys(str(i) for i in job_ids))
@@ -299,6 +328,20 @@ class Slurm(Scheduler, name="slurm", script_name="job.sbatch", directive="#SBATC
                 map_state(raw), exit_code=parse_exit_code(parts[2]) if len(parts) > 2 else None,
                 reason=raw, source="sacct")))
         return rows
+
+
+def _pick(rows: str, token: str, workdir: Optional[Path], exclude: Sequence[str]) -> Optional[str]:
+    """The newest job among "id|comment|workdir" rows that carries the token (or, its comment not
+    stored, ran in ``workdir``), leaving out ``exclude``."""
+    found = set()
+    for line in rows.splitlines():
+        job_id, _, rest = line.strip().partition("|")
+        comment, _, where = rest.partition("|")
+        ours = comment.strip() == token or (
+            not comment.strip() and workdir is not None and where.strip() == str(workdir))
+        if ours and job_id.strip() and base_id(job_id.strip()) not in exclude:
+            found.add(base_id(job_id.strip()))
+    return max(found, key=_id_key) if found else None
 
 
 def _id_key(job_id: str):

@@ -61,6 +61,7 @@ class FakeScheduler(schedulers.Scheduler):
     script_name = "job.sbatch"
     directive = "#SBATCH"
     submit_command = "sbatch"
+    status_command = "squeue"
 
     def __init__(self, name: str = "slurm"):
         super().__init__()
@@ -68,7 +69,8 @@ class FakeScheduler(schedulers.Scheduler):
         self.next_id = 1001
         self.submits: list[Submit] = []
         self.finds: list[tuple] = []
-        self.found = None                 # what find() answers
+        self.found = None                 # what find() answers (an exception: raised)
+        self.find_args: list = []         # (workdir, exclude) per find call
         self.outcomes: list = []          # per submit call: None (succeed) or an exception
         self.states: dict = {}            # job id -> JobState; others are JobState("unknown")
         self.script: list = []            # per status call: a states dict, used before .states
@@ -96,9 +98,12 @@ class FakeScheduler(schedulers.Scheduler):
     def parse_job_id(self, stdout):
         raise AssertionError("the fake submits itself")
 
-    def find(self, job_name, token, env=None):
+    def find(self, job_name, token, env=None, *, workdir=None, exclude=()):
         self.events.append("find")
         self.finds.append((job_name, token))
+        self.find_args.append((workdir, tuple(exclude)))
+        if isinstance(self.found, Exception):
+            raise self.found
         return self.found
 
     def status(self, job_ids, env=None):
@@ -284,7 +289,8 @@ def test_interrupted_submission_is_adopted(make_study, fake):
     assert [s.script.parent.name for s in fake.submits] == ["n0001", "n0004"]
     job = point(study, "n0002")["job"]
     assert (job["id"], job["state"], job["adopted"]) == ("77", "submitted", True)
-    assert "n0002: found job 77, submitted before an interruption; recorded it" in logs
+    assert "n0002: found job 77 (squeue), submitted before an interruption; recorded it" in logs
+    assert fake.find_args == [(study / "points" / "n0002", ())]
 
 
 def test_interrupted_submission_not_found_is_resubmitted_on_slurm(make_study, fake):
@@ -300,26 +306,156 @@ def test_interrupted_submission_not_found_is_resubmitted_on_slurm(make_study, fa
     assert "adopted" not in job
 
 
-def test_interrupted_submission_on_pbs_needs_resubmit(make_study, fake):
-    fake.name = "pbs"
+def test_interrupted_submission_found_in_the_jobs_own_records(make_study, fake):
+    # The job ran and aged out of squeue (no accounting): its record in the point's directory
+    # is what is left, and it is enough not to submit a second job.
     study = make_study()
     set_job(study, "n0002", {"id": None, "state": "submitting"})
+    write_record(study, "n0002", "640", state="finished", exit_code=0, end=END)
+    logs = []
+    out = submit(study, echo=logs.append)
+    assert out[1] == {"id": "n0002", "job_id": "640", "new": False}
+    assert [s.script.parent.name for s in fake.submits] == ["n0001", "n0004"]
+    assert "n0002: found job 640 (its own record), submitted before an interruption; recorded it" in logs
+    assert (point(study, "n0002")["job"]["id"], point(study, "n0002")["job"]["adopted"]) == ("640", True)
+    assert (study_jobs.status(study)[1].state, study_jobs.status(study)[1].source) == ("completed", "job record")
+
+
+def test_lookup_failure_keeps_the_point_submitting(make_study, fake):
+    study = make_study()
+    set_job(study, "n0002", {"id": None, "state": "submitting"})
+    fake.found = schedulers.LookupFailed("squeue failed (exit 1): slurm_load_jobs error: "
+                                         "Unable to contact slurm controller (connect failure)")
     with pytest.raises(UserError) as e:
         submit(study)
     msg = str(e.value)
-    assert msg.startswith("n0002: an earlier submission was cut off")
-    assert "track_test_n2" in msg
-    assert f"knl-train study submit {study} --resubmit" in msg
+    assert "\n" not in msg
+    assert msg.startswith("n0002: an earlier submission was cut off, and whether it queued a job is "
+                          "unknown: squeue failed (exit 1): slurm_load_jobs error: Unable to contact")
+    assert "it stays 'submitting'" in msg and "scontrol ping" in msg and "track_test_n2" in msg
+    assert f"run `knl-train study submit {study}` again" in msg
+    # Nothing submitted for it, nor after it; the point before it was.
     assert [s.script.parent.name for s in fake.submits] == ["n0001"]
     assert [(j["id"], j["state"]) for j in jobs(study)] == [
         ("1001", "submitted"), (None, "submitting"), (None, "rendered")]
-
-    out = submit(study, resubmit=True, echo=lambda s: None)
-    assert out == [{"id": "n0001", "job_id": "1001", "new": False},
-                   {"id": "n0002", "job_id": "1002", "new": True},
-                   {"id": "n0004", "job_id": "1003", "new": True}]
+    # The controller answers again and knows no such job: now it is submitted.
+    fake.found = None
+    out = submit(study)
+    assert [r["new"] for r in out] == [False, True, True]
     assert [s.script.parent.name for s in fake.submits] == ["n0001", "n0002", "n0004"]
-    assert len(fake.finds) == 2   # asked each time before giving up / resubmitting
+
+
+def test_lookup_failure_with_a_record_adopts_the_recorded_job(make_study, fake):
+    study = make_study()
+    set_job(study, "n0002", {"id": None, "state": "submitting"})
+    fake.found = schedulers.LookupFailed("squeue could not be asked")
+    write_record(study, "n0002", "641", state="started")
+    out = submit(study)
+    assert out[1] == {"id": "n0002", "job_id": "641", "new": False}
+    assert [s.script.parent.name for s in fake.submits] == ["n0001", "n0004"]
+
+
+def test_earlier_pbs_jobs_are_known_by_their_number(make_study, fake):
+    # A PBS job "600.pbs01" writes job-600.json: an earlier one of the point, not a lost one.
+    fake.name = "pbs"
+    study = make_study()
+    set_job(study, "n0001", {"id": None, "state": "submitting", "retries": 1, "earlier": ["600.pbs01"]})
+    write_record(study, "n0001", "600", state="finished", exit_code=1, end=END)
+    assert submit(study)[0] == {"id": "n0001", "job_id": "1001", "new": True}
+
+
+def test_earlier_jobs_of_a_retried_point_are_not_found_again(make_study, fake):
+    study = make_study()
+    set_job(study, "n0002", {"id": None, "state": "submitting", "retries": 1, "earlier": ["600"]})
+    write_record(study, "n0002", "600", state="finished", exit_code=1, end=END)
+    out = submit(study)
+    assert out[1] == {"id": "n0002", "job_id": "1002", "new": True}
+    assert fake.find_args[0] == (study / "points" / "n0002", ("600",))
+    job = point(study, "n0002")["job"]
+    assert (job["id"], job["retries"], job["earlier"]) == ("1002", 1, ["600"])
+
+
+# ---- submit --retry-failed ----------------------------------------------------------------------------
+def test_retry_failed_submits_failed_timed_out_and_lost_jobs_again(make_study, fake):
+    study = make_study()
+    submit_all(study, fake)
+    fake.states = {"1001": JobState("completed", 0, "", "squeue"),
+                   "1002": JobState("failed", 1, "NODE_FAIL", "squeue"),
+                   "1003": JobState("timeout", 0, "TIMEOUT", "squeue")}
+    logs = []
+    out = submit(study, retry_failed=True, echo=logs.append)
+    assert out == [{"id": "n0001", "job_id": "1001", "new": False},
+                   {"id": "n0002", "job_id": "1004", "new": True},
+                   {"id": "n0004", "job_id": "1005", "new": True}]
+    # The same scripts, so the same run directories: the training resumes from its checkpoints.
+    assert [s.script.parent.name for s in fake.submits[3:]] == ["n0002", "n0004"]
+    assert logs[:2] == ["n0002: job 1002 failed: submitting it again (retry 1); its training resumes "
+                        "from its checkpoints", "n0002: 2 node(s), job 1004"]
+    got = jobs(study)
+    assert [(j["id"], j.get("retries"), j.get("earlier")) for j in got] == [
+        ("1001", None, None), ("1004", 1, ["1002"]), ("1005", 1, ["1003"])]
+    assert [j["state"] for j in got] == ["completed", "submitted", "submitted"]
+    # Without the option, or once the new jobs are fine, nothing more is submitted.
+    assert [r["new"] for r in submit(study)] == [False] * 3
+    fake.states = {i: JobState("completed", 0, "", "squeue") for i in ("1001", "1004", "1005")}
+    assert [r["new"] for r in submit(study, retry_failed=True)] == [False] * 3
+    # A second failure is the second retry.
+    fake.states["1004"] = JobState("failed", 1, "FAILED", "squeue")
+    submit(study, retry_failed=True)
+    job = point(study, "n0002")["job"]
+    assert (job["id"], job["retries"], job["earlier"]) == ("1006", 2, ["1002", "1004"])
+
+
+def test_retry_failed_leaves_running_cancelled_and_unsure_jobs(make_study, fake):
+    study = make_study()
+    submit_all(study, fake)
+    fake.states = {"1001": JobState("running", None, "", "squeue"),
+                   "1002": JobState("cancelled", None, "CANCELLED by 0", "squeue")}
+    write_record(study, "n0004", "1003", state="started")
+    fake.on_status = None
+    out = submit(study, retry_failed=True)
+    # n0004: started, no end, forgotten by the scheduler: lost (a node failure), so retried.
+    assert [r["new"] for r in out] == [False, False, True]
+    # With the controller down, a started job without an end record may still run: not retried.
+    study2 = make_study("chain")
+    submit(study2)
+
+    def down():
+        raise TransientError("squeue failed (exit 1): Unable to contact slurm controller")
+    fake.on_status = down
+    write_record(study2, "n0001", "1005", state="started")
+    write_record(study2, "n0002", "1006", state="finished", exit_code=3, end=END)
+    warned = []
+    rows = study_jobs.status(study2, warn=warned.append)
+    assert [(r.state, r.source) for r in rows] == [("unknown", "job record"), ("failed", "job record"),
+                                                   ("unknown", "manifest")]
+    assert len(warned) == 1
+    out = submit(study2, retry_failed=True)
+    assert [r["new"] for r in out] == [False, True, False]
+
+
+# ---- status with the controller down ---------------------------------------------------------------
+def test_status_with_the_controller_down_reads_the_jobs_records(make_study, fake):
+    study = make_study()
+    submit_all(study, fake)
+    set_job(study, "n0004", {"id": "1003", "state": "completed", "exit_code": 0, "checked": END})
+
+    def down():
+        raise TransientError("squeue failed (exit 1): slurm_load_jobs error: Unable to contact slurm controller")
+    fake.on_status = down
+    write_record(study, "n0001", "1001", state="finished", exit_code=0, end=END)
+    write_record(study, "n0002", "1002", state="started")
+    warned = []
+    rows = study_jobs.status(study, warn=warned.append)
+    assert [(r.state, r.exit_code, r.source) for r in rows] == [
+        ("completed", 0, "job record"), ("unknown", None, "job record"), ("completed", 0, "manifest")]
+    assert rows[0].reason == f"ended {END}; slurm could not be asked"
+    assert rows[1].reason == f"started {START} (its own record), no end recorded yet; slurm could not be asked"
+    assert warned == ["squeue could not be asked (squeue failed (exit 1): slurm_load_jobs error: Unable to "
+                      "contact slurm controller): the states below come from the jobs' own records and "
+                      "the manifest; check that slurm answers (scontrol ping; squeue -u $USER)"]
+    # What the records say is kept; what nobody knows is not written.
+    assert [j["state"] for j in jobs(study)] == ["completed", "submitted", "completed"]
 
 
 def test_permanent_failure_keeps_earlier_ids_and_rerun_resumes(make_study, fake):
@@ -456,14 +592,15 @@ def test_job_record_speaks_when_the_scheduler_forgot(make_study, fake, code, sta
     assert job["checked"]
 
 
-def test_started_record_without_end_is_unknown(make_study, fake):
+def test_started_record_without_end_is_a_lost_job(make_study, fake):
+    # Started, never ended, forgotten by the scheduler: killed before its exit trap (a lost node).
     study = make_study()
     submit_all(study, fake)
     write_record(study, "n0001", "1001", state="started", start=START)
     r = study_jobs.status(study)[0]
-    assert (r.state, r.exit_code, r.source) == ("unknown", None, "job record")
+    assert (r.state, r.exit_code, r.source) == ("failed", None, "job record")
     assert r.reason.startswith(f"started {START}, no end record, and slurm no longer knows the job")
-    assert jobs(study)[0]["state"] == "submitted"   # "unknown" is never written
+    assert jobs(study)[0]["state"] == "failed"
 
 
 def test_records_of_other_jobs_are_ignored(make_study, fake):
@@ -505,9 +642,9 @@ def test_array_needs_every_task_record(make_study, fake):
 
     fake.states = {}
     r = study_jobs.status(study)[0]
-    assert (r.state, r.source) == ("unknown", "job record")
+    assert (r.state, r.source) == ("failed", "job record")
     assert r.reason.startswith("started 2026-01-02T03:04:06Z, no end record")
-    assert jobs(study)[0]["state"] == "pending"     # unknown does not overwrite
+    assert jobs(study)[0]["state"] == "failed"      # one task lost: the job failed
 
     write_record(study, "n0001", "1001_2", state="finished", exit_code=0, array_index=2,
                  start="2026-01-02T03:04:09Z", end="2026-01-02T03:10:00Z")
@@ -533,7 +670,9 @@ def test_unsubmitted_and_cut_off_points(make_study, fake):
     set_job(study, "n0004", {"id": None, "state": "submit-failed", "error": "sbatch rejected x"})
     rows = study_jobs.status(study)
     assert [(r.state, r.reason, r.source) for r in rows] == [
-        ("rendered", "", "manifest"), ("submit-failed", "", "manifest"),
+        ("rendered", "", "manifest"),
+        ("submit-failed", "its submission was cut off; `knl-train study submit` looks for its job before "
+                          "submitting it again", "manifest"),
         ("submit-failed", "sbatch rejected x", "manifest")]
     assert all(r.finished and r.job_id is None for r in rows)
     assert [j["state"] for j in jobs(study)] == ["rendered", "submitting", "submit-failed"]

@@ -110,12 +110,36 @@ def test_new_is_this_version_and_dated():
     (data(scaling="sideways"), "scaling is 'sideways', not 'weak' or 'strong'"),
     (data(points=[{"id": "n0001", "nodes": 1}]), "point n0001 has no 'ranks'"),
     (data(points=["n0001"]), "a point is not a JSON object"),
-    (data(points=[point(run_dirs="run-0")]), "invalid 'run_dirs'"),
+    (data(points=[point(run_dirs="run-0")]), "point n0001: 'run_dirs' is \"run-0\", not a list of strings"),
     (data(points=[point(job="queued")]), "point n0001: invalid 'job'"),
+    # Fields of the wrong type: one line naming the field, not a traceback later.
+    (data(points=[point(nodes="4")]), "point n0001: 'nodes' is \"4\", not an integer"),
+    (data(points=[point(nodes=True)]), "point n0001: 'nodes' is true, not an integer"),
+    (data(points=[point(id=7)]), "a point's 'id' is 7, not a string"),
+    (data(points=[point(run_dirs=["run-0", 1])]), "'run_dirs' is [\"run-0\", 1], not a list of strings"),
+    (data(points=[point(job={"id": 12, "state": "submitted"})]),
+     "point n0001: job 'id' is 12, not a string or null"),
+    (data(points=[point(job={"id": "12", "exit_code": "0"})]), "job 'exit_code' is \"0\", not an integer or null"),
+    (data(points=[point(job={"id": "12", "retries": 1.5})]), "job 'retries' is 1.5, not an integer or null"),
+    (data(array="yes"), "'array' is \"yes\", not true or false"),
+    (data(study=["a"]), "'study' is [\"a\"], not a string"),
+    (data(notes="a note"), "'notes' is \"a note\", not a list of strings"),
 ])
 def test_load_names_what_is_wrong(tmp_path, content, words):
     msg = load_error(tmp_path, content)
     assert str(tmp_path / manifest.NAME) in msg and words in msg
+    assert "\n" not in msg
+
+
+def test_retried_keeps_the_count_and_the_earlier_ids():
+    job = JobRecord.new().updated(id="41", state="failed", exit_code=1)
+    again = job.retried()
+    assert (again.id, again.state, again.retries, again.earlier) == (None, "rendered", 1, ("41",))
+    third = again.updated(id="42", state="timeout").retried()
+    assert (third.retries, third.earlier) == (2, ("41", "42"))
+    back = JobRecord.from_dict(json.loads(json.dumps(third.to_dict())))
+    assert back == third and back.to_dict() == {"id": None, "state": "rendered", "retries": 2,
+                                                "earlier": ["41", "42"]}
 
 
 def test_no_manifest_says_how_to_make_one(tmp_path):

@@ -95,7 +95,8 @@ def test_weak_table_values(tmp_path):
                              "images_per_sec_min", "images_per_sec_max", "repeats", "speedup",
                              "efficiency", "epoch_seconds", "eval_seconds_per_epoch",
                              "checkpoint_seconds_per_epoch", "startup_seconds",
-                             "time_90_epochs_hours"]
+                             "time_90_epochs_hours", "warmup_included"]
+    assert [r["warmup_included"] for r in rows] == [False] * 4
     assert [r["nodes"] for r in rows] == [1, 2, 4, 8]
     assert [r["ranks"] for r in rows] == [2, 4, 8, 16]
     assert [r["global_batch"] for r in rows] == [64, 128, 256, 512]
@@ -177,12 +178,18 @@ def test_fallback_to_summary_without_steps_after_warmup(tmp_path):
     assert r1 == {"run_dir": "points/n0001/run-1", "status": "ok", "images_per_sec": 380.5,
                   "source": "summary", "steps_used": 0,
                   "costs_unknown": "summary.json has no time account (an older knl-train)"}
-    assert results["points"][0]["images_per_sec"] == pytest.approx((400 + 380.5) / 2)
+    # The warm-up-inclusive repeat stays out of the point's median: 400, not (400 + 380.5) / 2.
+    point = results["points"][0]
+    assert (point["images_per_sec"], point["values"], point["n"]) == (400.0, [400.0], 1)
+    assert (point["warmup_included"], point["left_out"]) == (False, ["points/n0001/run-1"])
     # No metrics.jsonl at all: the same fallback.
     (root / "points/n0001/run-1/metrics.jsonl").unlink()
     assert rep.collect(root)["points"][0]["repeats"][1]["source"] == "summary"
     md = rep.report(root)["md"].read_text()
-    assert "used summary.json's whole-run images/s" in md and "points/n0001/run-1" in md
+    assert ("Left out of the median over repeats (no step records after the 1 warm-up step(s), "
+            "so summary.json's whole-run images/s, which includes the warm-up):\n\n"
+            "- 1 node(s): points/n0001/run-1 (380.5 images/s)\n") in md
+    assert "| 1 | 2 | 64 | 400.0 | 400.0-400.0 | 1 | 1.00 |" in md
 
 
 def test_world_size_mismatch_excluded_as_problem(tmp_path):
@@ -272,6 +279,9 @@ def test_report_csv_round_trips_the_table(tmp_path):
             if v is None:      # an unknown cost: an empty cell
                 assert got[k] == "", k
                 continue
+            if isinstance(v, bool):
+                assert got[k] == "false" and v is False, k
+                continue
             assert (int(got[k]) if isinstance(v, int) else float(got[k])) == v, k
 
 
@@ -328,7 +338,7 @@ def test_report_out_dir_and_projection_column(tmp_path):
     assert all(p.parent == tmp_path / "elsewhere" for k, p in paths.items() if k != "results")
     header = paths["csv"].read_text().splitlines()[0]
     assert header.endswith(",epoch_seconds,eval_seconds_per_epoch,checkpoint_seconds_per_epoch,"
-                           "startup_seconds,time_30_epochs_hours")
+                           "startup_seconds,time_30_epochs_hours,warmup_included")
     assert rep.table(rep.collect(root))[0]["time_30_epochs_hours"] == pytest.approx(
         30 * IMAGES / 400 / 3600)
     assert "| 30 epochs (h) |" in paths["md"].read_text()
@@ -463,3 +473,65 @@ def test_no_data_at_all_is_a_user_error(tmp_path):
     results = json.loads((root / "results.json").read_text())
     assert [p["repeats"][0]["reason"] for p in results["points"]] == [
         "no summary.json; job 101 queued", "no summary.json; job 102 running"]
+
+
+# ---- rates that include the warm-up (issue 16) ---------------------------------------------------
+
+def short_metrics_study(tmp_path):
+    """1 node measured at 526 images/s; 2 nodes logged only their warm-up step, so summary.json's
+    whole-run 16 images/s (graph building included) is all there is for them."""
+    root = make_study(tmp_path / "s", "weak", [(1, 64, "completed", [526, 526]),
+                                                (2, 128, "completed", [1000, 1000])])
+    for r in range(2):
+        write_run(root / f"points/n0002/run-{r}", ranks=4, batch=128, rates=[], summary_ips=16.0)
+    return root
+
+
+def test_point_with_only_a_warmup_inclusive_rate_is_marked_not_the_baseline(tmp_path):
+    root = short_metrics_study(tmp_path)
+    results = rep.collect(root)
+    second = results["points"][1]
+    assert (second["warmup_included"], second["images_per_sec"], second["n"]) == (True, 16.0, 2)
+    rows = rep.table(results)
+    assert [r["warmup_included"] for r in rows] == [False, True]
+    assert rep.baseline(rows)["nodes"] == 1
+    assert rows[1]["efficiency"] == pytest.approx((16 / 2) / 526)
+    md = rep.report(root)["md"].read_text()
+    assert "Baseline: 1 node(s), 2 ranks, 526.0 images/s (the smallest node count with data measured " \
+           "after the warm-up)." in md
+    assert "| 2 | 4 | 128 | 16.0 \u2021 | 16.0-16.0 | 2 | 0.03 | 1.5 % |" in md
+    assert ("\u2021 Includes the warm-up (no step records after the 1 warm-up step(s), so summary.json's "
+            "whole-run images/s, which includes the warm-up): not comparable with the other points, "
+            "and no baseline while a point measured after the warm-up exists:\n\n"
+            "- 2 node(s): points/n0002/run-0, points/n0002/run-1\n") in md
+    assert "- 2 node(s): 1.5 % (includes the warm-up, \u2021)" in md
+    csv_rows = list(csv.DictReader((root / "report" / "scaling.csv").open()))
+    assert [c["warmup_included"] for c in csv_rows] == ["false", "true"]
+
+
+def test_warmup_inclusive_smallest_point_is_skipped_as_baseline(tmp_path):
+    root = make_study(tmp_path / "s", "strong", [(1, 64, "completed", [300, 300]),
+                                                  (2, 64, "completed", [520, 540])])
+    write_run(root / "points/n0001/run-0", ranks=2, batch=64, rates=[], summary_ips=16.0)
+    write_run(root / "points/n0001/run-1", ranks=2, batch=64, rates=[], summary_ips=18.0)
+    rows = rep.table(rep.collect(root))
+    # The 2-node point is the baseline: speed-up 1 and efficiency 100 %, not 530 / 17.
+    assert [(r["nodes"], r["images_per_sec"], r["warmup_included"]) for r in rows] == [
+        (1, 17.0, True), (2, 530.0, False)]
+    assert (rows[1]["speedup"], rows[1]["efficiency"]) == (1.0, 1.0)
+    assert rows[0]["speedup"] == pytest.approx(17 / 530)
+    md = rep.report(root)["md"].read_text()
+    assert "Baseline: 2 node(s), 4 ranks, 530.0 images/s" in md
+
+
+def test_every_point_warmup_inclusive_keeps_the_smallest_as_a_marked_baseline(tmp_path):
+    root = make_study(tmp_path / "s", "weak", [(1, 64, "completed", [None]),
+                                                (2, 128, "completed", [None])], repeats=1)
+    write_run(root / "points/n0001/run-0", ranks=2, batch=64, rates=[], summary_ips=20.0)
+    write_run(root / "points/n0002/run-0", ranks=4, batch=128, rates=[], summary_ips=36.0)
+    rows = rep.table(rep.collect(root))
+    assert [r["warmup_included"] for r in rows] == [True, True]
+    assert rows[1]["efficiency"] == pytest.approx(0.9)
+    md = rep.report(root)["md"].read_text()
+    assert ("Baseline: 1 node(s), 2 ranks, 20.0 images/s (the smallest node count with data; it too "
+            "includes the warm-up, \u2021).") in md

@@ -36,6 +36,8 @@ def test_the_same_script_twice_runs_twice_and_find_names_the_first(tmp_path, que
     assert backend.find("st_n1", "knl:u:n1", env=env) == "1"
     assert backend.find("st_n1", "knl:u:n2", env=env) is None
     assert backend.find("other", "knl:u:n1", env=env) is None
+    # A retried point's earlier job does not count: the next one does.
+    assert backend.find("st_n1", "knl:u:n1", env=env, exclude=("1",)) == "2"
     assert run_queue(queue, echo=quiet) == [1, 2]
     assert (script.parent / "ran.txt").read_text() == "1\n2\n"
 

@@ -5,11 +5,12 @@ from a fixture modelled on the documented OpenPBS JSON; and the script checker."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from knl_train.errors import UserError
-from knl_train.studies.schedulers import JobState, TransientError
+from knl_train.studies.schedulers import JobState, LookupFailed, TransientError
 from knl_train.studies.schedulers.pbs import Pbs, parse_select
 from tests.support.schedulers import PBS_OK
 
@@ -41,8 +42,38 @@ def test_qsub_prints_no_job_id(fakes, job_script):
         Pbs().submit(job_script, cwd=job_script.parent, env=fakes.env)
 
 
-def test_pbs_find_is_unsupported(fakes):
-    assert Pbs().find("scal_n0001", "tok", env=fakes.env) is None
+def _history(*jobs):
+    """qstat -x -f -F json output listing ``(id, name, workdir)`` jobs."""
+    return json.dumps({"pbs_version": "22.05", "Jobs": {
+        i: {"Job_Name": name, "job_state": "F", "Variable_List": {"PBS_O_WORKDIR": wd, "PBS_O_HOME": "/h"}}
+        for i, name, wd in jobs}})
+
+
+def test_pbs_find_asks_qstat_history_by_name_and_directory(fakes):
+    # PBS overwrites the comment, so the token cannot be read back: the point's directory tells.
+    fakes.add("qstat", {"stdout": _history(("90.s1", "scal_n0001", "/s/points/n1"),
+                                           ("95.s1", "scal_n0001", "/t/points/n1"),
+                                           ("97.s1", "scal_n0002", "/s/points/n1"))})
+    pbs = Pbs()
+    assert pbs.find("scal_n0001", "tok", env=fakes.env, workdir=Path("/s/points/n1")) == "90.s1"
+    assert fakes.calls() == [["qstat", "-x", "-f", "-F", "json"]]
+    assert pbs.find("scal_n0001", "tok", env=fakes.env, workdir=Path("/s/points/n9")) is None
+    assert pbs.find("scal_n0001", "tok", env=fakes.env, workdir=Path("/s/points/n1"),
+                    exclude=("90.s1",)) is None
+    # Without the directory a name (cut to 15 characters) says too little: none.
+    assert pbs.find("scal_n0001", "tok", env=fakes.env) is None
+
+
+def test_pbs_find_reads_a_text_variable_list(fakes):
+    jobs = {"12.s1": {"Job_Name": "scal_n0001", "Variable_List": "PBS_O_HOME=/h,PBS_O_WORKDIR=/s/p"}}
+    fakes.add("qstat", {"stdout": json.dumps({"Jobs": jobs})})
+    assert Pbs().find("scal_n0001", "tok", env=fakes.env, workdir=Path("/s/p")) == "12.s1"
+
+
+def test_pbs_find_failure_is_a_lookup_failure(fakes):
+    fakes.add("qstat", {"rc": 2, "stderr": "Connection refused\nqstat: cannot connect to server s1 (errno=111)"})
+    with pytest.raises(LookupFailed, match="qstat -x failed: Connection refused"):
+        Pbs().find("scal_n0001", "tok", env=fakes.env, workdir=Path("/s/p"))
 
 
 def test_qstat_json_states(fakes):

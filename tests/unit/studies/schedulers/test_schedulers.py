@@ -90,3 +90,26 @@ def test_detect_and_check_script(tmp_path):
     assert kind == "pbs" and any(p.startswith("[no-sbatch]") for p in problems)
     with pytest.raises(UserError, match="cannot read"):
         schedulers.check_script(tmp_path / "missing")
+
+
+# ---- requeueing, as the site allows ------------------------------------------------------------
+@pytest.mark.parametrize("site, allowed, line", [
+    ("ci-slurm", None, "#SBATCH --no-requeue"), ("ci-slurm", True, "#SBATCH --requeue"),
+    ("ci-slurm", False, "#SBATCH --no-requeue"),
+    ("ci-pbs", None, "#PBS -r n"), ("ci-pbs", True, "#PBS -r y"),
+])
+def test_scripts_request_requeueing_only_where_the_site_allows_it(tmp_path, site, allowed, line):
+    # Slurm (JobRequeue=1) and PBS (-r y) requeue by default: unless the site allows it, the
+    # script says no, so a lost node ends the job where `study submit --retry-failed` sees it.
+    from knl_train.studies import render, spec
+    from tests.support import FIXTURES
+    text = (FIXTURES / "studies" / f"{site}.yaml").read_text()
+    (tmp_path / "site.yaml").write_text(text + ("" if allowed is None else f"requeue: {str(allowed).lower()}\n"))
+    (tmp_path / "s.yaml").write_text(
+        f"name: rq\nsite: {tmp_path / 'site.yaml'}\nnodes: [1]\nranks_per_node: 1\nscaling: weak\n"
+        f"per_rank_batch: 8\ntrain: {{config: {FIXTURES / 'studies' / 'tiny.yaml'}}}\nsteps: 3\n")
+    files = render.render(spec.load(tmp_path / "s.yaml")).files
+    script = next(v for k, v in files.items() if k.startswith("points/n0001/job."))
+    directives = [ln for ln in script.splitlines() if ln.startswith(("#SBATCH", "#PBS"))]
+    assert [ln for ln in directives if "requeue" in ln or ln.startswith("#PBS -r")] == [line]
+    assert schedulers.get("pbs" if site == "ci-pbs" else "slurm").check(script) == []

@@ -5,11 +5,13 @@ A real Slurm runs the study end to end in tests/system/test_studies_slurm.py."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from knl_train.errors import UserError
-from knl_train.studies.schedulers import JobState, TransientError, submit_with_retry
+from knl_train.studies.schedulers import (JobState, LookupFailed, RetriesExhausted, TransientError,
+                                         submit_with_retry)
 from knl_train.studies.schedulers.slurm import Slurm
 from tests.support.schedulers import SLURM_OK
 
@@ -82,19 +84,77 @@ def test_submit_timeout_is_transient(fakes, job_script):
 
 # -- Slurm find / status ------------------------------------------------------------------------
 
+SACCT_OFF = {"rc": 1, "stderr": "sacct: error: Slurm accounting storage is disabled\n"}
+SACCT_ARGV = ["sacct", "-n", "-P", "-X", "--name=scal_n0001", "-S", "now-366days", "-E", "now",
+              "-o", "JobID,Comment,WorkDir"]
+
+
 def test_squeue_find_by_comment(fakes):
-    fakes.add("squeue", {"stdout": "200|tok-a\n201_[0-3]|tok-b\n"})
+    fakes.add("squeue", {"stdout": "200|tok-a|/s/points/n1\n201_[0-3]|tok-b|/s/points/n1\n"})
+    fakes.add("sacct", SACCT_OFF)
     slurm = Slurm()
     assert slurm.find("scal_n0001", "tok-b", env=fakes.env) == "201"
+    assert fakes.calls() == [["squeue", "-h", "-t", "all", "--name=scal_n0001", "-o", "%i|%k|%Z"]]
     assert slurm.find("scal_n0001", "tok-z", env=fakes.env) is None
-    assert fakes.calls("squeue")[0] == ["squeue", "-h", "-t", "all", "--name=scal_n0001",
-                                        "-o", "%i|%k"]
+    # An earlier job of the point (a retry's) does not count.
+    assert slurm.find("scal_n0001", "tok-b", env=fakes.env, exclude=("201",)) is None
 
 
-def test_squeue_find_failure_is_none(fakes):
+def test_find_asks_sacct_after_squeue(fakes, tmp_path):
+    # Aged out of squeue: sacct still has it; by comment, or by the point's directory where
+    # accounting stores no comments.
+    fakes.add("squeue", {"stdout": ""})
+    fakes.add("sacct", {"stdout": "150|tok-a|/s/points/n1\n151||/s/points/n2\n152||/other\n"})
+    slurm = Slurm()
+    assert slurm.find("scal_n0001", "tok-a", env=fakes.env) == "150"
+    assert fakes.calls() == [["squeue", "-h", "-t", "all", "--name=scal_n0001", "-o", "%i|%k|%Z"],
+                             SACCT_ARGV]
+    assert slurm.find("scal_n0001", "tok-x", env=fakes.env, workdir=Path("/s/points/n2")) == "151"
+    assert slurm.find("scal_n0001", "tok-x", env=fakes.env, workdir=Path("/s/points/n3")) is None
+
+
+def test_find_without_accounting_is_none_not_a_failure(fakes):
+    fakes.add("squeue", {"stdout": "200|tok-a|/s\n"})
+    fakes.add("sacct", SACCT_OFF)
+    assert Slurm().find("scal_n0001", "tok-b", env=fakes.env) is None
+    assert [c[0] for c in fakes.calls()] == ["squeue", "sacct"]
+    # No sacct at all: the same.
+    (fakes.bin / "sacct").unlink()
+    assert Slurm().find("scal_n0001", "tok-b", env=fakes.env) is None
+
+
+@pytest.mark.parametrize("squeue, sacct, words", [
+    ({"rc": 1, "stderr": "squeue: error: Unable to contact slurm controller (connect failure)"}, None,
+     "squeue failed (exit 1): squeue: error: Unable to contact slurm controller"),
+    ({"sleep": 5}, None, "squeue could not be asked (squeue did not answer within 0.5 s"),
+    ({"stdout": ""}, {"rc": 1, "stderr": "sacct: error: slurmdbd: Connection refused"},
+     "sacct failed (exit 1): sacct: error: slurmdbd: Connection refused"),
+])
+def test_find_failure_is_a_lookup_failure(fakes, squeue, sacct, words):
+    """Not being able to ask is not "no job": the caller must not submit again."""
+    fakes.add("squeue", squeue)
+    if sacct is not None:
+        fakes.add("sacct", sacct)
+    with pytest.raises(LookupFailed) as e:
+        Slurm(timeout=0.5).find("scal_n0001", "tok", env=fakes.env)
+    assert words in str(e.value)
+    # squeue's failure stops the lookup: sacct is not asked in its place.
+    assert [c[0] for c in fakes.calls()] == (["squeue"] if sacct is None else ["squeue", "sacct"])
+
+
+def test_find_without_squeue_is_a_lookup_failure(fakes):
+    with pytest.raises(LookupFailed, match="squeue could not be asked .*squeue is not installed here"):
+        Slurm().find("x", "t", env={"PATH": str(fakes.bin / "none")})
+
+
+def test_submit_retry_stops_when_the_lookup_fails(fakes, job_script):
+    # A timed-out sbatch may have queued the job; when squeue cannot say, nothing is submitted again.
+    fakes.add("sbatch", {"sleep": 5, "stdout": "1\n"})
     fakes.add("squeue", {"rc": 1, "stderr": "squeue: error: Unable to contact slurm controller"})
-    assert Slurm().find("x", "t", env=fakes.env) is None
-    assert Slurm().find("x", "t", env={"PATH": str(fakes.bin / "none")}) is None
+    with pytest.raises(RetriesExhausted, match=r"whether that queued a job is unknown: squeue failed"):
+        submit_with_retry(Slurm(timeout=0.5), job_script, cwd=job_script.parent, env=fakes.env,
+                          attempts=3, base_delay=0, sleep=lambda d: None, job_name="j", token="t")
+    assert [c[0] for c in fakes.calls()] == ["sbatch", "squeue"]
 
 
 def test_squeue_status_and_array_aggregation(fakes):
