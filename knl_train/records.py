@@ -16,9 +16,14 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from knl_train.atomic import append_jsonl, write_json_atomic
+from knl_train.errors import UserError
 
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
+# A rank whose busy step time exceeds the median over ranks by this factor is a straggler
+# (EpochRecord.slow_ranks; the scaling report lists them).
+SLOW_FACTOR = 1.10
+SLOW_RANKS_KEPT = 64  # per epoch record, the slowest first
 
 
 class _Record:
@@ -85,6 +90,10 @@ class StepRecord(_Progress):
         return "a step record needs an integer 'step' and a positive 'images_per_sec'"
 
 
+_STRAGGLER_FIELDS = ("busy_step_seconds_median", "busy_step_seconds_max", "busy_spread",
+                     "slowest_rank", "slowest_host", "slow_ranks")
+
+
 @dataclass(frozen=True)
 class EpochRecord(_Progress):
     """One epoch: its training means, its validation (when evaluated) and its throughput."""
@@ -93,7 +102,7 @@ class EpochRecord(_Progress):
                                            "images_per_sec_per_rank", "skipped_images",
                                            "epoch_seconds", "val_loss", "val_top1", "val_top5",
                                            "val_count", "eval_seconds", "checkpoint_seconds",
-                                           "wall_seconds")
+                                           "wall_seconds", *_STRAGGLER_FIELDS)
     skipped_images: int
     epoch_seconds: float                  # its training steps
     val_loss: Optional[float] = None      # the val_* fields: only after an evaluation
@@ -105,6 +114,15 @@ class EpochRecord(_Progress):
     # The process's wall clock at this record: start-up and every epoch so far, this one's
     # evaluation included (time to accuracy is read from it).
     wall_seconds: Optional[float] = None
+    # Stragglers (multi-rank runs): each rank's busy seconds per step over the epoch (its step
+    # time less its wait in the gradient allreduce), gathered at the guard's agreements.
+    busy_step_seconds_median: Optional[float] = None  # over ranks
+    busy_step_seconds_max: Optional[float] = None
+    busy_spread: Optional[float] = None               # max / median
+    slowest_rank: Optional[int] = None
+    slowest_host: Optional[str] = None
+    # [rank, host, busy seconds per step] of ranks slower than the median by SLOW_FACTOR
+    slow_ranks: Optional[List[list]] = None
 
 
 @dataclass(frozen=True)
@@ -173,8 +191,13 @@ MetricRecord = Union[StepRecord, EpochRecord, TrustRatioRecord]
 
 
 def append(path, record: MetricRecord) -> None:
-    """Add one line to ``metrics.jsonl``."""
-    append_jsonl(path, record.to_dict())
+    """Add one line to ``metrics.jsonl``; ``UserError`` naming the file and the OS's reason if
+    it cannot be written (a full disk, a file system turned read-only)."""
+    try:
+        append_jsonl(path, record.to_dict())
+    except OSError as e:
+        raise UserError(f"could not write {path}: {e.strerror or e}; free space or fix the run "
+                        "directory's permissions, then rerun to resume from the last checkpoint") from None
 
 
 def write_summary(path, summary: RunSummary) -> None:

@@ -59,8 +59,8 @@ def background():
     """Start jobs with ``background(*command)``; whatever is left running is killed at the end."""
     jobs = []
 
-    def _start(*command, np=2):
-        jobs.append(BackgroundJob(*command, np=np))
+    def _start(*command, np=2, controller="mpi"):
+        jobs.append(BackgroundJob(*command, np=np, controller=controller))
         return jobs[-1]
     yield _start
     for job in jobs:

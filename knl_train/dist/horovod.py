@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -53,23 +53,73 @@ def distributed_optimizer(optimizer, backward_passes_per_step: int = 1, compress
     return wrapped
 
 
+class _WaitClock:
+    """Seconds this rank spent in the gradient allreduce, from its last gradient being ready to
+    the reduced gradients (a plain holder: Keras's checkpoint tracking does not look inside)."""
+
+    def __init__(self):
+        self.seconds = tf.Variable(0.0, dtype=tf.float64, trainable=False, name="allreduce_wait")
+
+
+def allreduce_wait_clock(optimizer) -> Optional[Callable[[], float]]:
+    """The seconds ``optimizer`` (from ``distributed_optimizer``) has waited in its gradient
+    allreduces so far, as a function: the straggler measure's "not busy" part. None when not
+    measured (op determinism forbids reading the clock in a graph)."""
+    clock = getattr(optimizer, "_knl_wait_clock", None)
+    return None if clock is None else (lambda: float(clock.seconds.numpy()))
+
+
 def _plain_allreduce(wrapped) -> None:
-    """Trace Horovod's gradient allreduce without AutoGraph.
+    """Trace Horovod's gradient allreduce without AutoGraph, and time it.
 
     Horovod builds it as a ``tf.function`` of its own, AutoGraph on, and AutoGraph's
     source-to-source conversion of it was a second of every run's first step; the function
     branches on Python values only, so plain tracing builds the same graph. The two attributes
-    are Horovod 0.28's; if they are not there, nothing changes but the start-up time.
+    are Horovod 0.28's; if they are not there, nothing changes but the start-up time (and no
+    wait is measured).
+
+    The wait: in lock-step every rank's step takes the same wall time, the fast ranks spending
+    the difference waiting here for the slow one's gradients, so a step's wall time less this
+    wait is the rank's busy time (``knl_train.dist.guard`` gathers it at the agreements).
     """
     fn = getattr(wrapped, "_allreduce_grads", None)
     if not hasattr(fn, "python_function"):
         return
-    plain = tf.function(fn.python_function, autograph=False)
+    reduce_grads = fn.python_function
+    if _op_determinism():  # tf.timestamp is refused there
+        _replace_allreduce(wrapped, fn, tf.function(reduce_grads, autograph=False))
+        return
+    clock = wrapped._knl_wait_clock = _WaitClock()
+
+    def timed(grads, variables):
+        with tf.control_dependencies(_tensors(grads)):
+            began = tf.timestamp()  # once this rank's last gradient is ready
+        reduced = reduce_grads(grads, variables)
+        with tf.control_dependencies(_tensors(reduced)):
+            # A stateful op: tf.function runs it, after every reduced gradient.
+            clock.seconds.assign_add(tf.timestamp() - began)
+        return reduced
+
+    _replace_allreduce(wrapped, fn, tf.function(timed, autograph=False))
+
+
+def _op_determinism() -> bool:
+    """Whether op determinism is on (TF 2.15 does not export the check; unknown counts as on)."""
+    from tensorflow.python.framework import config as tf_config
+    check = getattr(tf_config, "is_op_determinism_enabled", None)
+    return True if check is None else bool(check())
+
+
+def _replace_allreduce(wrapped, fn, plain) -> None:
     wrapped._allreduce_grads = plain
     helper = getattr(wrapped, "_agg_helper", None)  # gradient accumulation keeps its own reference
     for attr in ("_allreduce_grads", "allreduce_grads"):  # graph and eager helpers name it so
         if helper is not None and getattr(helper, attr, None) is fn:
             setattr(helper, attr, plain)
+
+
+def _tensors(grads) -> list:
+    return [g.values if isinstance(g, tf.IndexedSlices) else g for g in grads if g is not None]
 
 
 def broadcast_from_root(variables) -> None:
@@ -103,6 +153,21 @@ def decided_by_root(world, decide: Callable[[], Any], name: str):
     if kind == "error":
         raise UserError(value)
     return value
+
+
+def allgather(values, name: str) -> np.ndarray:
+    """Every rank's small float vector, one row per rank (every rank calls this in order)."""
+    values = np.asarray(values, dtype=np.float64).reshape(1, -1)
+    if hvd_tf.size() == 1:
+        return values
+    return hvd_tf.allgather(tf.constant(values), name=name).numpy()
+
+
+def allgather_object(obj, name: str) -> list:
+    """Every rank's picklable ``obj``, by rank."""
+    if hvd_tf.size() == 1:
+        return [obj]
+    return list(hvd_tf.allgather_object(obj, name=name))
 
 
 def allreduce_sum(values, name: str) -> np.ndarray:

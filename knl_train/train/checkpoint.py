@@ -277,8 +277,18 @@ class CheckpointManager:
         return self.directory / state["name"] if state else None
 
     def restore(self, path) -> None:
+        """Load checkpoint ``path`` into the model and optimizer; ``UserError`` if it does not
+        fit them (another model, number of classes or optimizer wrote it)."""
         self.wait()
-        self._ckpt.read(str(Path(path) / "ckpt")).assert_existing_objects_matched()
+        try:
+            self._ckpt.read(str(Path(path) / "ckpt")).assert_existing_objects_matched()
+        except (ValueError, AssertionError, tf.errors.OpError) as e:  # shapes, missing slots
+            first = (str(getattr(e, "message", None) or e).strip().splitlines() or [type(e).__name__])[0][:240]
+            _drop_quietly(e)
+            raise UserError(
+                f"checkpoint {path} does not fit this run's model and optimizer ({first}); it was "
+                f"written for another model, number of classes or optimizer: use another run_dir, "
+                "or --fresh to discard its checkpoints") from None
 
     def _rotate(self, current: int):
         """Keep the last ``keep`` checkpoints up to ``current``.
@@ -293,6 +303,18 @@ class CheckpointManager:
         kept = [p for p in done if step_of(p) <= current]
         for old in stale + kept[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _drop_quietly(error: BaseException) -> None:
+    """After a failed restore, TF warns of each unrestored value when the model goes (at exit,
+    after the run's one error line): those warnings are dropped."""
+    def keep(record) -> bool:
+        text = record.getMessage()
+        return not (text.startswith("Detecting that an object or model or tf.train.Checkpoint is being "
+                                    "deleted with unrestored values")
+                    or text.startswith("Value in checkpoint could not be found in the restored object"))
+    tf.get_logger().addFilter(keep)
+    error.__traceback__ = None
 
 
 def _plain_name(v: tf.Variable) -> str:

@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional, Tuple
 
 from knl_train import yamlconfig
+from knl_train.errors import UserError
 from knl_train.optim import names, recipes
+from knl_train.train import rundir
 from knl_train.yamlconfig import in_range
 
 
@@ -147,6 +149,21 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class GuardConfig:
+    # Every this many updates (and at each epoch's end) the ranks compare weight checksums, agree
+    # on non-finite losses, stop signals and timed checkpoints, and gather their step times
+    # (stragglers), in one small collective.
+    every: int = 20
+    # A rank that makes no progress (no step, evaluation batch or checkpoint phase) for this many
+    # seconds, plus the longest step so far, ends the job naming the stalled rank(s). null: off.
+    stall_seconds: Optional[float] = 120.0
+
+    def __post_init__(self):
+        in_range(self, "every", above=0)
+        in_range(self, "stall_seconds", above=0, hint="null turns stall detection off")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: str = "small_cnn"
     # A published recipe (knl_train.optim.recipes): its values sit under the YAML and --set.
@@ -176,16 +193,17 @@ class TrainConfig:
     # Rank 0 prints and records a metrics line every this many optimizer updates (each costs a
     # few milliseconds of TensorBoard and trust-ratio writing).
     log_every: int = 20
-    # Every this many updates (and at the end) the ranks compare weight checksums, and agree on
-    # non-finite losses, stop signals and timed checkpoints, in one small allreduce.
-    guard_every: int = 20
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self):
-        in_range(self, "epochs", "log_every", "guard_every", above=0)
+        in_range(self, "epochs", "log_every", above=0)
         if self.global_batch is not None and self.per_rank_batch is not None:
             raise ValueError("set global_batch or per_rank_batch, not both")
         in_range(self, "global_batch", "per_rank_batch", "steps", above=0)
         in_range(self, "label_smoothing", minimum=0, below=1)
+        if not 0 <= self.seed < 2**32:  # NumPy's range: tf.keras.utils.set_random_seed seeds it too
+            raise ValueError(f"seed must be an integer from 0 to {2**32 - 1}, got {self.seed}")
+        rundir.validate(self.run_dir)  # the string only; rank 0 checks the file system at start
 
     def batch_sizes(self, world_size: int) -> Tuple[int, int]:
         """(global batch, per-rank micro-batch) on ``world_size`` ranks.
@@ -216,6 +234,9 @@ def load(path: Optional[str], overrides=()) -> TrainConfig:
     """
     data = yamlconfig.load_yaml(path) if path else {}
     data = yamlconfig.apply_overrides(data, overrides)
+    if "guard_every" in data:  # renamed when the guard gained stall detection
+        raise UserError("config field 'guard_every' is now 'guard.every' (guard: {every: N}, or "
+                        "--set guard.every=N); rename it and rerun")
     if data.get("recipe"):
         data = _with_recipe(data)
     return yamlconfig.from_dict(TrainConfig, data)

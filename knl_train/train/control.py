@@ -2,15 +2,19 @@
 
 Every rank runs ``RunControl``, because the ranks' agreement is a collective that all ranks
 must enter in the same order; only rank 0 writes checkpoints. It keeps the run's position
-(epoch, batch, optimizer update), watches the loss, and at every ``guard_every``-th update runs
+(epoch, batch, optimizer update), watches the loss, and at every ``guard.every``-th update runs
 the agreement of ``knl_train.dist.guard``: weight checksums, non-finite losses, stop signals,
-timed checkpoints. It also writes the epoch checkpoints. Before the loop, ``agree_on_start``
-settles where the run starts (rank 0 decides, every rank learns).
+timed checkpoints, and each rank's busy step time (stragglers, summed per epoch for the epoch
+record). It also writes the epoch checkpoints, and marks the run's progress for the stall
+watchdog (``knl_train.dist.watchdog``). Before the loop, ``agree_on_start`` settles where the
+run starts (rank 0 decides, every rank learns).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +25,7 @@ import tensorflow as tf
 from knl_train import records
 from knl_train.dist import guard
 from knl_train.dist import horovod as dist
+from knl_train.dist import watchdog as watching
 from knl_train.errors import UserError
 from knl_train.train import resume as resuming
 from knl_train.train.clock import Timeline
@@ -97,7 +102,9 @@ class RunControl(tf.keras.callbacks.Callback):
     def __init__(self, *, world, position: Position, guard_every: int, manager,
                  checkpoint_every_epochs: int, checkpoint_every_minutes: Optional[float],
                  stop_request, lr_at: Callable[[int], float], state_extra: dict,
-                 timeline: Timeline, last_checkpoint: Optional[str] = None):
+                 timeline: Timeline, last_checkpoint: Optional[str] = None,
+                 watchdog: watching.Progress = watching.NO_WATCH,
+                 allreduce_wait: Optional[Callable[[], float]] = None):
         super().__init__()
         self.world = world
         self.pos = position
@@ -113,16 +120,43 @@ class RunControl(tf.keras.callbacks.Callback):
         self.last_checkpoint = last_checkpoint  # the resumed-from checkpoint, until one is written
         self.saves = 0
         self._last_save = time.monotonic()
+        self.watchdog = watchdog
+        self.agreements = 0
+        self.busy = _BusyClock(world.size, allreduce_wait)
+        self.hosts: list = []
+
+    def on_train_begin(self, logs=None):
+        # Once per fit (a collective): who each rank is, for the stall and straggler messages.
+        ids = dist.allgather_object((socket.gethostname(), os.getpid(), time.time()),
+                                    name="knl_train.ranks")
+        self.hosts = [host for host, _, _ in ids]
+        self.watchdog.arm([(host, pid) for host, pid, _ in ids],
+                          token="{}:{}:{:.0f}".format(*ids[0]))
+
+    def on_train_end(self, logs=None):
+        self.watchdog.disarm()
+
+    def epoch_stragglers(self) -> dict:
+        """The epoch record's straggler fields (none on one rank, or before any agreement)."""
+        per_step = self.busy.epoch_per_step()
+        return guard.spread(per_step, self.hosts) if per_step is not None else {}
 
     # ---- steps -------------------------------------------------------------------------------
     def on_epoch_begin(self, epoch, logs=None):
         self.pos.enter(epoch)
         self.timeline.steps_begin()
+        self.busy.epoch_begins()
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.watchdog.step_begins()
+        self.busy.step_begins()
 
     def on_train_batch_end(self, batch, logs=None):
         self.timeline.step_end()  # first: what follows (checks, a checkpoint) is not training
         pos = self.pos
         pos.batch += 1
+        self.busy.step_ends(update=pos.at_update_boundary)
+        self.watchdog.step_ends(pos.update)
         if pos.finished:  # a run of ``steps`` ends inside its last epoch
             self.model.stop_training = True
         if self.first_nonfinite is None and not math.isfinite(float(logs["loss"])):
@@ -139,10 +173,16 @@ class RunControl(tf.keras.callbacks.Callback):
         pos = self.pos
         timed = (self.world.is_root and self.every_seconds is not None
                  and time.monotonic() - self._last_save >= self.every_seconds)
+        self.watchdog.mark("agreement", tracing=not self.agreements)  # the checksum traces
+        self.agreements += 1
         checksum = (guard.weights_checksum(self.model.trainable_variables)
                     if self.world.size > 1 else None)
+        busy, updates = self.busy.since_agreement()
         answer = guard.agree(stop=self.stop_request.requested, checkpoint=timed,
-                             nonfinite_step=self.first_nonfinite, checksum=checksum)
+                             nonfinite_step=self.first_nonfinite, checksum=checksum,
+                             busy_seconds=busy, updates=updates)
+        self.busy.agreed(answer)
+        self.watchdog.mark("after agreement")
         if answer.nonfinite_step is not None or answer.diverged:
             self.settle()  # the message names the last good checkpoint: let it finish first
         if answer.nonfinite_step is not None:
@@ -153,7 +193,7 @@ class RunControl(tf.keras.callbacks.Callback):
                 f"{self.last_checkpoint or 'none (none written yet)'}. Lower schedule.peak_lr or "
                 "lengthen schedule.warmup_epochs, then rerun: the run resumes from that checkpoint.")
         if answer.diverged:
-            raise UserError(guard.describe_divergence(pos.update, guard.checksums_by_rank(checksum)))
+            raise UserError(guard.describe_divergence(pos.update, list(answer.checksums)))
         # A timed checkpoint at an epoch's end is left to on_epoch_end; a stop saves here,
         # since on_epoch_end does nothing once the run has stopped.
         if answer.stop or (answer.checkpoint and not pos.epoch_ended):
@@ -179,6 +219,7 @@ class RunControl(tf.keras.callbacks.Callback):
         every rank learns the outcome, so a failed write stops all of them. A background write
         that fails is reported at the next checkpoint or at the end of the run."""
         with self.timeline.spent("checkpoint"):
+            self.watchdog.mark("checkpoint", tracing=self.saves == 0)
             # BN moving statistics differ per rank; averaged, every rank holds what rank 0 saves.
             dist.average_non_trainable(self.model)
             self.saves += 1
@@ -195,7 +236,9 @@ class RunControl(tf.keras.callbacks.Callback):
                              f"{type(e).__name__}: {e}")
                 self._note_written()
             self._last_save = time.monotonic()
+            self.watchdog.mark("checkpoint (outcome)")
             error = dist.broadcast_object(error, name="knl_train.checkpoint")
+            self.watchdog.mark("after checkpoint")
         if error:
             raise UserError(error)
 
@@ -213,3 +256,62 @@ class RunControl(tf.keras.callbacks.Callback):
     def _note_written(self) -> None:
         if self.manager.last_written is not None:
             self.last_checkpoint = str(self.manager.last_written)
+
+
+class _BusyClock:
+    """This rank's busy time (its training steps' wall time less their wait in the gradient
+    allreduce) since the last agreement, and every rank's over the epoch, from the agreements.
+
+    The run's first step (graph tracing) and its wait are left out, on every rank alike. Nothing
+    is measured on one rank, or without the allreduce's clock (``allreduce_wait`` None: under op
+    determinism), since wall step times alone are the same on every rank."""
+
+    def __init__(self, size: int, allreduce_wait: Optional[Callable[[], float]]):
+        self.size = size if allreduce_wait is not None else 1
+        self.waited = allreduce_wait
+        self._began = 0.0
+        self._busy = 0.0          # step wall seconds since the last agreement
+        self._updates = 0
+        self._steps = 0           # steps seen in this fit
+        self._wait_mark = 0.0
+        self._epoch_busy = [0.0] * size
+        self._epoch_updates = [0] * size
+
+    def epoch_begins(self) -> None:
+        self._epoch_busy, self._epoch_updates = [0.0] * self.size, [0] * self.size
+
+    def step_begins(self) -> None:
+        self._began = time.perf_counter()
+
+    def step_ends(self, update: bool) -> None:
+        self._steps += 1
+        if self.size == 1:  # nobody to compare with
+            return
+        if self._steps == 1:  # tracing: neither its time nor its wait counts
+            self._wait_mark = self.waited()
+            return
+        self._busy += time.perf_counter() - self._began
+        self._updates += int(update)
+
+    def since_agreement(self):
+        """(busy seconds, optimizer updates) since the last agreement."""
+        if self.size == 1:
+            return 0.0, 0
+        if not self._updates:
+            return 0.0, 0
+        return max(0.0, self._busy - (self.waited() - self._wait_mark)), self._updates
+
+    def agreed(self, answer) -> None:
+        if self.size == 1:
+            return
+        self._wait_mark = self.waited()
+        self._busy, self._updates = 0.0, 0
+        for r, (b, u) in enumerate(zip(answer.busy_seconds, answer.updates)):
+            self._epoch_busy[r] += b
+            self._epoch_updates[r] += u
+
+    def epoch_per_step(self):
+        """Every rank's busy seconds per optimizer update over the epoch, or None."""
+        if self.size == 1 or not all(self._epoch_updates):
+            return None
+        return [b / u for b, u in zip(self._epoch_busy, self._epoch_updates)]

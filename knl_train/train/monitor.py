@@ -7,6 +7,8 @@ ranks must enter in the same order; only rank 0 writes (``metrics.jsonl`` throug
 
 from __future__ import annotations
 
+import contextlib
+import re
 import sys
 import time
 from typing import Callable, Dict, List, Optional
@@ -17,6 +19,8 @@ import tensorflow as tf
 from knl_train import log as knl_log
 from knl_train import records
 from knl_train.dist import horovod as dist
+from knl_train.dist import watchdog as watching
+from knl_train.errors import UserError
 from knl_train.runtime.rankenv import RankEnv, under_launcher
 from knl_train.train.clock import Timeline
 from knl_train.train.control import Position
@@ -55,7 +59,9 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
     def __init__(self, *, world, position: Position, global_batch: int, epochs: int,
                  eval_dataset_fn: Callable[[], tf.data.Dataset], eval_every: int, num_classes: int,
                  metrics_path: Optional[str], log_dir: Optional[str], log_every: int,
-                 lr_fn: Callable[[], float], timeline: Timeline, skips=None):
+                 lr_fn: Callable[[], float], timeline: Timeline, skips=None,
+                 stragglers: Callable[[], dict] = dict,
+                 watchdog: watching.Progress = watching.NO_WATCH):
         super().__init__()
         self.world = world
         self.pos = position
@@ -70,7 +76,10 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
         self.log_every = log_every
         self.lr_fn = lr_fn
         self.skips = skips
+        self.stragglers = stragglers  # the epoch record's straggler fields (train.control)
+        self.watchdog = watchdog      # progress marks for the stall watchdog (dist.watchdog)
         self.history: List[records.EpochRecord] = []
+        self._log_dir = log_dir
         self._writer = tf.summary.create_file_writer(log_dir) if log_dir and world.is_root else None
         self._eval_step = None
         self._progbar = None
@@ -140,7 +149,7 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
             eval_seconds=self.timeline.spent_seconds["eval"] - spent["eval"] if val else None,
             checkpoint_seconds=self.timeline.spent_seconds["checkpoint"] - self._checkpoint_mark,
             images_per_sec=images / seconds, images_per_sec_per_rank=images / seconds / self.world.size,
-            wall_seconds=self.timeline.elapsed())
+            wall_seconds=self.timeline.elapsed(), **self.stragglers())
         self.history.append(rec)
         if self.world.is_root:
             records.append(self.metrics_path, rec)
@@ -162,6 +171,7 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
 
     def evaluate(self) -> dict:
         """Exact top-1/top-k over the whole evaluation set: per-rank sums, then one allreduce."""
+        self.watchdog.mark("evaluation", tracing=self._eval_step is None)
         if self._eval_step is None:
             self._eval_step = make_eval_step(self.model, self.top_k)
         if self._eval_ds is None:
@@ -169,6 +179,7 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
         totals = np.zeros(4)
         for x, y in self._eval_ds:
             totals += self._eval_step(x, y).numpy()
+            self.watchdog.mark("evaluation")
         loss, top1, topk, n = dist.allreduce_sum(totals, name="monitor.eval")
         n = max(n, 1.0)
         return {"loss": loss / n, "top1": top1 / n, "top5": topk / n, "count": int(n)}
@@ -177,10 +188,25 @@ class TrainingMonitor(tf.keras.callbacks.Callback):
         if self._writer is None:
             return
         get = values.get if isinstance(values, dict) else lambda k: getattr(values, k)
-        with self._writer.as_default(step=step):
-            for k in keys:
+        with tensorboard_errors(self._log_dir), self._writer.as_default(step=step):
+            for k in keys:  # the writer flushes when the block ends
                 tf.summary.scalar(f"{prefix}/{k}", get(k))
 
     def on_train_end(self, logs=None):
         if self._writer is not None:
-            self._writer.flush()
+            with tensorboard_errors(self._log_dir):
+                self._writer.flush()
+
+
+@contextlib.contextmanager
+def tensorboard_errors(log_dir):
+    """A failed TensorBoard write (full disk, read-only file system) as one ``UserError`` line
+    naming the events file and the OS's reason; TF puts both on its message's first line."""
+    try:
+        yield
+    except tf.errors.OpError as e:
+        lines = (e.message or str(e)).strip().splitlines() or [""]
+        detail = re.sub(r"\{\{[^}]*\}\}\s*", "", lines[0]).strip() or type(e).__name__
+        raise UserError(f"could not write TensorBoard events in {log_dir}: {detail}; free space "
+                        "or fix the run directory's permissions, then rerun to resume from the "
+                        "last checkpoint") from None

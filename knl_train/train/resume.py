@@ -45,16 +45,37 @@ def find(checkpoints: Path, mode: str, *, global_batch: int, passes: int,
             raise UserError(f"--resume: there is no checkpoint in {checkpoints}; "
                             "run without --resume to start the run")
         return None
+    saved = state.pop("config", {})
+    _same_model(checkpoints, state, saved, config)
     if (state.get("global_batch"), state.get("passes", 1)) != (global_batch, passes):
         raise UserError(
             f"the checkpoint {checkpoints / state['name']} was written with global batch "
             f"{state.get('global_batch')} ({state.get('passes', 1)} micro-batches per update); this run has "
             f"{global_batch} ({passes}). Resume with the same global batch (set global_batch), "
             "or start afresh with --fresh or a new run_dir.")
-    changed = changed_fields(state.pop("config", {}), config)
+    changed = changed_fields(saved, config)
     if changed:
         state["notes"] = [f"note: the config differs from the checkpoint's in {', '.join(changed)}"]
     return state
+
+
+def _same_model(checkpoints: Path, state: dict, saved: dict, config: dict) -> None:
+    """``UserError`` if the checkpoint's config names another model, or another ``num_classes``
+    (where both set it), than this run's: its variables would not fit, and the restore would
+    fail deep in TensorFlow. Other shape changes are caught by ``CheckpointManager.restore``."""
+    def classes(cfg: dict):
+        return cfg.get("data", {}).get("num_classes") if isinstance(cfg.get("data"), dict) else None
+
+    def of(cfg: dict) -> str:
+        return f"{cfg.get('model')}" + (f" ({classes(cfg)} classes)" if classes(cfg) else "")
+    if not isinstance(saved, dict) or "model" not in saved:
+        return  # a checkpoint without its config: the restore checks the shapes
+    if saved.get("model") != config.get("model") or \
+            None not in (classes(saved), classes(config)) and classes(saved) != classes(config):
+        raise UserError(
+            f"run_dir {checkpoints.parent} holds checkpoints of model {of(saved)} (newest "
+            f"{state['name']}, step {state['step']}); this config trains model {of(config)}: use "
+            "another run_dir, or --fresh to discard them")
 
 
 def changed_fields(old: dict, new: dict, prefix: str = "") -> List[str]:

@@ -20,15 +20,16 @@ from knl_train import records, yamlconfig
 from knl_train.atomic import write_json_atomic, write_text_atomic
 from knl_train.data.pipeline import user_errors
 from knl_train.dist import horovod as dist
+from knl_train.dist import watchdog as watching
 from knl_train.optim.monitor import TrustRatioMonitor
 from knl_train.runtime import itex, versions
-from knl_train.train import setup
+from knl_train.train import rundir, setup
 from knl_train.train.checkpoint import CheckpointManager
 from knl_train.train.clock import Timeline
 from knl_train.train.config import TrainConfig
 from knl_train.train.control import Position, RunControl, agree_on_start
 from knl_train.train.monitor import TrainingMonitor
-from knl_train.train.signals import StopRequest
+from knl_train.train.signals import StopRequest, announce_stop
 
 log = knl_log.get(__name__)
 
@@ -50,6 +51,10 @@ def run(cfg: TrainConfig, resume: str = "auto") -> dict:
     timeline.mark("horovod")
     data, size = setup.data_and_sizes(cfg, world.size, setup.shared_listing(cfg, world))
     timeline.mark("data")
+    # Rank 0 owns the run directory for the whole run, before anything in it is written or cut
+    # back; a second training stops here, on every rank, naming the owner. (After the data: a
+    # bad data path is reported without leaving a run directory behind.)
+    dist.decided_by_root(world, lambda: rundir.acquire(cfg.run_dir).path, name="knl_train.rundir")
 
     run_dir = Path(cfg.run_dir)
     resolved = yamlconfig.plain(yamlconfig.to_dict(cfg))
@@ -80,12 +85,11 @@ def run(cfg: TrainConfig, resume: str = "auto") -> dict:
                                            jsonl_path=str(run_dir / records.METRICS),
                                            step_fn=lambda: position.update))
 
-    with stop, user_errors():  # bad records (missing feature, label out of range) become UserErrors
-        _fit(model, data, world, size, position, callbacks)
+    # The stall watchdog watches from the first step to the end of fit (control arms it).
+    with stop, user_errors(), control.watchdog:  # bad records become UserErrors
+        _fit(model, data, world, size, position, callbacks, control.watchdog)
     if position.stopped:
-        log.info(f"stopped by {stop.name or 'a signal'} at step {position.update}: checkpoint "
-                 f"{control.last_checkpoint} written; rerun the same command to resume from it",
-                 extra=knl_log.STDOUT)
+        announce_stop(stop.name, position.update, control.last_checkpoint, is_root=world.is_root)
         return {"stopped": True, "step": position.update, "checkpoint": control.last_checkpoint}
 
     summary = _summarize(cfg, world, size, monitor.history, num_classes=len(data.classes),
@@ -99,7 +103,8 @@ def run(cfg: TrainConfig, resume: str = "auto") -> dict:
     return summary.to_dict()
 
 
-def _fit(model, data, world, size: setup.RunSizes, position: Position, callbacks) -> None:
+def _fit(model, data, world, size: setup.RunSizes, position: Position, callbacks,
+         watchdog: watching.Progress) -> None:
     """One ``fit`` from where the run stands to its end, on one input stream across epochs.
 
     A run resumed inside an epoch first finishes that epoch with a ``fit`` of its own, since a
@@ -110,7 +115,8 @@ def _fit(model, data, world, size: setup.RunSizes, position: Position, callbacks
     todo = size.total_updates * size.passes - (epoch * per_epoch + skip)  # micro-batches left
     if skip:
         n = min(per_epoch - skip, todo)
-        model.fit(data.train(world.rank, world.size, size.per_rank, epoch, skip, n, per_epoch),
+        model.fit(watchdog.counted(data.train(world.rank, world.size, size.per_rank, epoch, skip,
+                                              n, per_epoch)),
                   epochs=epoch + 1, initial_epoch=epoch, steps_per_epoch=n, callbacks=callbacks,
                   verbose=0)
         epoch, todo = epoch + 1, todo - n
@@ -118,7 +124,8 @@ def _fit(model, data, world, size: setup.RunSizes, position: Position, callbacks
             return
     # The iterator lives through all epochs (steps_per_epoch and a stream of unknown length),
     # so no epoch boundary rebuilds or refills the input pipeline.
-    model.fit(data.train(world.rank, world.size, size.per_rank, epoch, 0, todo, per_epoch),
+    model.fit(watchdog.counted(data.train(world.rank, world.size, size.per_rank, epoch, 0, todo,
+                                          per_epoch)),
               epochs=size.epochs, initial_epoch=epoch, steps_per_epoch=per_epoch,
               callbacks=callbacks, verbose=0)
 
@@ -126,11 +133,11 @@ def _fit(model, data, world, size: setup.RunSizes, position: Position, callbacks
 def _checkpoints(cfg: TrainConfig, world, run_dir: Path, model, optimizer,
                  start: Optional[dict]) -> Optional[CheckpointManager]:
     """Rank 0's checkpoint manager, with the checkpoint to resume from restored (None elsewhere)."""
-    if not world.is_root:
-        return None
-    manager = CheckpointManager(run_dir / "checkpoints", model, optimizer, keep=cfg.checkpoint.keep)
-    if start:
-        manager.restore(run_dir / "checkpoints" / start["name"])
+    manager = (CheckpointManager(run_dir / "checkpoints", model, optimizer, keep=cfg.checkpoint.keep)
+               if world.is_root else None)
+    if start:  # a checkpoint that does not fit the model stops every rank with rank 0's line
+        dist.decided_by_root(world, lambda: manager.restore(run_dir / "checkpoints" / start["name"]),
+                             name="knl_train.restore")
     return manager
 
 
@@ -142,7 +149,11 @@ def _control_and_monitor(cfg: TrainConfig, world, size: setup.RunSizes, data,
     position = Position(updates_per_epoch=size.updates_per_epoch, passes=size.passes,
                         total_updates=size.total_updates,
                         epoch=start["epoch"] if start else 0, batch=start["batch"] if start else 0)
-    control = RunControl(world=world, position=position, guard_every=cfg.guard_every, manager=manager,
+    watchdog = (watching.Watchdog(run_dir, rank=world.rank, size=world.size,
+                                  stall_seconds=cfg.guard.stall_seconds,
+                                  startup_seconds=timeline.elapsed())
+                if cfg.guard.stall_seconds and world.size > 1 else watching.NO_WATCH)
+    control = RunControl(world=world, position=position, guard_every=cfg.guard.every, manager=manager,
                          checkpoint_every_epochs=cfg.checkpoint.every_epochs,
                          checkpoint_every_minutes=cfg.checkpoint.every_minutes,
                          stop_request=StopRequest(), timeline=timeline,
@@ -150,7 +161,9 @@ def _control_and_monitor(cfg: TrainConfig, world, size: setup.RunSizes, data,
                          state_extra={"global_batch": size.global_batch, "passes": size.passes,
                                       "world_size": world.size, "config_hash": cfg.hash(),
                                       "config": resolved},
-                         last_checkpoint=str(run_dir / "checkpoints" / start["name"]) if start else None)
+                         last_checkpoint=str(run_dir / "checkpoints" / start["name"]) if start else None,
+                         watchdog=watchdog,
+                         allreduce_wait=dist.allreduce_wait_clock(optimizer))
     monitor = TrainingMonitor(world=world, position=position, global_batch=size.global_batch,
                               epochs=size.epochs, eval_every=cfg.eval.every_epochs,
                               eval_dataset_fn=lambda: data.eval(
@@ -160,7 +173,8 @@ def _control_and_monitor(cfg: TrainConfig, world, size: setup.RunSizes, data,
                               metrics_path=str(run_dir / records.METRICS),
                               log_dir=str(run_dir / "tensorboard"), log_every=cfg.log_every,
                               lr_fn=lambda: setup.current_lr(optimizer), skips=data.skips,
-                              timeline=timeline)
+                              timeline=timeline, stragglers=control.epoch_stragglers,
+                              watchdog=watchdog)
     return control, monitor
 
 

@@ -99,9 +99,10 @@ def write_convergence_spec(tmp_path, drop=(), **fields) -> Path:
 class BackgroundJob:
     """A job started by ``knl-train launch`` (mpirun) in its own session, read line by line."""
 
-    def __init__(self, *command, np=2):
+    def __init__(self, *command, np=2, controller="mpi"):
         extra = ["--oversubscribe"] if np > len(os.sched_getaffinity(0)) else []
-        self.proc = subprocess.Popen([KNL_TRAIN, "launch", "-np", str(np), *extra, "--", *map(str, command)],
+        self.proc = subprocess.Popen([KNL_TRAIN, "launch", "-np", str(np), "--controller", controller,
+                                      *extra, "--", *map(str, command)],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=clean_env(), cwd=ROOT, start_new_session=True)
         self.lines = []
@@ -148,8 +149,9 @@ class BackgroundJob:
                 env = child.environ()
             except psutil.Error:
                 continue
-            if "OMPI_COMM_WORLD_RANK" in env:
-                out[int(env["OMPI_COMM_WORLD_RANK"])] = child
+            rank = env.get("OMPI_COMM_WORLD_RANK", env.get("HOROVOD_RANK"))  # mpirun, horovodrun
+            if rank is not None and "knl-train" in " ".join(child.cmdline()):
+                out[int(rank)] = child
         return out
 
     def freeze(self):

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow  # each test (or its module fixture) trains on 2 r
 def train_args(data, run, *extra):
     return [KNL_TRAIN, "train", "--set", f"data.path={data}", "--set", "data.image_size=16",
             "--set", f"run_dir={run}", "--set", "per_rank_batch=8", "--set", "log_every=10",
-            "--set", "guard_every=10", *extra]
+            "--set", "guard.every=10", *extra]
 
 
 # The exact-resume runs: deterministic, 3 epochs of 30 steps.
@@ -211,10 +211,11 @@ def test_a_time_limit_that_signals_mpirun_too_still_leaves_a_checkpoint(backgrou
     job = background(*train_args(tiny_dataset, run, "--set", "epochs=50"))
     job.wait_for(r"^  step +40 ")
     ranks = job.ranks()
-    for proc in [*ranks.values(), psutil.Process(job.proc.pid)]:
+    launch = psutil.Process(job.proc.pid)
+    for proc in [*ranks.values(), *launch.children(), launch]:  # the ranks, mpirun, knl-train launch
         proc.send_signal(signal.SIGTERM)
-    job.wait(timeout=90)
-    m = re.search(r"stopped by SIGTERM at step (\d+)", job.output)
+    assert job.wait(timeout=90) == 0, job.output  # "stopped" exits 0, as the README says
+    m = re.search(r"^knl-train: stopped by SIGTERM at step (\d+)", job.output, re.M)
     assert m, job.output
     state = latest_state(run / "checkpoints")
     assert state["step"] == int(m.group(1)) > 40

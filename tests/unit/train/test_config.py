@@ -254,8 +254,8 @@ def test_exponent_notation_without_a_dot_is_a_number(tmp_path):
 def test_new_sections_load_and_validate():
     cfg = train_config.load(None, ["steps=500", "precision=mixed_bf16", "horovod.compression=fp16",
                                    "horovod.backward_passes_per_step=4", "checkpoint.every_minutes=30",
-                                   "eval.every_epochs=5", "threads.intra_op=16", "guard_every=50"])
-    assert (cfg.steps, cfg.precision, cfg.guard_every) == (500, "mixed_bf16", 50)
+                                   "eval.every_epochs=5", "threads.intra_op=16", "guard.every=50"])
+    assert (cfg.steps, cfg.precision, cfg.guard.every) == (500, "mixed_bf16", 50)
     assert cfg.horovod.backward_passes_per_step == 4 and cfg.checkpoint.every_minutes == 30.0
     assert cfg.batch_sizes(8) == (32 * 8 * 4, 32)
     with pytest.raises(UserError, match=r"precision: 'fp16' is not allowed; choose one of fp32, mixed_bf16"):
@@ -270,3 +270,17 @@ def test_new_sections_load_and_validate():
 def test_steps_in_the_config_replace_a_recipes_epochs():
     cfg = train_config.load(None, ["recipe=resnet50_32k_tpu", "steps=100"])
     assert cfg.steps == 100
+
+
+def test_guard_section_defaults_validates_and_names_the_old_field():
+    cfg = train_config.load(None, [])
+    assert (cfg.guard.every, cfg.guard.stall_seconds) == (20, 120.0)
+    assert train_config.load(None, ["guard.stall_seconds=null"]).guard.stall_seconds is None
+    assert train_config.load(None, ["guard.stall_seconds=7.5"]).guard.stall_seconds == 7.5
+    with pytest.raises(UserError, match=r"guard: stall_seconds must be > 0 \(null turns stall "
+                                        r"detection off\), got 0"):
+        train_config.load(None, ["guard.stall_seconds=0"])
+    with pytest.raises(UserError, match=r"guard: every must be > 0"):
+        train_config.load(None, ["guard.every=0"])
+    with pytest.raises(UserError, match=r"^config field 'guard_every' is now 'guard.every' "):
+        train_config.load(None, ["guard_every=10"])
