@@ -154,24 +154,23 @@ LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_R
 
 def launcher_rank(environ: Optional[Mapping[str, str]] = None) -> int:
     """This process's rank as its launcher set it, before (or without) Horovod; 0 if none."""
-    environ = os.environ if environ is None else environ
-    for var in RANK_VARS:
-        try:
-            return int(environ[var])
-        except (KeyError, ValueError):
-            continue
-    return 0
+    return _first_int(RANK_VARS, environ, 0)
 
 
 def launcher_size(environ: Optional[Mapping[str, str]] = None) -> int:
     """The job's number of ranks as its launcher set it; 1 if none."""
+    return _first_int(SIZE_VARS, environ, 1)
+
+
+def _first_int(names, environ: Optional[Mapping[str, str]], default: int) -> int:
+    """The first of ``names`` set to an integer in ``environ`` (the process's by default)."""
     environ = os.environ if environ is None else environ
-    for var in SIZE_VARS:
+    for var in names:
         try:
             return int(environ[var])
         except (KeyError, ValueError):
             continue
-    return 1
+    return default
 
 
 def under_launcher(environ: Optional[Mapping[str, str]] = None) -> bool:
