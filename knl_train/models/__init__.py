@@ -13,5 +13,6 @@ def __getattr__(name: str):
         from knl_train.models import registry
         from knl_train.models.model_names import MODEL_NAMES
         registry.MODELS.check_names(MODEL_NAMES)
-        return getattr(registry, name)
+        globals().update({n: getattr(registry, n) for n in __all__})  # once: later reads are plain
+        return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -184,8 +184,7 @@ def table(results: dict) -> List[dict]:
     have = [p for p in _sorted_points(results) if p["n"]]
     if not have:
         return []
-    # A warm-up-inclusive rate is no baseline, unless every point has only such a rate.
-    base = next((p for p in have if not p.get("warmup_included")), have[0])
+    base = baseline(have)
     n0, x0 = base["nodes"], base["images_per_sec"]
     per_epoch, epochs = results["images_per_epoch"], results["project_epochs"]
     proj = projection_column(results)
@@ -205,8 +204,9 @@ def table(results: dict) -> List[dict]:
 
 
 def baseline(rows: List[dict]) -> dict:
-    """The row the speed-ups are relative to (see :func:`table`)."""
-    return next((r for r in rows if not r["warmup_included"]), rows[0])
+    """The row (or point) the speed-ups are relative to: the smallest node count whose rate
+    excludes the warm-up, unless every one includes it."""
+    return next((r for r in rows if not r.get("warmup_included")), rows[0])
 
 
 def missing(results: dict) -> List[dict]:
